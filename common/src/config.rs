@@ -1,0 +1,210 @@
+//! Typed settings in one place: defaults, then `TXPIPE_*` environment overrides.
+//!
+//! Every binary loads [`Settings::load`] once in `main` and passes it down; nothing else
+//! reads the environment (the AWS SDK reads its own variables for the aws backend).
+
+use figment::{
+    providers::{Env, Serialized},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Which storage backend holds objects and tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Objects under `TXPIPE_DATA_DIR`, tables in SQLite there: one machine, no services.
+    Local,
+    /// S3 and DynamoDB through the AWS SDK.
+    Aws,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// All settings of every txpipe service. Field `foo_bar` is read from `TXPIPE_FOO_BAR`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// AMQP URL of the broker.
+    pub amqp_url: String,
+    /// Prefix of every exchange, queue, table and bucket.
+    pub namespace: String,
+    /// Where this process serves HTTP; each binary has its own default.
+    pub http_addr: Option<SocketAddr>,
+    /// `local` or `aws`.
+    pub storage: StorageKind,
+    /// Root of the embedded storage (objects and the SQLite file).
+    pub data_dir: PathBuf,
+    /// How many unacked messages a worker holds at once (AMQP prefetch).
+    pub prefetch: u16,
+    /// Largest accepted upload in bytes.
+    pub max_upload_bytes: u64,
+    /// How many row errors a file's status keeps (the total is always counted).
+    pub max_reported_errors: usize,
+    /// Attempts for a transient fault before the message is dead-lettered.
+    pub retry_attempts: usize,
+    /// First retry delay in milliseconds.
+    pub retry_initial_delay_ms: u64,
+    /// Growth of the retry delay per attempt.
+    pub retry_factor: f32,
+    /// Deliveries of one message before RabbitMQ dead-letters it (quorum `x-delivery-limit`).
+    pub delivery_limit: u32,
+    /// Rows per write batch in the transformer.
+    pub batch_size: usize,
+    /// `json` or `pretty`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            namespace: "txpipe".into(),
+            http_addr: None,
+            storage: StorageKind::Local,
+            data_dir: PathBuf::from("./data"),
+            prefetch: 8,
+            max_upload_bytes: 256 * 1024 * 1024,
+            max_reported_errors: 100,
+            retry_attempts: 3,
+            retry_initial_delay_ms: 2000,
+            retry_factor: 2.0,
+            delivery_limit: 5,
+            batch_size: 500,
+            log_format: LogFormat::Json,
+        }
+    }
+}
+
+/// Settings that cannot be used, with the variable to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid setting: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid setting TXPIPE_NAMESPACE: {0}")]
+    Namespace(#[from] crate::names::InvalidNamespace),
+    #[error("invalid setting {name}: {why}")]
+    Value { name: &'static str, why: &'static str },
+}
+
+impl Settings {
+    /// Defaults overridden by `TXPIPE_*` variables of this process's environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(Env::prefixed("TXPIPE_")))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Refuses values that would only fail later, far from their cause.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        crate::names::Names::new(&self.namespace)?;
+        let bad = |name, why| Err(ConfigError::Value { name, why });
+        if self.prefetch == 0 {
+            return bad("TXPIPE_PREFETCH", "must be at least 1");
+        }
+        if self.max_upload_bytes == 0 {
+            return bad("TXPIPE_MAX_UPLOAD_BYTES", "must be at least 1");
+        }
+        if self.retry_attempts == 0 {
+            return bad("TXPIPE_RETRY_ATTEMPTS", "must be at least 1 (1 means no retry)");
+        }
+        if !(self.retry_factor.is_finite() && self.retry_factor >= 1.0) {
+            return bad("TXPIPE_RETRY_FACTOR", "must be a number of at least 1.0");
+        }
+        if self.delivery_limit == 0 {
+            return bad("TXPIPE_DELIVERY_LIMIT", "must be at least 1");
+        }
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return bad("TXPIPE_BATCH_SIZE", "must be between 1 and 10000");
+        }
+        Ok(())
+    }
+
+    /// The resource names of this namespace (valid: [`Settings::check`] passed).
+    pub fn names(&self) -> crate::Names {
+        crate::Names::new(&self.namespace).expect("namespace checked when settings were loaded")
+    }
+
+    /// The HTTP address, or `default` when `TXPIPE_HTTP_ADDR` is unset.
+    pub fn http_addr_or(&self, default: &str) -> SocketAddr {
+        self.http_addr
+            .unwrap_or_else(|| default.parse().expect("valid default address"))
+    }
+
+    /// The retry policy for transient faults, as `backon` wants it.
+    pub fn retry_policy(&self) -> backon::ExponentialBuilder {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.retry_initial_delay_ms))
+            .with_factor(self.retry_factor)
+            .with_max_delay(Duration::from_secs(300))
+            // attempts include the first try; backon counts retries
+            .with_max_times(self.retry_attempts.saturating_sub(1))
+            .with_jitter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads settings with exactly these `TXPIPE_*` variables set (figment's Jail isolates them).
+    fn with_env(pairs: &[(&str, &str)]) -> Result<Settings, String> {
+        let mut out = None;
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            for (k, v) in pairs {
+                jail.set_env(k, v);
+            }
+            out = Some(Settings::load().map_err(|e| e.to_string()));
+            Ok(())
+        });
+        out.unwrap()
+    }
+
+    #[test]
+    fn defaults_are_usable() {
+        let s = with_env(&[]).unwrap();
+        assert_eq!(s.namespace, "txpipe");
+        assert_eq!(s.storage, StorageKind::Local);
+        assert_eq!(s.max_upload_bytes, 256 * 1024 * 1024);
+        assert_eq!(s.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let s = with_env(&[
+            ("TXPIPE_NAMESPACE", "acme"),
+            ("TXPIPE_HTTP_ADDR", "127.0.0.1:9999"),
+            ("TXPIPE_STORAGE", "aws"),
+            ("TXPIPE_PREFETCH", "32"),
+        ])
+        .unwrap();
+        assert_eq!(s.namespace, "acme");
+        assert_eq!(s.http_addr, Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(s.storage, StorageKind::Aws);
+        assert_eq!(s.prefetch, 32);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = with_env(&[("TXPIPE_NAMESPACE", "Bad Name")]).unwrap_err();
+        assert!(err.contains("TXPIPE_NAMESPACE"), "{err}");
+        let err = with_env(&[("TXPIPE_STORAGE", "s3")]).unwrap_err();
+        assert!(err.to_lowercase().contains("storage"), "{err}");
+        let err = with_env(&[("TXPIPE_PREFETCH", "0")]).unwrap_err();
+        assert!(err.contains("TXPIPE_PREFETCH"), "{err}");
+        let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
+        assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
+    }
+}

@@ -1,0 +1,443 @@
+//! The CSV contract: parse a file of transactions into typed rows, or say exactly what is
+//! wrong with it, row by row.
+//!
+//! Columns `transaction_id, amount, currency, timestamp, merchant, status` in any order (extra
+//! columns are ignored). Every field is non-empty; `amount` is an exact decimal; `currency` an
+//! ISO 4217 code; `timestamp` RFC 3339; `status` one of completed, pending, failed;
+//! `transaction_id` unique within the file. Files are streamed: memory does not grow with the
+//! file, except for 8 bytes per row to find duplicate ids (see [`validate`]).
+
+use chrono::{DateTime, FixedOffset};
+use rust_decimal::Decimal;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read};
+
+/// The columns every file must have.
+pub const REQUIRED_COLUMNS: [&str; 6] = [
+    "transaction_id",
+    "amount",
+    "currency",
+    "timestamp",
+    "merchant",
+    "status",
+];
+
+const ID: usize = 0;
+const AMOUNT: usize = 1;
+const CURRENCY: usize = 2;
+const TIMESTAMP: usize = 3;
+const MERCHANT: usize = 4;
+const STATUS: usize = 5;
+
+/// One problem in a file. `row` counts data rows from 1 (the header is row 0); `column` is
+/// absent for problems with a whole row or the whole file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowError {
+    pub row: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    pub message: String,
+}
+
+impl RowError {
+    fn new(row: u64, column: Option<usize>, message: String) -> Self {
+        Self { row, column: column.map(|c| REQUIRED_COLUMNS[c].to_owned()), message }
+    }
+}
+
+/// A transaction's state as the file gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TxStatus {
+    Completed,
+    Pending,
+    Failed,
+}
+
+impl TxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxStatus::Completed => "completed",
+            TxStatus::Pending => "pending",
+            TxStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "completed" => Some(TxStatus::Completed),
+            "pending" => Some(TxStatus::Pending),
+            "failed" => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A valid row, borrowing its text from the record it was read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row<'a> {
+    pub transaction_id: &'a str,
+    pub amount: Decimal,
+    pub currency: &'a str,
+    pub timestamp: DateTime<FixedOffset>,
+    pub merchant: &'a str,
+    pub status: TxStatus,
+}
+
+/// Row errors of one file: every one counted, the first `cap` kept.
+#[derive(Debug)]
+pub struct ErrorLog {
+    cap: usize,
+    kept: Vec<RowError>,
+    total: u64,
+}
+
+impl ErrorLog {
+    pub fn new(cap: usize) -> Self {
+        Self { cap, kept: Vec::new(), total: 0 }
+    }
+
+    pub fn push(&mut self, e: RowError) {
+        self.total += 1;
+        if self.kept.len() < self.cap {
+            self.kept.push(e);
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn into_parts(self) -> (Vec<RowError>, u64) {
+        (self.kept, self.total)
+    }
+}
+
+/// Where each required column sits in the file's header.
+#[derive(Clone, Debug)]
+struct Columns {
+    index: [usize; 6],
+    width: usize,
+}
+
+impl Columns {
+    fn from_header(header: &csv::ByteRecord) -> Result<Self, Vec<RowError>> {
+        let mut index = [usize::MAX; 6];
+        let mut errors = Vec::new();
+        let mut names = Vec::with_capacity(header.len());
+        for (i, raw) in header.iter().enumerate() {
+            let raw = if i == 0 { raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw) } else { raw };
+            let name = String::from_utf8_lossy(raw.trim_ascii()).into_owned();
+            if let Some(c) = REQUIRED_COLUMNS.iter().position(|r| *r == name) {
+                if index[c] != usize::MAX {
+                    errors.push(RowError::new(0, Some(c), format!("column '{name}' appears more than once in the header")));
+                }
+                index[c] = i;
+            }
+            names.push(name);
+        }
+        let missing: Vec<&str> = REQUIRED_COLUMNS
+            .iter()
+            .zip(index)
+            .filter(|(_, i)| *i == usize::MAX)
+            .map(|(n, _)| *n)
+            .collect();
+        if !missing.is_empty() {
+            errors.push(RowError::new(
+                0,
+                None,
+                format!(
+                    "the header lacks required column(s) {}; it has: {} (expected {})",
+                    missing.join(", "),
+                    show(&names.join(", ")),
+                    REQUIRED_COLUMNS.join(", ")
+                ),
+            ));
+        }
+        if errors.is_empty() {
+            Ok(Self { index, width: header.len() })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Shortens a value for an error message and makes control characters visible.
+fn show(s: &str) -> String {
+    const MAX: usize = 60;
+    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+fn parse_amount(s: &str) -> Result<Decimal, String> {
+    let b = s.as_bytes();
+    let digits = b.strip_prefix(b"-").or_else(|| b.strip_prefix(b"+")).unwrap_or(b);
+    let (int, frac) = match digits.iter().position(|&c| c == b'.') {
+        Some(p) => (&digits[..p], Some(&digits[p + 1..])),
+        None => (digits, None),
+    };
+    let well_formed = !int.is_empty()
+        && int.iter().all(u8::is_ascii_digit)
+        && frac.is_none_or(|f| !f.is_empty() && f.iter().all(u8::is_ascii_digit));
+    if !well_formed {
+        return Err(format!(
+            "'{}' is not a decimal amount (digits, an optional sign and decimal point, like -12.50)",
+            show(s)
+        ));
+    }
+    Decimal::from_str_exact(s).map_err(|_| format!("'{}' has more digits than an exact amount can hold (28)", show(s)))
+}
+
+/// A streaming reader of one CSV file: the header first, then one record at a time.
+pub struct Scanner<R: Read> {
+    reader: csv::Reader<R>,
+    columns: Columns,
+    record: csv::ByteRecord,
+    row: u64,
+}
+
+/// Why a file cannot be read at all: it is unreadable (retry), or its header is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("reading the file failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("the file's header is unusable")]
+    Header(Vec<RowError>),
+}
+
+fn csv_io(e: csv::Error) -> io::Error {
+    match e.into_kind() {
+        csv::ErrorKind::Io(e) => e,
+        other => io::Error::other(format!("{other:?}")),
+    }
+}
+
+impl<R: Read> Scanner<R> {
+    /// Reads the header and locates the required columns.
+    pub fn new(source: R) -> Result<Self, ScanError> {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .buffer_capacity(256 * 1024)
+            .from_reader(source);
+        let mut header = csv::ByteRecord::new();
+        if !reader.read_byte_record(&mut header).map_err(csv_io)? {
+            return Err(ScanError::Header(vec![RowError::new(
+                0,
+                None,
+                format!("the file is empty: expected a header row with columns {}", REQUIRED_COLUMNS.join(", ")),
+            )]));
+        }
+        let columns = Columns::from_header(&header).map_err(ScanError::Header)?;
+        Ok(Self { reader, columns, record: csv::ByteRecord::new(), row: 0 })
+    }
+
+    /// Moves to the next data row; false at the end of the file.
+    pub fn advance(&mut self) -> io::Result<bool> {
+        let more = self.reader.read_byte_record(&mut self.record).map_err(csv_io)?;
+        if more {
+            self.row += 1;
+        }
+        Ok(more)
+    }
+
+    /// The number of the current data row (1 for the first).
+    pub fn row(&self) -> u64 {
+        self.row
+    }
+
+    fn field(&self, c: usize) -> &[u8] {
+        self.record.get(self.columns.index[c]).unwrap_or_default().trim_ascii()
+    }
+
+    fn ragged(&self) -> bool {
+        self.record.len() != self.columns.width
+    }
+
+    /// The current row's transaction_id as bytes, if the row has the header's shape.
+    pub fn raw_id(&self) -> Option<&[u8]> {
+        if self.ragged() {
+            return None;
+        }
+        Some(self.field(ID)).filter(|id| !id.is_empty())
+    }
+
+    /// Parses the current row, logging each problem; `None` if it has any.
+    pub fn parse(&self, log: &mut ErrorLog) -> Option<Row<'_>> {
+        let row = self.row;
+        if self.ragged() {
+            log.push(RowError::new(
+                row,
+                None,
+                format!("the row has {} fields but the header has {}", self.record.len(), self.columns.width),
+            ));
+            return None;
+        }
+        let before = log.total();
+        let mut text = [""; 6];
+        for (c, slot) in text.iter_mut().enumerate() {
+            match std::str::from_utf8(self.field(c)) {
+                Ok("") => log.push(RowError::new(row, Some(c), format!("{} is empty", REQUIRED_COLUMNS[c]))),
+                Ok(s) => *slot = s,
+                Err(_) => log.push(RowError::new(row, Some(c), "is not valid UTF-8 text".into())),
+            }
+        }
+        let ok = |c: usize| !text[c].is_empty();
+        let amount = if ok(AMOUNT) {
+            parse_amount(text[AMOUNT]).map_err(|m| log.push(RowError::new(row, Some(AMOUNT), m))).ok()
+        } else {
+            None
+        };
+        if ok(CURRENCY) && !crate::currency::is_iso4217(text[CURRENCY]) {
+            log.push(RowError::new(
+                row,
+                Some(CURRENCY),
+                format!("'{}' is not an ISO 4217 currency code (three upper-case letters, like USD)", show(text[CURRENCY])),
+            ));
+        }
+        let timestamp = if ok(TIMESTAMP) {
+            DateTime::parse_from_rfc3339(text[TIMESTAMP])
+                .map_err(|_| {
+                    log.push(RowError::new(
+                        row,
+                        Some(TIMESTAMP),
+                        format!("'{}' is not an RFC 3339 date-time (like 2024-01-15T10:30:00Z)", show(text[TIMESTAMP])),
+                    ))
+                })
+                .ok()
+        } else {
+            None
+        };
+        let status = if ok(STATUS) {
+            TxStatus::parse(text[STATUS])
+                .ok_or_else(|| {
+                    log.push(RowError::new(
+                        row,
+                        Some(STATUS),
+                        format!("'{}' is not one of completed, pending, failed", show(text[STATUS])),
+                    ))
+                })
+                .ok()
+        } else {
+            None
+        };
+        if log.total() != before {
+            return None;
+        }
+        Some(Row {
+            transaction_id: text[ID],
+            amount: amount?,
+            currency: text[CURRENCY],
+            timestamp: timestamp?,
+            merchant: text[MERCHANT],
+            status: status?,
+        })
+    }
+}
+
+/// The verdict on one file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationReport {
+    /// Data rows read (the header not counted).
+    pub row_count: u64,
+    /// Every problem found.
+    pub error_count: u64,
+    /// The first problems, in row order, up to the cap.
+    pub errors: Vec<RowError>,
+}
+
+impl ValidationReport {
+    pub fn is_valid(&self) -> bool {
+        self.error_count == 0
+    }
+
+    fn from_header(errors: Vec<RowError>, cap: usize) -> Self {
+        let error_count = errors.len() as u64;
+        Self { row_count: 0, error_count, errors: errors.into_iter().take(cap).collect() }
+    }
+}
+
+fn id_hash(id: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(id)
+}
+
+/// Checks a whole file against the contract, counting every problem and keeping the first
+/// `max_errors` of them.
+///
+/// `open` gives the file's bytes from the start; it is called a second time only if two
+/// rows' ids share a 64-bit hash. The first pass keeps just those hashes (8 bytes a row), so
+/// a million-row file is checked in a few tens of megabytes; the second pass keeps the text
+/// of the few suspect ids to tell real duplicates from hash collisions, so the answer is exact.
+/// An `Err` is an I/O failure (worth retrying), never a problem with the file's contents.
+pub fn validate<R: Read>(mut open: impl FnMut() -> io::Result<R>, max_errors: usize) -> io::Result<ValidationReport> {
+    let mut scanner = match Scanner::new(open()?) {
+        Ok(s) => s,
+        Err(ScanError::Io(e)) => return Err(e),
+        Err(ScanError::Header(errors)) => return Ok(ValidationReport::from_header(errors, max_errors)),
+    };
+    let mut log = ErrorLog::new(max_errors);
+    let mut seen: FxHashSet<u64> = FxHashSet::default();
+    let mut suspects: FxHashSet<u64> = FxHashSet::default();
+    while scanner.advance()? {
+        scanner.parse(&mut log);
+        if let Some(id) = scanner.raw_id() {
+            let h = id_hash(id);
+            if !seen.insert(h) {
+                suspects.insert(h);
+            }
+        }
+    }
+    let row_count = scanner.row();
+    drop(seen);
+    if row_count == 0 {
+        log.push(RowError::new(0, None, "the file has a header but no data rows".into()));
+    }
+    let (mut errors, mut error_count) = log.into_parts();
+    if !suspects.is_empty() {
+        let (dups, dup_count) = find_duplicates(open()?, &suspects, max_errors)?;
+        error_count += dup_count;
+        errors.extend(dups);
+        // stable: within a row, field errors stay before the duplicate-id error
+        errors.sort_by_key(|e| e.row);
+        errors.truncate(max_errors);
+    }
+    Ok(ValidationReport { row_count, error_count, errors })
+}
+
+/// Second pass: exact duplicate detection among the rows whose id hash was seen twice.
+fn find_duplicates<R: Read>(source: R, suspects: &FxHashSet<u64>, cap: usize) -> io::Result<(Vec<RowError>, u64)> {
+    let mut scanner = match Scanner::new(source) {
+        Ok(s) => s,
+        Err(ScanError::Io(e)) => return Err(e),
+        Err(ScanError::Header(_)) => return Err(io::Error::other("the file changed while it was being validated")),
+    };
+    let mut first_seen: FxHashMap<Vec<u8>, u64> = FxHashMap::default();
+    let mut log = ErrorLog::new(cap);
+    while scanner.advance()? {
+        let Some(id) = scanner.raw_id() else { continue };
+        if !suspects.contains(&id_hash(id)) {
+            continue;
+        }
+        match first_seen.get(id) {
+            Some(first) => log.push(RowError::new(
+                scanner.row(),
+                Some(ID),
+                format!(
+                    "transaction_id '{}' already appears in row {first}",
+                    show(&String::from_utf8_lossy(id))
+                ),
+            )),
+            None => {
+                first_seen.insert(id.to_vec(), scanner.row());
+            }
+        }
+    }
+    Ok(log.into_parts())
+}
+
+#[cfg(test)]
+mod tests;
