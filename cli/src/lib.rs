@@ -1,1 +1,5 @@
+//! The `txpipe` command's library: the whole fleet in one process (`txpipe up`), the
+//! validation benchmark, and small client helpers. The test harness reuses [`fleet::run`].
 
+pub mod bench;
+pub mod fleet;

@@ -1,1 +1,169 @@
-fn main() {}
+//! The `txpipe` command: run the fleet on one machine, manage the topology, talk to a
+//! gateway, benchmark the validator.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use txpipe_common::{amqp::Broker, shutdown::shutdown_signal, telemetry, Deps, Settings};
+
+#[derive(Parser)]
+#[command(
+    name = "txpipe",
+    version,
+    about = "Ingest CSV files of financial transactions over RabbitMQ"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway and all three workers in this process (embedded storage by default).
+    Up,
+    /// Declare (`up`) or delete (`down`) the namespace's exchanges and queues.
+    Topology {
+        #[arg(value_parser = ["up", "down"])]
+        action: String,
+    },
+    /// Upload a CSV file to a running gateway and print its answer.
+    Upload {
+        file: PathBuf,
+        /// The gateway's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+    },
+    /// Show a file's status from a running gateway.
+    Status {
+        file_id: String,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Validate a generated file and bare-parse it with the csv crate; print MB/s and peak memory.
+    Validate {
+        /// Rows to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Use this file instead of generating one.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Timed runs (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up => up().await,
+        Command::Topology { action } => topology(&action).await,
+        Command::Upload { file, gateway } => upload(&file, &gateway).await,
+        Command::Status { file_id, gateway } => {
+            get_json(&format!(
+                "{}/files/{file_id}",
+                gateway.trim_end_matches('/')
+            ))
+            .await
+        }
+        Command::Bench {
+            which: Bench::Validate { rows, file, runs },
+        } => bench(rows, file, runs),
+    }
+}
+
+async fn up() -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    telemetry::init("txpipe", settings.log_format);
+    let addr = settings.http_addr_or("127.0.0.1:8080");
+    let data_dir = settings.data_dir.clone();
+    let deps = Deps::connect(settings).await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set TXPIPE_HTTP_ADDR)"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, data_dir = %data_dir.display(), "txpipe is up");
+    println!("txpipe is up: gateway on http://{local} (upload with: curl -H 'Content-Type: text/csv' --data-binary @file.csv http://{local}/upload)");
+    let result = txpipe_cli::fleet::run(listener, deps.clone(), shutdown_signal()).await;
+    deps.broker.close().await;
+    Ok(result?)
+}
+
+async fn topology(action: &str) -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let broker = Broker::connect(&settings).await?;
+    let ns = settings.namespace.clone();
+    match action {
+        "up" => {
+            broker.declare_all().await?;
+            println!("declared the exchanges and queues of namespace {ns}");
+        }
+        "down" => {
+            broker.teardown().await?;
+            println!("deleted the exchanges and queues of namespace {ns}");
+        }
+        other => bail!("unknown action {other}"),
+    }
+    broker.close().await;
+    Ok(())
+}
+
+async fn upload(file: &PathBuf, gateway: &str) -> anyhow::Result<()> {
+    let body = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/upload", gateway.trim_end_matches('/')))
+        .header("content-type", "text/csv")
+        .body(reqwest::Body::wrap_stream(
+            tokio_util::io::ReaderStream::new(body),
+        ))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the gateway at {gateway}"))?;
+    print_response(resp).await
+}
+
+async fn get_json(url: &str) -> anyhow::Result<()> {
+    let resp = reqwest::get(url)
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    print_response(resp).await
+}
+
+async fn print_response(resp: reqwest::Response) -> anyhow::Result<()> {
+    let status = resp.status();
+    let text = resp.text().await?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Err(_) => println!("{text}"),
+    }
+    if !status.is_success() {
+        bail!("the gateway answered {status}");
+    }
+    Ok(())
+}
+
+fn bench(rows: u64, file: Option<PathBuf>, runs: u32) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = match file {
+        Some(p) => p,
+        None => {
+            let p = dir.path().join("bench.csv");
+            txpipe_cli::bench::generate(&p, rows)?;
+            p
+        }
+    };
+    txpipe_cli::bench::run(&path, runs)?.print();
+    Ok(())
+}

@@ -91,13 +91,19 @@ pub enum ConfigError {
     #[error("invalid setting TXPIPE_NAMESPACE: {0}")]
     Namespace(#[from] crate::names::InvalidNamespace),
     #[error("invalid setting {name}: {why}")]
-    Value { name: &'static str, why: &'static str },
+    Value {
+        name: &'static str,
+        why: &'static str,
+    },
 }
 
 impl Settings {
     /// Defaults overridden by `TXPIPE_*` variables of this process's environment.
     pub fn load() -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(Env::prefixed("TXPIPE_")))
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Settings::default()))
+                .merge(Env::prefixed("TXPIPE_")),
+        )
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
@@ -117,7 +123,10 @@ impl Settings {
             return bad("TXPIPE_MAX_UPLOAD_BYTES", "must be at least 1");
         }
         if self.retry_attempts == 0 {
-            return bad("TXPIPE_RETRY_ATTEMPTS", "must be at least 1 (1 means no retry)");
+            return bad(
+                "TXPIPE_RETRY_ATTEMPTS",
+                "must be at least 1 (1 means no retry)",
+            );
         }
         if !(self.retry_factor.is_finite() && self.retry_factor >= 1.0) {
             return bad("TXPIPE_RETRY_FACTOR", "must be a number of at least 1.0");
@@ -205,6 +214,9 @@ mod tests {
         let err = with_env(&[("TXPIPE_PREFETCH", "0")]).unwrap_err();
         assert!(err.contains("TXPIPE_PREFETCH"), "{err}");
         let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
-        assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
+        assert!(
+            err.to_lowercase().contains("prefetchh"),
+            "a misspelt setting is named: {err}"
+        );
     }
 }

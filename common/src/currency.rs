@@ -59,6 +59,9 @@ mod tests {
         for c in ["usd", "US", "USDD", "ABC", "XXX", "XTS", "", "U$D", "ÜSD"] {
             assert!(!is_iso4217(c), "{c}");
         }
-        assert!(CODES.windows(2).all(|w| w[0] < w[1]), "list is sorted and unique");
+        assert!(
+            CODES.windows(2).all(|w| w[0] < w[1]),
+            "list is sorted and unique"
+        );
     }
 }

@@ -3,20 +3,21 @@
 //! Domain logic (the CSV contract, the status machine, the messages) knows nothing of
 //! RabbitMQ, S3 or HTTP; adapters (AMQP, storage, HTTP health) are thin layers around it.
 
-// pub mod amqp;
+pub mod amqp;
 pub mod config;
 pub mod csv_schema;
 pub mod currency;
-// pub mod deps;
-// pub mod health;
+pub mod deps;
+pub mod health;
 pub mod messages;
 pub mod names;
+pub mod service;
 pub mod shutdown;
 pub mod status;
-// pub mod storage;
+pub mod storage;
 pub mod telemetry;
-// pub mod worker;
+pub mod worker;
 
 pub use config::Settings;
-// pub use deps::Deps;
+pub use deps::Deps;
 pub use names::Names;

@@ -1,1 +1,235 @@
+//! The ingest gateway: `POST /upload` streams a CSV into the object store, records it as
+//! `uploaded` and publishes `file.uploaded` (its confirm awaited) before answering 202; the
+//! read endpoints show a file's status and its stored transactions.
+//!
+//! Claim check: the broker carries only a small message pointing at the stored object. If
+//! the store or the broker cannot take an upload, the client gets 503 and nothing is left
+//! behind claiming it was accepted.
 
+mod error;
+
+pub use error::GatewayError;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{StreamExt, TryStreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tower_http::trace::TraceLayer;
+use txpipe_common::messages::{FileEvent, FileId, Stage, FILE_UPLOADED};
+use txpipe_common::status::StatusRecord;
+use txpipe_common::storage::StorageError;
+use txpipe_common::Deps;
+
+/// Content types accepted on `POST /upload`.
+const ACCEPTED_TYPES: [&str; 4] = [
+    "text/csv",
+    "application/csv",
+    "text/plain",
+    "application/octet-stream",
+];
+/// Page size of `GET /files/{id}/transactions` when `limit` is not given, and its maximum.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The gateway's routes over `deps`.
+pub fn router(deps: Deps) -> Router {
+    Router::new()
+        .route("/upload", post(upload))
+        .route("/files/{file_id}", get(file_status))
+        .route("/files/{file_id}/transactions", get(file_transactions))
+        .with_state(deps.clone())
+        .merge(txpipe_common::health::routes(deps))
+        // the upload body is streamed and its size checked as it arrives
+        .layer(DefaultBodyLimit::disable())
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves. Declares the queue uploads go
+/// to first, so an upload accepted before any validator runs still waits for one.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    deps: Deps,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    deps.broker
+        .declare_for(Stage::Gateway)
+        .await
+        .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+    axum::serve(listener, router(deps))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))
+}
+
+fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
+    let given = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = given
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if ACCEPTED_TYPES.contains(&essence.as_str()) {
+        Ok(())
+    } else {
+        Err(GatewayError::UnsupportedMediaType(if given.is_empty() {
+            "none".into()
+        } else {
+            given.into()
+        }))
+    }
+}
+
+async fn upload(
+    State(deps): State<Deps>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    content_type_ok(&headers)?;
+    let limit = deps.settings.max_upload_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::TooLarge(limit));
+    }
+    if declared == Some(0) {
+        return Err(GatewayError::EmptyBody);
+    }
+
+    let file_id = FileId::new();
+    let key = deps.names.object_key(&file_id);
+    let over_limit = Arc::new(AtomicBool::new(false));
+    let flag = over_limit.clone();
+    let mut seen = 0u64;
+    let stream = body
+        .into_data_stream()
+        .map_err(std::io::Error::other)
+        .map(move |chunk| {
+            let chunk = chunk?;
+            seen += chunk.len() as u64;
+            if seen > limit {
+                flag.store(true, Ordering::Relaxed);
+                return Err(std::io::Error::other(format!(
+                    "upload larger than {limit} bytes"
+                )));
+            }
+            Ok(chunk)
+        })
+        .boxed();
+    let objects = &deps.storage.objects;
+    let size = match objects.put(&key, stream).await {
+        Ok(size) => size,
+        Err(StorageError::Source(_)) if over_limit.load(Ordering::Relaxed) => {
+            return Err(GatewayError::TooLarge(limit))
+        }
+        Err(StorageError::Source(e)) => {
+            return Err(GatewayError::BadRequest(format!(
+                "the upload was interrupted: {e}"
+            )))
+        }
+        Err(e) => return Err(GatewayError::from_storage("storing the upload", e)),
+    };
+    if size == 0 {
+        let _ = objects.delete(&key).await;
+        return Err(GatewayError::EmptyBody);
+    }
+
+    let record = StatusRecord::uploaded(file_id, key.clone(), size, chrono::Utc::now());
+    if let Err(e) = deps.storage.statuses.create(&record).await {
+        let _ = objects.delete(&key).await;
+        return Err(GatewayError::from_storage("recording the upload", e));
+    }
+    let event = FileEvent::new(file_id, key.clone());
+    if let Err(e) = deps
+        .publisher
+        .publish(&deps.stage_message(FILE_UPLOADED, &event))
+        .await
+    {
+        // undo, so nothing claims an upload that no worker will ever see
+        let _ = deps.storage.statuses.delete(file_id).await;
+        let _ = objects.delete(&key).await;
+        return Err(GatewayError::Unavailable(format!(
+            "announcing the upload failed: {e}"
+        )));
+    }
+    tracing::info!(%file_id, size_bytes = size, "upload accepted");
+    let status_url = format!("/files/{file_id}");
+    let body = json!({"file_id": file_id, "status": "uploaded", "status_url": status_url, "size_bytes": size});
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, status_url)],
+        Json(body),
+    )
+        .into_response())
+}
+
+fn parse_id(raw: &str) -> Result<FileId, GatewayError> {
+    raw.parse()
+        .map_err(|_| GatewayError::NotFound(format!("no file with id {raw:?}")))
+}
+
+async fn find(deps: &Deps, file_id: FileId) -> Result<StatusRecord, GatewayError> {
+    deps.storage
+        .statuses
+        .get(file_id)
+        .await
+        .map_err(|e| GatewayError::from_storage("reading the status", e))?
+        .ok_or_else(|| GatewayError::NotFound(format!("no file with id {file_id}")))
+}
+
+async fn file_status(
+    State(deps): State<Deps>,
+    Path(raw): Path<String>,
+) -> Result<Json<StatusRecord>, GatewayError> {
+    Ok(Json(find(&deps, parse_id(&raw)?).await?))
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn file_transactions(
+    State(deps): State<Deps>,
+    Path(raw): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Response, GatewayError> {
+    let file_id = parse_id(&raw)?;
+    let limit = match q.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(GatewayError::BadRequest(format!(
+                    "limit must be a whole number from 1 to {MAX_PAGE}"
+                )))
+            }
+        },
+    };
+    find(&deps, file_id).await?;
+    let page = deps
+        .storage
+        .transactions
+        .list_by_file(file_id, limit, q.cursor.as_deref())
+        .await
+        .map_err(|e| match e {
+            StorageError::InvalidCursor => GatewayError::BadRequest(
+                "invalid cursor: pass back a next_cursor this endpoint gave".into(),
+            ),
+            other => GatewayError::from_storage("reading transactions", other),
+        })?;
+    Ok(Json(page).into_response())
+}

@@ -1,0 +1,253 @@
+//! Storage ports: the object store (CSV files), the processing-status table and the
+//! transactions table, each a trait held as `Arc<dyn …>`. The embedded adapters (a local
+//! directory and SQLite) live here; the S3/DynamoDB adapters implement the same traits, and
+//! one contract test suite (`txpipe-tests`) runs against each.
+
+pub mod local;
+pub mod sqlite;
+
+use crate::config::{Settings, StorageKind};
+use crate::csv_schema::{Row, TxStatus};
+use crate::messages::FileId;
+use crate::status::{FileStatus, StatusRecord, StatusUpdate};
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, FixedOffset, Utc};
+use futures::stream::BoxStream;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::{io, sync::Arc};
+use tokio::io::AsyncRead;
+
+/// The body of an upload, as it arrives.
+pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+/// A stored object, read as it streams.
+pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// What went wrong in storage, classified by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The item does not exist (permanent for this item).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A create found the item already there.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The store could not do it now (I/O, busy, full disk, network): retrying may help.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The stream being stored failed (client went away, upload over the limit).
+    #[error("the upload stream failed: {0}")]
+    Source(io::Error),
+    /// A pagination cursor that this store did not hand out.
+    #[error("invalid cursor")]
+    InvalidCursor,
+    /// The store is set up wrong (a missing bucket or table): fix the setup, not the message.
+    #[error("storage misconfigured: {0}")]
+    Misconfigured(String),
+    /// A stored item that cannot be read back.
+    #[error("corrupt stored item: {0}")]
+    Corrupt(String),
+}
+
+impl StorageError {
+    /// True when trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Unavailable(_))
+    }
+}
+
+/// Holds CSV files under keys like `uploads/{file_id}.csv`.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Stores the stream under `key` whole or not at all; returns its size in bytes.
+    async fn put(&self, key: &str, body: ByteStream) -> Result<u64, StorageError>;
+    /// Opens `key` for streaming.
+    async fn get(&self, key: &str) -> Result<ObjectReader, StorageError>;
+    /// Removes `key`; removing a missing key is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+    /// Ok when the store can be reached and used.
+    async fn check(&self) -> Result<(), StorageError>;
+}
+
+/// The outcome of asking for a status change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Advance {
+    /// The change was made; the record as it now is.
+    Moved(StatusRecord),
+    /// The change would not move forward; the record as it is, unchanged.
+    Refused(StatusRecord),
+}
+
+/// The processing-status table, keyed by file_id.
+#[async_trait]
+pub trait StatusStore: Send + Sync + 'static {
+    /// Records a new file; `AlreadyExists` if the id is taken.
+    async fn create(&self, record: &StatusRecord) -> Result<(), StorageError>;
+    async fn get(&self, file_id: FileId) -> Result<Option<StatusRecord>, StorageError>;
+    /// Moves the file to `to` only if that is forward, atomically; `NotFound` for an unknown file.
+    async fn advance(
+        &self,
+        file_id: FileId,
+        to: FileStatus,
+        update: StatusUpdate,
+        at: DateTime<Utc>,
+    ) -> Result<Advance, StorageError>;
+    /// Forgets a file (the gateway undoing an upload it could not announce).
+    async fn delete(&self, file_id: FileId) -> Result<(), StorageError>;
+    async fn check(&self) -> Result<(), StorageError>;
+}
+
+/// One stored transaction, as the transformer writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    pub transaction_id: String,
+    /// Exact decimal, written and read as a string (never a float).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    pub currency: String,
+    /// The timestamp as RFC 3339, with the offset the file gave.
+    pub timestamp: DateTime<FixedOffset>,
+    /// The same instant in seconds since the Unix epoch.
+    pub timestamp_epoch: i64,
+    pub merchant: String,
+    pub status: TxStatus,
+    /// The file that last wrote this transaction.
+    pub file_id: FileId,
+    pub processed_at: DateTime<Utc>,
+}
+
+impl Transaction {
+    pub fn from_row(row: &Row<'_>, file_id: FileId, processed_at: DateTime<Utc>) -> Self {
+        Self {
+            transaction_id: row.transaction_id.to_owned(),
+            amount: row.amount,
+            currency: row.currency.to_owned(),
+            timestamp: row.timestamp,
+            timestamp_epoch: row.timestamp.timestamp(),
+            merchant: row.merchant.to_owned(),
+            status: row.status,
+            file_id,
+            processed_at,
+        }
+    }
+}
+
+/// One page of a file's transactions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionPage {
+    pub items: Vec<Transaction>,
+    /// Pass back to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The transactions table, keyed by transaction_id (a later write of the same id replaces it).
+#[async_trait]
+pub trait TransactionStore: Send + Sync + 'static {
+    /// Writes every row or fails; writing the same rows again is harmless.
+    async fn put_batch(&self, rows: &[Transaction]) -> Result<(), StorageError>;
+    /// The rows a file wrote, ordered by transaction_id, at most `limit`, after `cursor`.
+    async fn list_by_file(
+        &self,
+        file_id: FileId,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<TransactionPage, StorageError>;
+    async fn check(&self) -> Result<(), StorageError>;
+}
+
+/// Every store a service may use.
+#[derive(Clone)]
+pub struct Storage {
+    pub objects: Arc<dyn ObjectStore>,
+    pub statuses: Arc<dyn StatusStore>,
+    pub transactions: Arc<dyn TransactionStore>,
+}
+
+impl Storage {
+    /// Opens the backend the settings name.
+    pub async fn open(settings: &Settings) -> Result<Self, StorageError> {
+        let names = settings.names();
+        match settings.storage {
+            StorageKind::Local => {
+                let objects = local::LocalObjectStore::open(
+                    settings.data_dir.join("objects").join(names.bucket()),
+                )?;
+                let db =
+                    sqlite::SqliteStore::open(&settings.data_dir.join("txpipe.sqlite3"), &names)
+                        .await?;
+                let db = Arc::new(db);
+                Ok(Self {
+                    objects: Arc::new(objects),
+                    statuses: db.clone(),
+                    transactions: db,
+                })
+            }
+            StorageKind::Aws => Err(StorageError::Misconfigured(
+                "TXPIPE_STORAGE=aws is not available in this build yet; use TXPIPE_STORAGE=local"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Ok when every store answers.
+    pub async fn check(&self) -> Result<(), StorageError> {
+        self.objects.check().await?;
+        self.statuses.check().await?;
+        self.transactions.check().await
+    }
+}
+
+/// Cursors are the last transaction_id of a page, hex-encoded so they travel in a URL as is.
+pub(crate) fn encode_cursor(last_id: &str) -> String {
+    last_id.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn decode_cursor(cursor: &str) -> Result<String, StorageError> {
+    if cursor.len() % 2 != 0 || cursor.len() > 2048 {
+        return Err(StorageError::InvalidCursor);
+    }
+    let bytes = (0..cursor.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).map_err(|_| StorageError::InvalidCursor))
+        .collect::<Result<Vec<u8>, _>>()?;
+    String::from_utf8(bytes).map_err(|_| StorageError::InvalidCursor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        for id in ["t1", "ü/?&= x", ""] {
+            assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        }
+        for bad in ["xyz", "zz", "0"] {
+            assert!(
+                matches!(decode_cursor(bad), Err(StorageError::InvalidCursor)),
+                "{bad}"
+            );
+        }
+    }
+}
+
+/// Opens `key` as a blocking reader, for CSV parsing on the blocking pool. Call it from a
+/// `spawn_blocking` task, passing the runtime's handle. A missing object reads as an
+/// `io::ErrorKind::NotFound` error; other storage failures as `Other`.
+pub fn open_blocking(
+    objects: &Arc<dyn ObjectStore>,
+    key: &str,
+    handle: &tokio::runtime::Handle,
+) -> io::Result<impl io::Read + use<>> {
+    let reader = handle.block_on(objects.get(key)).map_err(|e| match e {
+        StorageError::NotFound(what) => {
+            io::Error::new(io::ErrorKind::NotFound, format!("{what} not found"))
+        }
+        other => io::Error::other(other.to_string()),
+    })?;
+    Ok(tokio_util::io::SyncIoBridge::new_with_handle(
+        reader,
+        handle.clone(),
+    ))
+}

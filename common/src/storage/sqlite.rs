@@ -1,0 +1,321 @@
+//! The embedded table store: the processing-status and transactions tables in one SQLite
+//! file. WAL and a busy timeout let several processes on one host share it; every call runs
+//! on the blocking pool so the async workers never stall on the database.
+
+use super::{
+    decode_cursor, encode_cursor, Advance, StatusStore, StorageError, Transaction, TransactionPage,
+    TransactionStore,
+};
+use crate::csv_schema::TxStatus;
+use crate::messages::FileId;
+use crate::names::Names;
+use crate::status::{FileStatus, StatusRecord, StatusUpdate};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Both tables of one namespace in one SQLite database.
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    status_table: String,
+    tx_table: String,
+}
+
+fn db_err(e: rusqlite::Error) -> StorageError {
+    match e {
+        rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..) => {
+            StorageError::Corrupt(e.to_string())
+        }
+        // busy, locked, full disk, I/O: all worth another try later
+        other => StorageError::Unavailable(format!("sqlite: {other}")),
+    }
+}
+
+/// Table names carry the namespace (`{ns}-transactions`), so they are always quoted.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with the tables of `names`.
+    pub async fn open(path: &Path, names: &Names) -> Result<Self, StorageError> {
+        let path = path.to_owned();
+        let status_table = quoted(&names.status_table());
+        let tx_table = quoted(&names.transactions_table());
+        let by_file = quoted(&format!("{}-by-file", names.transactions_table()));
+        let (st, tt) = (status_table.clone(), tx_table.clone());
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StorageError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+            let conn = Connection::open(&path).map_err(|e| {
+                StorageError::Unavailable(format!("cannot open {}: {e}", path.display()))
+            })?;
+            conn.busy_timeout(std::time::Duration::from_secs(10))
+                .map_err(db_err)?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(db_err)?;
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(db_err)?;
+            conn.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS {st} (
+                    file_id TEXT PRIMARY KEY,
+                    status TEXT NOT NULL,
+                    updated_at TEXT NOT NULL,
+                    record TEXT NOT NULL
+                 ) WITHOUT ROWID;
+                 CREATE TABLE IF NOT EXISTS {tt} (
+                    transaction_id TEXT PRIMARY KEY,
+                    file_id TEXT NOT NULL,
+                    amount TEXT NOT NULL,
+                    currency TEXT NOT NULL,
+                    timestamp TEXT NOT NULL,
+                    timestamp_epoch INTEGER NOT NULL,
+                    merchant TEXT NOT NULL,
+                    status TEXT NOT NULL,
+                    processed_at TEXT NOT NULL
+                 ) WITHOUT ROWID;
+                 CREATE INDEX IF NOT EXISTS {by_file} ON {tt} (file_id, transaction_id);"
+            ))
+            .map_err(db_err)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| StorageError::Unavailable(e.to_string()))??;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            status_table,
+            tx_table,
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StorageError::Unavailable(format!("storage task failed: {e}")))?
+    }
+}
+
+fn to_json(r: &StatusRecord) -> String {
+    serde_json::to_string(r).expect("a status record always serializes")
+}
+
+fn from_json(s: &str) -> Result<StatusRecord, StorageError> {
+    serde_json::from_str(s).map_err(|e| StorageError::Corrupt(format!("status record: {e}")))
+}
+
+#[async_trait]
+impl StatusStore for SqliteStore {
+    async fn create(&self, record: &StatusRecord) -> Result<(), StorageError> {
+        let sql = format!(
+            "INSERT INTO {} (file_id, status, updated_at, record) VALUES (?1, ?2, ?3, ?4)",
+            self.status_table
+        );
+        let (id, status, at, json) = (
+            record.file_id.to_string(),
+            record.status.as_str(),
+            record.updated_at.to_rfc3339(),
+            to_json(record),
+        );
+        self.with(
+            move |c| match c.execute(&sql, params![id, status, at, json]) {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StorageError::AlreadyExists(format!("file {id}")))
+                }
+                Err(e) => Err(db_err(e)),
+            },
+        )
+        .await
+    }
+
+    async fn get(&self, file_id: FileId) -> Result<Option<StatusRecord>, StorageError> {
+        let sql = format!(
+            "SELECT record FROM {} WHERE file_id = ?1",
+            self.status_table
+        );
+        self.with(move |c| {
+            let json: Option<String> = c
+                .query_row(&sql, params![file_id.to_string()], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            json.as_deref().map(from_json).transpose()
+        })
+        .await
+    }
+
+    async fn advance(
+        &self,
+        file_id: FileId,
+        to: FileStatus,
+        update: StatusUpdate,
+        at: DateTime<Utc>,
+    ) -> Result<Advance, StorageError> {
+        let select = format!(
+            "SELECT record FROM {} WHERE file_id = ?1",
+            self.status_table
+        );
+        let write = format!(
+            "UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1",
+            self.status_table
+        );
+        self.with(move |c| {
+            // IMMEDIATE takes the write lock up front: read-check-write is atomic across processes
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            let json: Option<String> = tx
+                .query_row(&select, params![file_id.to_string()], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            let mut record =
+                from_json(&json.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?)?;
+            if !record.advance(to, update, at) {
+                return Ok(Advance::Refused(record));
+            }
+            tx.execute(
+                &write,
+                params![
+                    file_id.to_string(),
+                    to.as_str(),
+                    at.to_rfc3339(),
+                    to_json(&record)
+                ],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(Advance::Moved(record))
+        })
+        .await
+    }
+
+    async fn delete(&self, file_id: FileId) -> Result<(), StorageError> {
+        let sql = format!("DELETE FROM {} WHERE file_id = ?1", self.status_table);
+        self.with(move |c| {
+            c.execute(&sql, params![file_id.to_string()])
+                .map(|_| ())
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)",
+            self.status_table
+        );
+        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err))
+            .await
+    }
+}
+
+#[async_trait]
+impl TransactionStore for SqliteStore {
+    async fn put_batch(&self, rows: &[Transaction]) -> Result<(), StorageError> {
+        let sql = format!(
+            "INSERT OR REPLACE INTO {} (transaction_id, file_id, amount, currency, timestamp, timestamp_epoch, merchant, status, processed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            self.tx_table
+        );
+        let rows = rows.to_vec();
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err)?;
+            {
+                let mut stmt = tx.prepare_cached(&sql).map_err(db_err)?;
+                for r in &rows {
+                    stmt.execute(params![
+                        r.transaction_id,
+                        r.file_id.to_string(),
+                        r.amount.to_string(),
+                        r.currency,
+                        r.timestamp.to_rfc3339(),
+                        r.timestamp_epoch,
+                        r.merchant,
+                        r.status.as_str(),
+                        r.processed_at.to_rfc3339(),
+                    ])
+                    .map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn list_by_file(
+        &self,
+        file_id: FileId,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<TransactionPage, StorageError> {
+        let after = cursor.map(decode_cursor).transpose()?;
+        let sql = format!(
+            "SELECT transaction_id, amount, currency, timestamp, timestamp_epoch, merchant, status, processed_at
+             FROM {} WHERE file_id = ?1 AND transaction_id > ?2 ORDER BY transaction_id LIMIT ?3",
+            self.tx_table
+        );
+        let limit = limit.max(1);
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let mut rows = stmt
+                .query(params![
+                    file_id.to_string(),
+                    after.unwrap_or_default(),
+                    (limit + 1) as i64
+                ])
+                .map_err(db_err)?;
+            let mut items = Vec::new();
+            while let Some(r) = rows.next().map_err(db_err)? {
+                let text = |i: usize| r.get::<_, String>(i).map_err(db_err);
+                let corrupt = |what: &str| StorageError::Corrupt(format!("transaction {what}"));
+                items.push(Transaction {
+                    transaction_id: text(0)?,
+                    amount: text(1)?.parse().map_err(|_| corrupt("amount"))?,
+                    currency: text(2)?,
+                    timestamp: DateTime::parse_from_rfc3339(&text(3)?)
+                        .map_err(|_| corrupt("timestamp"))?,
+                    timestamp_epoch: r.get(4).map_err(db_err)?,
+                    merchant: text(5)?,
+                    status: TxStatus::parse(&text(6)?).ok_or_else(|| corrupt("status"))?,
+                    file_id,
+                    processed_at: DateTime::parse_from_rfc3339(&text(7)?)
+                        .map_err(|_| corrupt("processed_at"))?
+                        .with_timezone(&Utc),
+                });
+            }
+            let next_cursor = if items.len() > limit {
+                items.truncate(limit);
+                items.last().map(|t| encode_cursor(&t.transaction_id))
+            } else {
+                None
+            };
+            Ok(TransactionPage { items, next_cursor })
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)",
+            self.tx_table
+        );
+        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err))
+            .await
+    }
+}

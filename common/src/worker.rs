@@ -1,0 +1,288 @@
+//! The consume → handle → publish → ack loop, written once for every worker.
+//!
+//! A worker is a [`Handler`]: given a parsed message it returns an [`Outcome`]. The loop
+//! parses bodies at the edge (a body that does not parse is dead-lettered at once), retries
+//! transient failures with backoff, publishes the handler's messages with confirms, and acks
+//! only after that, so a crash at any point means a redelivery, never a loss.
+
+use crate::amqp::{AmqpError, Broker, Outgoing, Publisher};
+use crate::config::Settings;
+use crate::messages::{FileEvent, Stage};
+use async_trait::async_trait;
+use backon::BackoffBuilder;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+/// How long in-flight messages may run on after shutdown is asked for.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A message as a handler sees it: already parsed.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub routing_key: String,
+    pub event: FileEvent,
+    /// The broker says this message was delivered before.
+    pub redelivered: bool,
+}
+
+/// Why a message is dead-lettered, recorded in its `x-txpipe-error-class` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The body is not a message txpipe understands.
+    Malformed,
+    /// Processing can never succeed (e.g. the object is gone).
+    Permanent,
+    /// A transient fault outlasted every retry.
+    RetriesExhausted,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Malformed => "malformed",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::RetriesExhausted => "retries_exhausted",
+        }
+    }
+}
+
+/// What the loop should do with a message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Done: publish these (each confirmed), then ack.
+    Done(Vec<Outgoing>),
+    /// Will never succeed: dead-letter it now.
+    DeadLetter(String),
+    /// Failed for now: try again after a backoff, dead-letter when retries run out.
+    Retry(String),
+}
+
+/// One worker stage's logic.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    fn stage(&self) -> Stage;
+    async fn handle(&self, msg: &Incoming) -> Outcome;
+    /// Called once before a parsed message is dead-lettered, to record the failure
+    /// (e.g. move the file to this stage's `*_failed` status). Best effort.
+    async fn on_dead_letter(&self, _msg: &Incoming, _reason: &str) {}
+}
+
+struct Loop {
+    handler: Arc<dyn Handler>,
+    publisher: Publisher,
+    settings: Arc<Settings>,
+    dlx: String,
+}
+
+/// Consumes the stage's queue until `shutdown` resolves, then lets in-flight messages finish
+/// (up to [`SHUTDOWN_GRACE`]). Returns an error if the broker connection is lost.
+pub async fn run(
+    broker: &Broker,
+    handler: Arc<dyn Handler>,
+    settings: Arc<Settings>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AmqpError> {
+    let stage = handler.stage();
+    let queue = broker.names().queue(stage);
+    let channel = broker.channel().await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("{}-{}", stage, uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let ctx = Arc::new(Loop {
+        handler,
+        publisher: broker.publisher().await?,
+        settings,
+        dlx: broker.names().dead_letter_exchange(),
+    });
+    tracing::info!(%stage, %queue, prefetch = ctx.settings.prefetch, "consuming");
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done { tracing::error!(%stage, error = %e, "message task panicked; the message will be redelivered"); }
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => { let ctx = ctx.clone(); tasks.spawn(async move { ctx.process(delivery).await }); }
+                Some(Err(e)) => break Err(AmqpError::Broker(e)),
+                None => break Err(AmqpError::Broker(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed)))),
+            }
+        }
+    };
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    if !tasks.is_empty() {
+        tracing::info!(%stage, in_flight = tasks.len(), "waiting for in-flight messages");
+        if tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(%stage, "grace period over; unfinished messages will be redelivered");
+            tasks.abort_all();
+        }
+    }
+    let _ = channel.close(200, "bye".into()).await;
+    result
+}
+
+fn header_u64(d: &Delivery, name: &str) -> Option<u64> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        _ => None,
+    }
+}
+
+impl Loop {
+    async fn process(&self, delivery: Delivery) {
+        let stage = self.handler.stage();
+        let routing_key = delivery.routing_key.to_string();
+        let event = match FileEvent::from_body(&delivery.data) {
+            Ok(e) => e,
+            Err(reason) => {
+                tracing::warn!(%stage, %routing_key, %reason, "dead-lettering a message that cannot be parsed");
+                self.dead_letter(&delivery, ErrorClass::Malformed, &reason)
+                    .await;
+                return;
+            }
+        };
+        let msg = Incoming {
+            routing_key,
+            event,
+            redelivered: delivery.redelivered,
+        };
+        let file_id = msg.event.file_id;
+        if let Some(n) = header_u64(&delivery, "x-delivery-count") {
+            tracing::info!(%stage, %file_id, deliveries = n + 1, "redelivered message");
+        }
+        let mut backoff = self.settings.retry_policy().build();
+        loop {
+            let (class, reason) = match self.handler.handle(&msg).await {
+                Outcome::Done(out) => match self.publish_all(&out).await {
+                    Ok(()) => {
+                        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                            tracing::warn!(%stage, %file_id, error = %e, "ack failed; the message will be redelivered");
+                        }
+                        return;
+                    }
+                    Err(e) => (
+                        ErrorClass::RetriesExhausted,
+                        format!("publishing the next message failed: {e}"),
+                    ),
+                },
+                Outcome::DeadLetter(reason) => (ErrorClass::Permanent, reason),
+                Outcome::Retry(reason) => (ErrorClass::RetriesExhausted, reason),
+            };
+            if class == ErrorClass::RetriesExhausted {
+                if let Some(wait) = backoff.next() {
+                    tracing::warn!(%stage, %file_id, %reason, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
+            tracing::error!(%stage, %file_id, class = class.as_str(), %reason, "dead-lettering");
+            self.handler.on_dead_letter(&msg, &reason).await;
+            self.dead_letter(&delivery, class, &reason).await;
+            return;
+        }
+    }
+
+    async fn publish_all(&self, out: &[Outgoing]) -> Result<(), AmqpError> {
+        for m in out {
+            self.publisher.publish(m).await?;
+        }
+        Ok(())
+    }
+
+    /// Copies the message to the dead-letter exchange with headers saying why, then acks it.
+    /// If that copy cannot be made, rejects it so RabbitMQ dead-letters it itself.
+    async fn dead_letter(&self, delivery: &Delivery, class: ErrorClass, reason: &str) {
+        let stage = self.handler.stage();
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| format!("dead-letter:{}", uuid::Uuid::new_v4()));
+        let copy = Outgoing {
+            exchange: self.dlx.clone(),
+            routing_key: delivery.routing_key.to_string(),
+            body: delivery.data.clone(),
+            message_id,
+            mandatory: true,
+            headers: vec![
+                ("x-txpipe-stage".into(), stage.as_str().into()),
+                ("x-txpipe-error-class".into(), class.as_str().into()),
+                (
+                    "x-txpipe-reason".into(),
+                    reason.chars().take(1000).collect(),
+                ),
+                (
+                    "x-txpipe-original-exchange".into(),
+                    delivery.exchange.to_string(),
+                ),
+                (
+                    "x-txpipe-original-routing-key".into(),
+                    delivery.routing_key.to_string(),
+                ),
+                (
+                    "x-txpipe-dead-lettered-at".into(),
+                    chrono::Utc::now().to_rfc3339(),
+                ),
+            ],
+        };
+        let settled = match self.publisher.publish(&copy).await {
+            Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+            Err(e) => {
+                tracing::warn!(%stage, error = %e, "cannot copy to the dead-letter exchange; rejecting instead");
+                delivery.reject(BasicRejectOptions { requeue: false }).await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(%stage, error = %e, "settling a dead-lettered message failed; it will be redelivered");
+        }
+    }
+}
+
+/// The outcome for a storage failure: retry what may pass, dead-letter what cannot.
+pub fn storage_failure(what: &str, e: &crate::storage::StorageError) -> Outcome {
+    let reason = format!("{what}: {e}");
+    if e.is_transient() {
+        Outcome::Retry(reason)
+    } else {
+        Outcome::DeadLetter(reason)
+    }
+}
+
+/// The outcome for an I/O error while streaming an object on the blocking pool.
+pub fn read_failure(what: &str, e: &std::io::Error) -> Outcome {
+    let reason = format!("{what}: {e}");
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Outcome::DeadLetter(reason)
+    } else {
+        Outcome::Retry(reason)
+    }
+}

@@ -1,0 +1,74 @@
+//! The gateway's one error type; each variant becomes a status code and a JSON body
+//! `{"error": code, "message": text}` that tells the client what to do.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use txpipe_common::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("unsupported content type {0}: send the CSV as the request body with Content-Type text/csv or application/octet-stream")]
+    UnsupportedMediaType(String),
+    #[error("the request body is empty: send the CSV file as the body")]
+    EmptyBody,
+    #[error("the upload is larger than the limit of {0} bytes (TXPIPE_MAX_UPLOAD_BYTES)")]
+    TooLarge(u64),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("service unavailable, try again later: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    /// Storage failures: unavailable stores are the client's cue to retry (503).
+    pub fn from_storage(what: &str, e: StorageError) -> Self {
+        match e {
+            StorageError::NotFound(m) => GatewayError::NotFound(m),
+            StorageError::Unavailable(_) | StorageError::Misconfigured(_) => {
+                GatewayError::Unavailable(format!("{what}: {e}"))
+            }
+            other => GatewayError::Internal(format!("{what}: {other}")),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            GatewayError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            GatewayError::EmptyBody => (StatusCode::BAD_REQUEST, "empty_body"),
+            GatewayError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            GatewayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let mut resp = (
+            status,
+            Json(json!({"error": code, "message": self.to_string()})),
+        )
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+        }
+        resp
+    }
+}
