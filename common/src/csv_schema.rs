@@ -324,71 +324,63 @@ impl<R: Read> Scanner<R> {
         }
         let before = log.total();
         let mut text = [""; 6];
+        let mut amount = None;
+        let mut timestamp = None;
+        let mut status = None;
+        // one pass in column order, so a row's errors read left to right
         for (c, slot) in text.iter_mut().enumerate() {
-            match std::str::from_utf8(self.field(c)) {
-                Ok("") => log.push(RowError::new(
-                    row,
-                    Some(c),
-                    format!("{} is empty", REQUIRED_COLUMNS[c]),
+            let value = match std::str::from_utf8(self.field(c)) {
+                Ok("") => {
+                    log.push(RowError::new(
+                        row,
+                        Some(c),
+                        format!("{} is empty", REQUIRED_COLUMNS[c]),
+                    ));
+                    continue;
+                }
+                Ok(v) => v,
+                Err(_) => {
+                    log.push(RowError::new(
+                        row,
+                        Some(c),
+                        "is not valid UTF-8 text".into(),
+                    ));
+                    continue;
+                }
+            };
+            *slot = value;
+            let problem = match c {
+                AMOUNT => parse_amount(value).map(|a| amount = Some(a)).err(),
+                CURRENCY if !crate::currency::is_iso4217(value) => Some(format!(
+                    "'{}' is not an ISO 4217 currency code (three upper-case letters, like USD)",
+                    show(value)
                 )),
-                Ok(s) => *slot = s,
-                Err(_) => log.push(RowError::new(
-                    row,
-                    Some(c),
-                    "is not valid UTF-8 text".into(),
-                )),
+                TIMESTAMP => match DateTime::parse_from_rfc3339(value) {
+                    Ok(t) => {
+                        timestamp = Some(t);
+                        None
+                    }
+                    Err(_) => Some(format!(
+                        "'{}' is not an RFC 3339 date-time (like 2024-01-15T10:30:00Z)",
+                        show(value)
+                    )),
+                },
+                STATUS => match TxStatus::parse(value) {
+                    Some(s) => {
+                        status = Some(s);
+                        None
+                    }
+                    None => Some(format!(
+                        "'{}' is not one of completed, pending, failed",
+                        show(value)
+                    )),
+                },
+                _ => None,
+            };
+            if let Some(message) = problem {
+                log.push(RowError::new(row, Some(c), message));
             }
         }
-        let ok = |c: usize| !text[c].is_empty();
-        let amount = if ok(AMOUNT) {
-            parse_amount(text[AMOUNT])
-                .map_err(|m| log.push(RowError::new(row, Some(AMOUNT), m)))
-                .ok()
-        } else {
-            None
-        };
-        if ok(CURRENCY) && !crate::currency::is_iso4217(text[CURRENCY]) {
-            log.push(RowError::new(
-                row,
-                Some(CURRENCY),
-                format!(
-                    "'{}' is not an ISO 4217 currency code (three upper-case letters, like USD)",
-                    show(text[CURRENCY])
-                ),
-            ));
-        }
-        let timestamp = if ok(TIMESTAMP) {
-            DateTime::parse_from_rfc3339(text[TIMESTAMP])
-                .map_err(|_| {
-                    log.push(RowError::new(
-                        row,
-                        Some(TIMESTAMP),
-                        format!(
-                            "'{}' is not an RFC 3339 date-time (like 2024-01-15T10:30:00Z)",
-                            show(text[TIMESTAMP])
-                        ),
-                    ))
-                })
-                .ok()
-        } else {
-            None
-        };
-        let status = if ok(STATUS) {
-            TxStatus::parse(text[STATUS])
-                .ok_or_else(|| {
-                    log.push(RowError::new(
-                        row,
-                        Some(STATUS),
-                        format!(
-                            "'{}' is not one of completed, pending, failed",
-                            show(text[STATUS])
-                        ),
-                    ))
-                })
-                .ok()
-        } else {
-            None
-        };
         if log.total() != before {
             return None;
         }

@@ -1,1 +1,400 @@
+//! The test harness: a whole txpipe fleet in-process on port 0, with a fresh namespace and
+//! data directory per test, against the real RabbitMQ; typed helpers to upload, read
+//! statuses, wait for a status, tap notifications and inspect the DLQ.
 
+pub mod contract;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::Value;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use txpipe_common::messages::{FileId, Notification};
+use txpipe_common::status::{FileStatus, StatusRecord};
+use txpipe_common::storage::Transaction;
+use txpipe_common::{Deps, Names, Settings};
+
+/// How long `wait_for_status` waits before failing the test.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A fresh namespace: `t-` and 12 random hex digits.
+pub fn fresh_namespace() -> String {
+    format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Settings for a test: fresh namespace and data dir, fast retries, the broker from
+/// `TXPIPE_AMQP_URL` if set (the default otherwise).
+pub fn test_settings(data_dir: &std::path::Path) -> Settings {
+    Settings {
+        amqp_url: std::env::var("TXPIPE_AMQP_URL").unwrap_or_else(|_| Settings::default().amqp_url),
+        namespace: fresh_namespace(),
+        data_dir: data_dir.to_owned(),
+        retry_initial_delay_ms: 20,
+        log_format: txpipe_common::config::LogFormat::Pretty,
+        ..Settings::default()
+    }
+}
+
+/// A running fleet (gateway + validator + transformer + notifier) for one test.
+pub struct TestFleet {
+    pub base_url: String,
+    pub names: Names,
+    pub settings: Settings,
+    pub deps: Deps,
+    pub http: reqwest::Client,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), txpipe_cli::fleet::FleetError>>,
+    pub dir: tempfile::TempDir,
+}
+
+/// The gateway's answer to an accepted upload.
+#[derive(Debug, serde::Deserialize)]
+pub struct Accepted {
+    pub file_id: FileId,
+    pub status: String,
+    pub status_url: String,
+}
+
+impl TestFleet {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Spawns a fleet after letting `tweak` change the test settings.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        let _ = tracing_init();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = test_settings(dir.path());
+        tweak(&mut settings);
+        let deps = Deps::connect(settings.clone())
+            .await
+            .expect("connect to RabbitMQ and open storage");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(txpipe_cli::fleet::run(
+            listener,
+            deps.clone(),
+            stop.clone().cancelled_owned(),
+        ));
+        let fleet = Self {
+            base_url,
+            names: settings.names(),
+            settings,
+            deps,
+            http: reqwest::Client::new(),
+            stop,
+            task,
+            dir,
+        };
+        fleet.wait_ready().await;
+        fleet
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = self
+                .http
+                .get(format!("{}/readyz", self.base_url))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fleet never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// POSTs `body` to /upload with `content_type`, returning the raw response.
+    pub async fn post_upload(
+        &self,
+        body: impl Into<reqwest::Body>,
+        content_type: &str,
+    ) -> reqwest::Response {
+        self.http
+            .post(format!("{}/upload", self.base_url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("gateway reachable")
+    }
+
+    /// Uploads a CSV and asserts it was accepted (202).
+    pub async fn upload(&self, body: impl Into<reqwest::Body>) -> Accepted {
+        let resp = self.post_upload(body, "text/csv").await;
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 202, "upload refused: {text}");
+        serde_json::from_str(&text).expect("upload answer is JSON")
+    }
+
+    /// GET /files/{id} as JSON, with its HTTP status.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base_url))
+            .send()
+            .await
+            .expect("gateway reachable");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The file's status record (panics unless the gateway answers 200).
+    pub async fn status(&self, file_id: FileId) -> StatusRecord {
+        let (code, body) = self.get_json(&format!("/files/{file_id}")).await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_value(body).expect("status record")
+    }
+
+    /// Polls until the file reaches one of `wanted`; fails the test (with the record) otherwise.
+    pub async fn wait_for_status(&self, file_id: FileId, wanted: &[FileStatus]) -> StatusRecord {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let record = self.status(file_id).await;
+            if wanted.contains(&record.status) {
+                return record;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("file {file_id} never reached {wanted:?}: {record:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Every stored transaction of a file, following `next_cursor` with pages of `limit`.
+    pub async fn transactions(&self, file_id: FileId, limit: usize) -> Vec<Transaction> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/files/{file_id}/transactions?limit={limit}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let (code, body) = self.get_json(&path).await;
+            assert_eq!(code, 200, "{body}");
+            let items: Vec<Transaction> = serde_json::from_value(body["items"].clone()).unwrap();
+            assert!(items.len() <= limit);
+            all.extend(items);
+            match body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return all,
+            }
+        }
+    }
+
+    /// A channel of our own on the fleet's broker.
+    pub async fn channel(&self) -> lapin::Channel {
+        self.deps.broker.channel().await.expect("channel")
+    }
+
+    /// Binds a fresh exclusive queue to the notifications exchange (all routing keys).
+    pub async fn tap_notifications(&self) -> NotificationTap {
+        let ch = self.channel().await;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        ch.queue_bind(
+            q.name().clone(),
+            self.names.notifications_exchange().as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "tap".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        NotificationTap { _ch: ch, consumer }
+    }
+
+    /// Messages now in the DLQ.
+    pub async fn dlq_count(&self) -> u32 {
+        let ch = self.channel().await;
+        let q = ch
+            .queue_declare(
+                self.names.dead_letter_queue().as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the DLQ exists");
+        q.message_count()
+    }
+
+    /// Takes one message from the DLQ (acking it): its routing key, headers and body.
+    pub async fn dlq_take(&self) -> Option<DeadLetter> {
+        let ch = self.channel().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(m) = ch
+                .basic_get(
+                    self.names.dead_letter_queue().as_str().into(),
+                    BasicGetOptions::default(),
+                )
+                .await
+                .unwrap()
+            {
+                m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+                let mut headers = std::collections::BTreeMap::new();
+                if let Some(h) = m.delivery.properties.headers() {
+                    for (k, v) in h.inner() {
+                        if let AMQPValue::LongString(s) = v {
+                            headers.insert(k.to_string(), s.to_string());
+                        }
+                    }
+                }
+                return Some(DeadLetter {
+                    routing_key: m.delivery.routing_key.to_string(),
+                    headers,
+                    body: m.delivery.data,
+                });
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Publishes raw bytes to the pipeline exchange, as a misbehaving producer might.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        let ch = self.channel().await;
+        ch.basic_publish(
+            self.names.pipeline_exchange().as_str().into(),
+            routing_key.into(),
+            Default::default(),
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+        let _ = ch.close(200, "done".into()).await;
+    }
+
+    /// Stops the fleet, checks it stopped cleanly, and deletes the namespace's topology.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(40), self.task)
+            .await
+            .expect("fleet stops in time");
+        result
+            .expect("fleet task")
+            .expect("fleet stopped without error");
+        self.deps.broker.teardown().await.expect("teardown");
+        self.deps.broker.close().await;
+    }
+}
+
+/// One dead-lettered message.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub routing_key: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// Notifications as a subscriber sees them.
+pub struct NotificationTap {
+    _ch: lapin::Channel,
+    consumer: lapin::Consumer,
+}
+
+/// One received notification.
+#[derive(Debug)]
+pub struct Received {
+    pub routing_key: String,
+    pub message_id: String,
+    pub body: Notification,
+}
+
+impl NotificationTap {
+    /// The next notification, or None after `wait`.
+    pub async fn next(&mut self, wait: Duration) -> Option<Received> {
+        let d = tokio::time::timeout(wait, self.consumer.next())
+            .await
+            .ok()??
+            .ok()?;
+        Some(Received {
+            routing_key: d.routing_key.to_string(),
+            message_id: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default(),
+            body: serde_json::from_slice(&d.data).expect("notification body is JSON"),
+        })
+    }
+
+    /// Notifications until none arrives for `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<Received> {
+        let mut out = Vec::new();
+        while let Some(n) = self.next(quiet).await {
+            out.push(n);
+        }
+        out
+    }
+}
+
+/// Deletes a queue of the fleet's namespace (to make publishing fail).
+pub async fn delete_queue(fleet: &TestFleet, name: &str) {
+    let ch = fleet.channel().await;
+    ch.queue_delete(name.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+/// Logs to the test's output when `RUST_LOG` is set.
+fn tracing_init() -> Option<()> {
+    std::env::var("RUST_LOG").ok()?;
+    txpipe_common::telemetry::init("test", txpipe_common::config::LogFormat::Pretty);
+    Some(())
+}
+
+/// A CSV with a header and `rows` valid rows whose ids start with `prefix`.
+pub fn valid_csv(prefix: &str, rows: usize) -> String {
+    let mut s = String::from("transaction_id,amount,currency,timestamp,merchant,status\n");
+    for i in 0..rows {
+        s.push_str(&format!(
+            "{prefix}-{i:06},{}.{:02},USD,2024-01-15T10:30:00Z,Merchant {i},completed\n",
+            i * 3,
+            i % 100
+        ));
+    }
+    s
+}

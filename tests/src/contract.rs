@@ -1,0 +1,227 @@
+//! The storage contract: one suite per storage trait, run against every adapter (the
+//! embedded ones now; S3/DynamoDB ones use the same functions).
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use std::str::FromStr;
+use std::sync::Arc;
+use tokio::io::AsyncReadExt;
+use txpipe_common::csv_schema::TxStatus;
+use txpipe_common::messages::FileId;
+use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
+use txpipe_common::storage::{
+    Advance, ObjectStore, StatusStore, StorageError, Transaction, TransactionStore,
+};
+
+fn stream(chunks: Vec<std::io::Result<&'static [u8]>>) -> txpipe_common::storage::ByteStream {
+    futures::stream::iter(chunks.into_iter().map(|c| c.map(Bytes::from_static))).boxed()
+}
+
+async fn read_all(store: &Arc<dyn ObjectStore>, key: &str) -> Vec<u8> {
+    let mut buf = Vec::new();
+    store
+        .get(key)
+        .await
+        .unwrap()
+        .read_to_end(&mut buf)
+        .await
+        .unwrap();
+    buf
+}
+
+/// Objects: stored whole from a stream, read back, deleted; a failed stream leaves nothing.
+pub async fn object_store(store: Arc<dyn ObjectStore>) {
+    store.check().await.unwrap();
+    let key = format!("uploads/{}.csv", FileId::new());
+    let size = store
+        .put(&key, stream(vec![Ok(b"a,b\n"), Ok(b"1,2\n")]))
+        .await
+        .unwrap();
+    assert_eq!(size, 8);
+    assert_eq!(read_all(&store, &key).await, b"a,b\n1,2\n");
+
+    // overwrite replaces
+    store.put(&key, stream(vec![Ok(b"x")])).await.unwrap();
+    assert_eq!(read_all(&store, &key).await, b"x");
+
+    store.delete(&key).await.unwrap();
+    assert!(matches!(
+        store.get(&key).await,
+        Err(StorageError::NotFound(_))
+    ));
+    store
+        .delete(&key)
+        .await
+        .expect("deleting a missing object is fine");
+
+    let broken = format!("uploads/{}.csv", FileId::new());
+    let err = store
+        .put(
+            &broken,
+            stream(vec![
+                Ok(b"partial"),
+                Err(std::io::Error::other("client went away")),
+            ]),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Source(_)), "{err}");
+    assert!(
+        matches!(store.get(&broken).await, Err(StorageError::NotFound(_))),
+        "a failed upload leaves nothing"
+    );
+}
+
+fn record(at: DateTime<Utc>) -> StatusRecord {
+    let id = FileId::new();
+    StatusRecord::uploaded(id, format!("uploads/{id}.csv"), 42, at)
+}
+
+/// Status: created once, moved only forward, atomically, with history kept.
+pub async fn status_store(store: Arc<dyn StatusStore>) {
+    store.check().await.unwrap();
+    let t = Utc::now();
+    let r = record(t);
+    let id = r.file_id;
+    assert_eq!(store.get(id).await.unwrap(), None);
+    store.create(&r).await.unwrap();
+    assert!(matches!(
+        store.create(&r).await,
+        Err(StorageError::AlreadyExists(_))
+    ));
+    assert_eq!(store.get(id).await.unwrap().unwrap(), r);
+
+    let moved = store
+        .advance(id, FileStatus::Validating, StatusUpdate::default(), t)
+        .await
+        .unwrap();
+    assert!(matches!(moved, Advance::Moved(ref r) if r.status == FileStatus::Validating));
+    let update = StatusUpdate {
+        row_count: Some(7),
+        ..Default::default()
+    };
+    store
+        .advance(id, FileStatus::Validated, update, t)
+        .await
+        .unwrap();
+    match store
+        .advance(id, FileStatus::Validating, StatusUpdate::default(), t)
+        .await
+        .unwrap()
+    {
+        Advance::Refused(r) => assert_eq!(r.status, FileStatus::Validated),
+        other => panic!("moving back must be refused: {other:?}"),
+    }
+    let now = store.get(id).await.unwrap().unwrap();
+    assert_eq!(now.status, FileStatus::Validated);
+    assert_eq!(now.row_count, Some(7));
+    assert_eq!(now.history.len(), 3);
+
+    let missing = FileId::new();
+    assert!(matches!(
+        store
+            .advance(missing, FileStatus::Validating, StatusUpdate::default(), t)
+            .await,
+        Err(StorageError::NotFound(_))
+    ));
+
+    // concurrent movers: exactly one wins each step
+    let r2 = record(t);
+    store.create(&r2).await.unwrap();
+    let tries = (0..8).map(|_| {
+        let s = store.clone();
+        let id = r2.file_id;
+        tokio::spawn(async move {
+            s.advance(
+                id,
+                FileStatus::Validating,
+                StatusUpdate::default(),
+                Utc::now(),
+            )
+            .await
+            .unwrap()
+        })
+    });
+    let results = futures::future::join_all(tries).await;
+    let wins = results
+        .iter()
+        .filter(|r| matches!(r.as_ref().unwrap(), Advance::Moved(_)))
+        .count();
+    assert_eq!(wins, 1);
+
+    store.delete(id).await.unwrap();
+    assert_eq!(store.get(id).await.unwrap(), None);
+}
+
+fn tx(id: &str, file_id: FileId, amount: &str) -> Transaction {
+    let ts = DateTime::parse_from_rfc3339("2024-01-15T10:30:00+02:00").unwrap();
+    Transaction {
+        transaction_id: id.into(),
+        amount: Decimal::from_str(amount).unwrap(),
+        currency: "EUR".into(),
+        timestamp: ts,
+        timestamp_epoch: ts.timestamp(),
+        merchant: "Acme, \"Inc\"".into(),
+        status: TxStatus::Pending,
+        file_id,
+        processed_at: Utc::now(),
+    }
+}
+
+/// Transactions: exact amounts, upserts by id naming the last file, paginated by file.
+pub async fn transaction_store(store: Arc<dyn TransactionStore>) {
+    store.check().await.unwrap();
+    let (f1, f2) = (FileId::new(), FileId::new());
+    let p = uuid::Uuid::new_v4().simple().to_string();
+    let rows: Vec<_> = (0..5)
+        .map(|i| tx(&format!("{p}-{i}"), f1, "12345678901234567890.12345678"))
+        .collect();
+    store.put_batch(&rows).await.unwrap();
+    store
+        .put_batch(&rows)
+        .await
+        .expect("writing the same rows again is harmless");
+
+    let page = store.list_by_file(f1, 2, None).await.unwrap();
+    assert_eq!(page.items, rows[..2]);
+    let page2 = store
+        .list_by_file(f1, 2, page.next_cursor.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(page2.items, rows[2..4]);
+    let page3 = store
+        .list_by_file(f1, 2, page2.next_cursor.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(page3.items, rows[4..]);
+    assert_eq!(page3.next_cursor, None);
+    assert_eq!(
+        page.items[0].amount.to_string(),
+        "12345678901234567890.12345678"
+    );
+
+    // a later file carrying the same transaction takes it over
+    let moved = tx(&format!("{p}-0"), f2, "0.10");
+    store.put_batch(std::slice::from_ref(&moved)).await.unwrap();
+    assert_eq!(
+        store.list_by_file(f2, 10, None).await.unwrap().items,
+        vec![moved]
+    );
+    assert_eq!(
+        store.list_by_file(f1, 10, None).await.unwrap().items.len(),
+        4
+    );
+
+    assert!(matches!(
+        store.list_by_file(f1, 10, Some("not-a-cursor")).await,
+        Err(StorageError::InvalidCursor)
+    ));
+    assert!(store
+        .list_by_file(FileId::new(), 10, None)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+}
