@@ -17,7 +17,7 @@ pub fn generate(path: &Path, rows: u64) -> std::io::Result<u64> {
     for i in 0..rows {
         writeln!(
             w,
-            "txn-{i:012},{}.{:02},{},2024-{:02}-{:02}T{:02}:{:02}:{:02}Z,Merchant number {:06},{}",
+            "txn-{i:012},{}.{:02},{},2024-{:02}-{:02}T{:02}:{:02}:{:02}Z,Merchant store number {:06},{}",
             (i * 7919) % 100_000,
             i % 100,
             CURRENCIES[(i % 4) as usize],

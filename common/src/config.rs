@@ -168,6 +168,7 @@ mod tests {
     use super::*;
 
     /// Loads settings with exactly these `TXPIPE_*` variables set (figment's Jail isolates them).
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
     fn with_env(pairs: &[(&str, &str)]) -> Result<Settings, String> {
         let mut out = None;
         figment::Jail::expect_with(|jail| {

@@ -204,7 +204,7 @@ pub(crate) fn encode_cursor(last_id: &str) -> String {
 }
 
 pub(crate) fn decode_cursor(cursor: &str) -> Result<String, StorageError> {
-    if cursor.len() % 2 != 0 || cursor.len() > 2048 {
+    if !cursor.len().is_multiple_of(2) || cursor.len() > 2048 {
         return Err(StorageError::InvalidCursor);
     }
     let bytes = (0..cursor.len())
@@ -212,24 +212,6 @@ pub(crate) fn decode_cursor(cursor: &str) -> Result<String, StorageError> {
         .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).map_err(|_| StorageError::InvalidCursor))
         .collect::<Result<Vec<u8>, _>>()?;
     String::from_utf8(bytes).map_err(|_| StorageError::InvalidCursor)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_garbage_is_refused() {
-        for id in ["t1", "ü/?&= x", ""] {
-            assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
-        }
-        for bad in ["xyz", "zz", "0"] {
-            assert!(
-                matches!(decode_cursor(bad), Err(StorageError::InvalidCursor)),
-                "{bad}"
-            );
-        }
-    }
 }
 
 /// Opens `key` as a blocking reader, for CSV parsing on the blocking pool. Call it from a
@@ -250,4 +232,22 @@ pub fn open_blocking(
         reader,
         handle.clone(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        for id in ["t1", "ü/?&= x", ""] {
+            assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        }
+        for bad in ["xyz", "zz", "0"] {
+            assert!(
+                matches!(decode_cursor(bad), Err(StorageError::InvalidCursor)),
+                "{bad}"
+            );
+        }
+    }
 }
