@@ -4,7 +4,18 @@ use anyhow::Context;
 use txpipe_common::{shutdown::shutdown_signal, telemetry, Deps, Settings};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "stopped");
+            eprintln!("ingest-gateway: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let settings = Settings::load()?;
     telemetry::init("ingest-gateway", settings.log_format);
     let addr = settings.http_addr_or("127.0.0.1:8080");

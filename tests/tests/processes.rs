@@ -13,7 +13,11 @@ fn binary(name: &str) -> PathBuf {
     // tests run from target/<profile>/deps; the binaries sit one level up
     let exe = std::env::current_exe().unwrap();
     let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
     path
 }
 
@@ -31,7 +35,8 @@ fn spawn(name: &str, ns: &str, data_dir: &std::path::Path) -> Child {
     if let Ok(url) = std::env::var("TXPIPE_AMQP_URL") {
         cmd.env("TXPIPE_AMQP_URL", url);
     }
-    cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
 }
 
 /// Reads the child's JSON log lines until one has `message == wanted`; returns that line.
@@ -57,8 +62,16 @@ async fn wait_for_log(child: &mut Child, wanted: &str) -> serde_json::Value {
 
 async fn stop(mut child: Child) -> std::process::ExitStatus {
     let pid = child.id().expect("running");
-    Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(40), child.wait()).await.expect("exits after SIGTERM").unwrap()
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(40), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap()
 }
 
 #[tokio::test]
@@ -70,7 +83,14 @@ async fn separate_binaries_with_several_copies_share_one_broker_and_storage() {
     let base = format!("http://{}", listening["fields"]["addr"].as_str().unwrap());
 
     let mut workers = Vec::new();
-    for name in ["validator", "validator", "transformer", "transformer", "notifier", "notifier"] {
+    for name in [
+        "validator",
+        "validator",
+        "transformer",
+        "transformer",
+        "notifier",
+        "notifier",
+    ] {
         let mut child = spawn(name, &ns, dir.path());
         wait_for_log(&mut child, "consuming").await;
         workers.push(child);
@@ -84,35 +104,63 @@ async fn separate_binaries_with_several_copies_share_one_broker_and_storage() {
         } else {
             txpipe_tests::valid_csv(&format!("p{i}"), 200)
         };
-        let r = http.post(format!("{base}/upload")).header("content-type", "text/csv").body(body).send().await.unwrap();
+        let r = http
+            .post(format!("{base}/upload"))
+            .header("content-type", "text/csv")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
         let v: serde_json::Value = r.json().await.unwrap();
         ids.push(v["file_id"].as_str().unwrap().to_owned());
     }
     for (i, id) in ids.iter().enumerate() {
-        let want = if i == 3 { "validation_failed" } else { "completed" };
+        let want = if i == 3 {
+            "validation_failed"
+        } else {
+            "completed"
+        };
         let deadline = tokio::time::Instant::now() + txpipe_tests::WAIT;
         loop {
-            let v: serde_json::Value = http.get(format!("{base}/files/{id}")).send().await.unwrap().json().await.unwrap();
+            let v: serde_json::Value = http
+                .get(format!("{base}/files/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if v["status"] == want {
                 if want == "completed" {
                     assert_eq!(v["records_processed"], 200);
                 }
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "file {i} stuck: {v}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "file {i} stuck: {v}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     // SIGTERM: every process stops cleanly
     for child in workers {
-        assert!(stop(child).await.success(), "a worker exited non-zero after SIGTERM");
+        assert!(
+            stop(child).await.success(),
+            "a worker exited non-zero after SIGTERM"
+        );
     }
-    assert!(stop(gateway).await.success(), "the gateway exited non-zero after SIGTERM");
+    assert!(
+        stop(gateway).await.success(),
+        "the gateway exited non-zero after SIGTERM"
+    );
 
     let mut settings = txpipe_tests::test_settings(dir.path());
     settings.namespace = ns;
-    let broker = txpipe_common::amqp::Broker::connect(&settings).await.unwrap();
+    let broker = txpipe_common::amqp::Broker::connect(&settings)
+        .await
+        .unwrap();
     broker.teardown().await.unwrap();
 }
