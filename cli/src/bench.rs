@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 /// Writes `rows` valid transactions to `path` (about 88 bytes a row).
 pub fn generate(path: &Path, rows: u64) -> std::io::Result<u64> {
     let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    writeln!(
-        w,
-        "transaction_id,amount,currency,timestamp,merchant,status"
-    )?;
+    writeln!(w, "transaction_id,amount,currency,timestamp,merchant,status")?;
     const CURRENCIES: [&str; 4] = ["USD", "EUR", "GBP", "JPY"];
     const STATUSES: [&str; 3] = ["completed", "pending", "failed"];
     for i in 0..rows {
@@ -58,11 +55,7 @@ impl BenchReport {
     }
 
     pub fn print(&self) {
-        println!(
-            "file: {} rows, {:.1} MB",
-            self.rows,
-            self.bytes as f64 / 1e6
-        );
+        println!("file: {} rows, {:.1} MB", self.rows, self.bytes as f64 / 1e6);
         println!(
             "bare csv parse (ByteRecord): {:>8.1} MB/s  ({:.3} s)",
             self.mbps(self.bare_csv),
@@ -73,10 +66,7 @@ impl BenchReport {
             self.mbps(self.validate),
             self.validate.as_secs_f64()
         );
-        println!(
-            "validate / bare csv:         {:>8.2}",
-            self.mbps(self.validate) / self.mbps(self.bare_csv)
-        );
+        println!("validate / bare csv:         {:>8.2}", self.mbps(self.validate) / self.mbps(self.bare_csv));
         if let Some(rss) = self.peak_rss {
             println!("peak memory (VmHWM):         {:>8.1} MB", rss as f64 / 1e6);
         }
@@ -85,16 +75,10 @@ impl BenchReport {
 
 fn bare_parse(path: &Path) -> std::io::Result<u64> {
     let file = std::fs::File::open(path)?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .buffer_capacity(256 * 1024)
-        .from_reader(file);
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).buffer_capacity(256 * 1024).from_reader(file);
     let mut rec = csv::ByteRecord::new();
     let mut n = 0;
-    while rdr
-        .read_byte_record(&mut rec)
-        .map_err(std::io::Error::other)?
-    {
+    while rdr.read_byte_record(&mut rec).map_err(std::io::Error::other)? {
         n += 1;
     }
     Ok(n)
@@ -104,10 +88,7 @@ fn bare_parse(path: &Path) -> std::io::Result<u64> {
 pub fn run(path: &Path, runs: u32) -> std::io::Result<BenchReport> {
     let bytes = std::fs::metadata(path)?.len();
     // warm the page cache so both measure parsing, not the disk
-    std::io::copy(
-        &mut std::fs::File::open(path)?.take(u64::MAX),
-        &mut std::io::sink(),
-    )?;
+    std::io::copy(&mut std::fs::File::open(path)?.take(u64::MAX), &mut std::io::sink())?;
     let mut bare_csv = Duration::MAX;
     let mut validate = Duration::MAX;
     let mut rows = 0;
@@ -119,17 +100,8 @@ pub fn run(path: &Path, runs: u32) -> std::io::Result<BenchReport> {
         let report = txpipe_common::csv_schema::validate(|| std::fs::File::open(path), 100)?;
         validate = validate.min(t.elapsed());
         if !report.is_valid() || report.row_count != rows {
-            return Err(std::io::Error::other(format!(
-                "benchmark file did not validate: {:?}",
-                report.errors.first()
-            )));
+            return Err(std::io::Error::other(format!("benchmark file did not validate: {:?}", report.errors.first())));
         }
     }
-    Ok(BenchReport {
-        bytes,
-        rows,
-        bare_csv,
-        validate,
-        peak_rss: peak_rss(),
-    })
+    Ok(BenchReport { bytes, rows, bare_csv, validate, peak_rss: peak_rss() })
 }

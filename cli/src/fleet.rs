@@ -23,35 +23,24 @@ pub async fn run(
     deps: Deps,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), FleetError> {
-    deps.broker
-        .declare_all()
-        .await
-        .map_err(FleetError::Topology)?;
+    deps.broker.declare_all().await.map_err(FleetError::Topology)?;
     let stop = CancellationToken::new();
     let mut tasks: JoinSet<Result<(), FleetError>> = JoinSet::new();
     let (d, s) = (deps.clone(), stop.clone());
     tasks.spawn(async move {
-        txpipe_ingest_gateway::run(listener, d, s.cancelled_owned())
-            .await
-            .map_err(FleetError::Gateway)
+        txpipe_ingest_gateway::run(listener, d, s.cancelled_owned()).await.map_err(FleetError::Gateway)
     });
     let (d, s) = (deps.clone(), stop.clone());
     tasks.spawn(async move {
-        txpipe_validator::run(d, s.cancelled_owned())
-            .await
-            .map_err(|e| FleetError::Worker("validator", e))
+        txpipe_validator::run(d, s.cancelled_owned()).await.map_err(|e| FleetError::Worker("validator", e))
     });
     let (d, s) = (deps.clone(), stop.clone());
     tasks.spawn(async move {
-        txpipe_transformer::run(d, s.cancelled_owned())
-            .await
-            .map_err(|e| FleetError::Worker("transformer", e))
+        txpipe_transformer::run(d, s.cancelled_owned()).await.map_err(|e| FleetError::Worker("transformer", e))
     });
     let (d, s) = (deps.clone(), stop.clone());
     tasks.spawn(async move {
-        txpipe_notifier::run(d, s.cancelled_owned())
-            .await
-            .map_err(|e| FleetError::Worker("notifier", e))
+        txpipe_notifier::run(d, s.cancelled_owned()).await.map_err(|e| FleetError::Worker("notifier", e))
     });
 
     let mut first_error = None;

@@ -7,11 +7,7 @@ use std::path::PathBuf;
 use txpipe_common::{amqp::Broker, shutdown::shutdown_signal, telemetry, Deps, Settings};
 
 #[derive(Parser)]
-#[command(
-    name = "txpipe",
-    version,
-    about = "Ingest CSV files of financial transactions over RabbitMQ"
-)]
+#[command(name = "txpipe", version, about = "Ingest CSV files of financial transactions over RabbitMQ")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,6 +22,10 @@ enum Command {
         #[arg(value_parser = ["up", "down"])]
         action: String,
     },
+    /// Create the namespace's bucket and tables (or local directory and tables) and topology.
+    Provision,
+    /// Delete the namespace's bucket, tables and topology, with their data.
+    Teardown,
     /// Upload a CSV file to a running gateway and print its answer.
     Upload {
         file: PathBuf,
@@ -78,17 +78,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up => up().await,
         Command::Topology { action } => topology(&action).await,
+        Command::Provision => {
+            for line in txpipe_cli::provision::provision(&Settings::load()?, None).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Teardown => {
+            for line in txpipe_cli::provision::teardown(&Settings::load()?, None).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Command::Upload { file, gateway } => upload(&file, &gateway).await,
         Command::Status { file_id, gateway } => {
-            get_json(&format!(
-                "{}/files/{file_id}",
-                gateway.trim_end_matches('/')
-            ))
-            .await
+            get_json(&format!("{}/files/{file_id}", gateway.trim_end_matches('/'))).await
         }
-        Command::Bench {
-            which: Bench::Validate { rows, file, runs },
-        } => bench(rows, file, runs),
+        Command::Bench { which: Bench::Validate { rows, file, runs } } => bench(rows, file, runs),
     }
 }
 
@@ -129,15 +135,11 @@ async fn topology(action: &str) -> anyhow::Result<()> {
 }
 
 async fn upload(file: &PathBuf, gateway: &str) -> anyhow::Result<()> {
-    let body = tokio::fs::File::open(file)
-        .await
-        .with_context(|| format!("cannot open {}", file.display()))?;
+    let body = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
     let resp = reqwest::Client::new()
         .post(format!("{}/upload", gateway.trim_end_matches('/')))
         .header("content-type", "text/csv")
-        .body(reqwest::Body::wrap_stream(
-            tokio_util::io::ReaderStream::new(body),
-        ))
+        .body(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(body)))
         .send()
         .await
         .with_context(|| format!("cannot reach the gateway at {gateway}"))?;
@@ -145,9 +147,7 @@ async fn upload(file: &PathBuf, gateway: &str) -> anyhow::Result<()> {
 }
 
 async fn get_json(url: &str) -> anyhow::Result<()> {
-    let resp = reqwest::get(url)
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
+    let resp = reqwest::get(url).await.with_context(|| format!("cannot reach {url}"))?;
     print_response(resp).await
 }
 

@@ -8,13 +8,11 @@ use crate::config::Settings;
 use crate::messages::Stage;
 use crate::names::Names;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use std::sync::Arc;
 
 /// How long the DLQ keeps a message: 14 days, as the seed's SQS DLQ did.
@@ -30,10 +28,7 @@ pub enum AmqpError {
     #[error("RabbitMQ refused the message (negative publisher confirm)")]
     Nacked,
     #[error("no queue is bound to {exchange} for routing key {routing_key}")]
-    Unroutable {
-        exchange: String,
-        routing_key: String,
-    },
+    Unroutable { exchange: String, routing_key: String },
 }
 
 /// A connection to the broker, shared by every part of a process.
@@ -84,15 +79,8 @@ impl Broker {
     pub async fn connect(settings: &Settings) -> Result<Self, AmqpError> {
         let conn = Connection::connect(&settings.amqp_url, ConnectionProperties::default())
             .await
-            .map_err(|source| AmqpError::Connect {
-                url: redact(&settings.amqp_url),
-                source,
-            })?;
-        Ok(Self {
-            conn: Arc::new(conn),
-            names: settings.names(),
-            delivery_limit: settings.delivery_limit,
-        })
+            .map_err(|source| AmqpError::Connect { url: redact(&settings.amqp_url), source })?;
+        Ok(Self { conn: Arc::new(conn), names: settings.names(), delivery_limit: settings.delivery_limit })
     }
 
     pub fn names(&self) -> &Names {
@@ -112,9 +100,7 @@ impl Broker {
     /// A channel in confirm mode, for publishing.
     pub async fn publisher(&self) -> Result<Publisher, AmqpError> {
         let channel = self.channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Publisher { channel })
     }
 
@@ -126,14 +112,8 @@ impl Broker {
     fn worker_queue_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert(s("x-queue-type"), long("quorum"));
-        args.insert(
-            s("x-dead-letter-exchange"),
-            long(self.names.dead_letter_exchange()),
-        );
-        args.insert(
-            s("x-delivery-limit"),
-            AMQPValue::LongLongInt(self.delivery_limit.into()),
-        );
+        args.insert(s("x-dead-letter-exchange"), long(self.names.dead_letter_exchange()));
+        args.insert(s("x-delivery-limit"), AMQPValue::LongLongInt(self.delivery_limit.into()));
         // at-least-once dead-lettering: a dead-lettered message leaves the queue only once the
         // DLQ has confirmed it (needs overflow reject-publish)
         args.insert(s("x-dead-letter-strategy"), long("at-least-once"));
@@ -154,37 +134,21 @@ impl Broker {
 
     /// Declares the whole topology (the CLI's `topology up` and `txpipe up`).
     pub async fn declare_all(&self) -> Result<(), AmqpError> {
-        self.declare(&[Stage::Validator, Stage::Transformer, Stage::Notifier])
-            .await
+        self.declare(&[Stage::Validator, Stage::Transformer, Stage::Notifier]).await
     }
 
     async fn declare(&self, queues: &[Stage]) -> Result<(), AmqpError> {
         let ch = self.channel().await?;
         let n = &self.names;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        for ex in [
-            n.pipeline_exchange(),
-            n.notifications_exchange(),
-            n.dead_letter_exchange(),
-        ] {
-            ch.exchange_declare(s(&ex), ExchangeKind::Topic, durable, FieldTable::default())
-                .await?;
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for ex in [n.pipeline_exchange(), n.notifications_exchange(), n.dead_letter_exchange()] {
+            ch.exchange_declare(s(&ex), ExchangeKind::Topic, durable, FieldTable::default()).await?;
         }
         let mut dlq_args = FieldTable::default();
         dlq_args.insert(s("x-queue-type"), long("quorum"));
-        dlq_args.insert(
-            s("x-message-ttl"),
-            AMQPValue::LongLongInt(DLQ_MESSAGE_TTL_MS),
-        );
-        let qopts = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        ch.queue_declare(s(&n.dead_letter_queue()), qopts, dlq_args)
-            .await?;
+        dlq_args.insert(s("x-message-ttl"), AMQPValue::LongLongInt(DLQ_MESSAGE_TTL_MS));
+        let qopts = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare(s(&n.dead_letter_queue()), qopts, dlq_args).await?;
         ch.queue_bind(
             s(&n.dead_letter_queue()),
             s(&n.dead_letter_exchange()),
@@ -194,8 +158,7 @@ impl Broker {
         )
         .await?;
         for &stage in queues {
-            ch.queue_declare(s(&n.queue(stage)), qopts, self.worker_queue_args())
-                .await?;
+            ch.queue_declare(s(&n.queue(stage)), qopts, self.worker_queue_args()).await?;
             for key in stage.bindings() {
                 ch.queue_bind(
                     s(&n.queue(stage)),
@@ -216,18 +179,11 @@ impl Broker {
         let ch = self.channel().await?;
         let n = &self.names;
         for stage in [Stage::Validator, Stage::Transformer, Stage::Notifier] {
-            ch.queue_delete(s(&n.queue(stage)), QueueDeleteOptions::default())
-                .await?;
+            ch.queue_delete(s(&n.queue(stage)), QueueDeleteOptions::default()).await?;
         }
-        ch.queue_delete(s(&n.dead_letter_queue()), QueueDeleteOptions::default())
-            .await?;
-        for ex in [
-            n.pipeline_exchange(),
-            n.notifications_exchange(),
-            n.dead_letter_exchange(),
-        ] {
-            ch.exchange_delete(s(&ex), ExchangeDeleteOptions::default())
-                .await?;
+        ch.queue_delete(s(&n.dead_letter_queue()), QueueDeleteOptions::default()).await?;
+        for ex in [n.pipeline_exchange(), n.notifications_exchange(), n.dead_letter_exchange()] {
+            ch.exchange_delete(s(&ex), ExchangeDeleteOptions::default()).await?;
         }
         let _ = ch.close(200, s("torn down")).await;
         Ok(())
@@ -259,10 +215,7 @@ impl Publisher {
             .basic_publish(
                 s(&msg.exchange),
                 s(&msg.routing_key),
-                BasicPublishOptions {
-                    mandatory: msg.mandatory,
-                    ..Default::default()
-                },
+                BasicPublishOptions { mandatory: msg.mandatory, ..Default::default() },
                 &msg.body,
                 props,
             )
@@ -270,10 +223,9 @@ impl Publisher {
             .await?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable {
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
-            }),
+            Confirmation::Ack(Some(_)) => {
+                Err(AmqpError::Unroutable { exchange: msg.exchange.clone(), routing_key: msg.routing_key.clone() })
+            }
             Confirmation::Nack(_) => Err(AmqpError::Nacked),
         }
     }
@@ -288,10 +240,7 @@ impl Publisher {
 mod tests {
     #[test]
     fn passwords_are_hidden() {
-        assert_eq!(
-            super::redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
+        assert_eq!(super::redact("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(super::redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
     }
 }

@@ -60,6 +60,17 @@ pub struct Settings {
     pub batch_size: usize,
     /// `json` or `pretty`.
     pub log_format: LogFormat,
+    /// S3 path-style addressing (`http://host/bucket/key`); unset: on when the SDK has a
+    /// custom endpoint (`AWS_ENDPOINT_URL`, as for MinIO, LocalStack, moto), off otherwise.
+    pub s3_force_path_style: Option<bool>,
+    /// S3 server-side encryption for stored files: `AES256` or `aws:kms`; unset: none asked.
+    pub s3_sse: Option<String>,
+    /// Uploads larger than this go to S3 as a multipart upload.
+    pub s3_multipart_threshold_bytes: u64,
+    /// Part size of multipart uploads (S3's minimum is 5 MiB); also the most an upload holds in memory.
+    pub s3_part_size_bytes: u64,
+    /// Deadline of one AWS call, retries included, in milliseconds (the SDK has none by default).
+    pub aws_operation_timeout_ms: u64,
 }
 
 impl Default for Settings {
@@ -79,6 +90,11 @@ impl Default for Settings {
             delivery_limit: 5,
             batch_size: 500,
             log_format: LogFormat::Json,
+            s3_force_path_style: None,
+            s3_sse: None,
+            s3_multipart_threshold_bytes: 16 * 1024 * 1024,
+            s3_part_size_bytes: 8 * 1024 * 1024,
+            aws_operation_timeout_ms: 30_000,
         }
     }
 }
@@ -91,19 +107,13 @@ pub enum ConfigError {
     #[error("invalid setting TXPIPE_NAMESPACE: {0}")]
     Namespace(#[from] crate::names::InvalidNamespace),
     #[error("invalid setting {name}: {why}")]
-    Value {
-        name: &'static str,
-        why: &'static str,
-    },
+    Value { name: &'static str, why: &'static str },
 }
 
 impl Settings {
     /// Defaults overridden by `TXPIPE_*` variables of this process's environment.
     pub fn load() -> Result<Self, ConfigError> {
-        Self::from_figment(
-            Figment::from(Serialized::defaults(Settings::default()))
-                .merge(Env::prefixed("TXPIPE_")),
-        )
+        Self::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(Env::prefixed("TXPIPE_")))
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
@@ -123,10 +133,7 @@ impl Settings {
             return bad("TXPIPE_MAX_UPLOAD_BYTES", "must be at least 1");
         }
         if self.retry_attempts == 0 {
-            return bad(
-                "TXPIPE_RETRY_ATTEMPTS",
-                "must be at least 1 (1 means no retry)",
-            );
+            return bad("TXPIPE_RETRY_ATTEMPTS", "must be at least 1 (1 means no retry)");
         }
         if !(self.retry_factor.is_finite() && self.retry_factor >= 1.0) {
             return bad("TXPIPE_RETRY_FACTOR", "must be a number of at least 1.0");
@@ -136,6 +143,20 @@ impl Settings {
         }
         if self.batch_size == 0 || self.batch_size > 10_000 {
             return bad("TXPIPE_BATCH_SIZE", "must be between 1 and 10000");
+        }
+        if self.s3_part_size_bytes < 5 * 1024 * 1024 || self.s3_part_size_bytes > 512 * 1024 * 1024 {
+            return bad("TXPIPE_S3_PART_SIZE_BYTES", "must be between 5 MiB (S3's minimum part) and 512 MiB");
+        }
+        if self.s3_multipart_threshold_bytes < self.s3_part_size_bytes {
+            return bad("TXPIPE_S3_MULTIPART_THRESHOLD_BYTES", "must be at least TXPIPE_S3_PART_SIZE_BYTES");
+        }
+        if let Some(sse) = &self.s3_sse {
+            if sse != "AES256" && sse != "aws:kms" {
+                return bad("TXPIPE_S3_SSE", "must be AES256 or aws:kms");
+            }
+        }
+        if self.aws_operation_timeout_ms < 100 {
+            return bad("TXPIPE_AWS_OPERATION_TIMEOUT_MS", "must be at least 100");
         }
         Ok(())
     }
@@ -147,8 +168,7 @@ impl Settings {
 
     /// The HTTP address, or `default` when `TXPIPE_HTTP_ADDR` is unset.
     pub fn http_addr_or(&self, default: &str) -> SocketAddr {
-        self.http_addr
-            .unwrap_or_else(|| default.parse().expect("valid default address"))
+        self.http_addr.unwrap_or_else(|| default.parse().expect("valid default address"))
     }
 
     /// The retry policy for transient faults, as `backon` wants it.
@@ -215,9 +235,6 @@ mod tests {
         let err = with_env(&[("TXPIPE_PREFETCH", "0")]).unwrap_err();
         assert!(err.contains("TXPIPE_PREFETCH"), "{err}");
         let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
-        assert!(
-            err.to_lowercase().contains("prefetchh"),
-            "a misspelt setting is named: {err}"
-        );
+        assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
     }
 }

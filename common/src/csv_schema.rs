@@ -14,14 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read};
 
 /// The columns every file must have.
-pub const REQUIRED_COLUMNS: [&str; 6] = [
-    "transaction_id",
-    "amount",
-    "currency",
-    "timestamp",
-    "merchant",
-    "status",
-];
+pub const REQUIRED_COLUMNS: [&str; 6] = ["transaction_id", "amount", "currency", "timestamp", "merchant", "status"];
 
 const ID: usize = 0;
 const AMOUNT: usize = 1;
@@ -42,11 +35,7 @@ pub struct RowError {
 
 impl RowError {
     fn new(row: u64, column: Option<usize>, message: String) -> Self {
-        Self {
-            row,
-            column: column.map(|c| REQUIRED_COLUMNS[c].to_owned()),
-            message,
-        }
+        Self { row, column: column.map(|c| REQUIRED_COLUMNS[c].to_owned()), message }
     }
 }
 
@@ -99,11 +88,7 @@ pub struct ErrorLog {
 
 impl ErrorLog {
     pub fn new(cap: usize) -> Self {
-        Self {
-            cap,
-            kept: Vec::new(),
-            total: 0,
-        }
+        Self { cap, kept: Vec::new(), total: 0 }
     }
 
     pub fn push(&mut self, e: RowError) {
@@ -135,11 +120,7 @@ impl Columns {
         let mut errors = Vec::new();
         let mut names = Vec::with_capacity(header.len());
         for (i, raw) in header.iter().enumerate() {
-            let raw = if i == 0 {
-                raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw)
-            } else {
-                raw
-            };
+            let raw = if i == 0 { raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw) } else { raw };
             let name = String::from_utf8_lossy(raw.trim_ascii()).into_owned();
             if let Some(c) = REQUIRED_COLUMNS.iter().position(|r| *r == name) {
                 if index[c] != usize::MAX {
@@ -153,12 +134,8 @@ impl Columns {
             }
             names.push(name);
         }
-        let missing: Vec<&str> = REQUIRED_COLUMNS
-            .iter()
-            .zip(index)
-            .filter(|(_, i)| *i == usize::MAX)
-            .map(|(n, _)| *n)
-            .collect();
+        let missing: Vec<&str> =
+            REQUIRED_COLUMNS.iter().zip(index).filter(|(_, i)| *i == usize::MAX).map(|(n, _)| *n).collect();
         if !missing.is_empty() {
             errors.push(RowError::new(
                 0,
@@ -172,10 +149,7 @@ impl Columns {
             ));
         }
         if errors.is_empty() {
-            Ok(Self {
-                index,
-                width: header.len(),
-            })
+            Ok(Self { index, width: header.len() })
         } else {
             Err(errors)
         }
@@ -194,10 +168,7 @@ fn show(s: &str) -> String {
 
 fn parse_amount(s: &str) -> Result<Decimal, String> {
     let b = s.as_bytes();
-    let digits = b
-        .strip_prefix(b"-")
-        .or_else(|| b.strip_prefix(b"+"))
-        .unwrap_or(b);
+    let digits = b.strip_prefix(b"-").or_else(|| b.strip_prefix(b"+")).unwrap_or(b);
     let (int, frac) = match digits.iter().position(|&c| c == b'.') {
         Some(p) => (&digits[..p], Some(&digits[p + 1..])),
         None => (digits, None),
@@ -211,12 +182,7 @@ fn parse_amount(s: &str) -> Result<Decimal, String> {
             show(s)
         ));
     }
-    Decimal::from_str_exact(s).map_err(|_| {
-        format!(
-            "'{}' has more digits than an exact amount can hold (28)",
-            show(s)
-        )
-    })
+    Decimal::from_str_exact(s).map_err(|_| format!("'{}' has more digits than an exact amount can hold (28)", show(s)))
 }
 
 /// A streaming reader of one CSV file: the header first, then one record at a time.
@@ -246,37 +212,23 @@ fn csv_io(e: csv::Error) -> io::Error {
 impl<R: Read> Scanner<R> {
     /// Reads the header and locates the required columns.
     pub fn new(source: R) -> Result<Self, ScanError> {
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .buffer_capacity(256 * 1024)
-            .from_reader(source);
+        let mut reader =
+            csv::ReaderBuilder::new().has_headers(false).flexible(true).buffer_capacity(256 * 1024).from_reader(source);
         let mut header = csv::ByteRecord::new();
         if !reader.read_byte_record(&mut header).map_err(csv_io)? {
             return Err(ScanError::Header(vec![RowError::new(
                 0,
                 None,
-                format!(
-                    "the file is empty: expected a header row with columns {}",
-                    REQUIRED_COLUMNS.join(", ")
-                ),
+                format!("the file is empty: expected a header row with columns {}", REQUIRED_COLUMNS.join(", ")),
             )]));
         }
         let columns = Columns::from_header(&header).map_err(ScanError::Header)?;
-        Ok(Self {
-            reader,
-            columns,
-            record: csv::ByteRecord::new(),
-            row: 0,
-        })
+        Ok(Self { reader, columns, record: csv::ByteRecord::new(), row: 0 })
     }
 
     /// Moves to the next data row; false at the end of the file.
     pub fn advance(&mut self) -> io::Result<bool> {
-        let more = self
-            .reader
-            .read_byte_record(&mut self.record)
-            .map_err(csv_io)?;
+        let more = self.reader.read_byte_record(&mut self.record).map_err(csv_io)?;
         if more {
             self.row += 1;
         }
@@ -289,10 +241,7 @@ impl<R: Read> Scanner<R> {
     }
 
     fn field(&self, c: usize) -> &[u8] {
-        self.record
-            .get(self.columns.index[c])
-            .unwrap_or_default()
-            .trim_ascii()
+        self.record.get(self.columns.index[c]).unwrap_or_default().trim_ascii()
     }
 
     fn ragged(&self) -> bool {
@@ -314,11 +263,7 @@ impl<R: Read> Scanner<R> {
             log.push(RowError::new(
                 row,
                 None,
-                format!(
-                    "the row has {} fields but the header has {}",
-                    self.record.len(),
-                    self.columns.width
-                ),
+                format!("the row has {} fields but the header has {}", self.record.len(), self.columns.width),
             ));
             return None;
         }
@@ -331,20 +276,12 @@ impl<R: Read> Scanner<R> {
         for (c, slot) in text.iter_mut().enumerate() {
             let value = match std::str::from_utf8(self.field(c)) {
                 Ok("") => {
-                    log.push(RowError::new(
-                        row,
-                        Some(c),
-                        format!("{} is empty", REQUIRED_COLUMNS[c]),
-                    ));
+                    log.push(RowError::new(row, Some(c), format!("{} is empty", REQUIRED_COLUMNS[c])));
                     continue;
                 }
                 Ok(v) => v,
                 Err(_) => {
-                    log.push(RowError::new(
-                        row,
-                        Some(c),
-                        "is not valid UTF-8 text".into(),
-                    ));
+                    log.push(RowError::new(row, Some(c), "is not valid UTF-8 text".into()));
                     continue;
                 }
             };
@@ -360,20 +297,16 @@ impl<R: Read> Scanner<R> {
                         timestamp = Some(t);
                         None
                     }
-                    Err(_) => Some(format!(
-                        "'{}' is not an RFC 3339 date-time (like 2024-01-15T10:30:00Z)",
-                        show(value)
-                    )),
+                    Err(_) => {
+                        Some(format!("'{}' is not an RFC 3339 date-time (like 2024-01-15T10:30:00Z)", show(value)))
+                    }
                 },
                 STATUS => match TxStatus::parse(value) {
                     Some(s) => {
                         status = Some(s);
                         None
                     }
-                    None => Some(format!(
-                        "'{}' is not one of completed, pending, failed",
-                        show(value)
-                    )),
+                    None => Some(format!("'{}' is not one of completed, pending, failed", show(value))),
                 },
                 _ => None,
             };
@@ -413,11 +346,7 @@ impl ValidationReport {
 
     fn from_header(errors: Vec<RowError>, cap: usize) -> Self {
         let error_count = errors.len() as u64;
-        Self {
-            row_count: 0,
-            error_count,
-            errors: errors.into_iter().take(cap).collect(),
-        }
+        Self { row_count: 0, error_count, errors: errors.into_iter().take(cap).collect() }
     }
 }
 
@@ -433,16 +362,11 @@ fn id_hash(id: &[u8]) -> u64 {
 /// a million-row file is checked in a few tens of megabytes; the second pass keeps the text
 /// of the few suspect ids to tell real duplicates from hash collisions, so the answer is exact.
 /// An `Err` is an I/O failure (worth retrying), never a problem with the file's contents.
-pub fn validate<R: Read>(
-    mut open: impl FnMut() -> io::Result<R>,
-    max_errors: usize,
-) -> io::Result<ValidationReport> {
+pub fn validate<R: Read>(mut open: impl FnMut() -> io::Result<R>, max_errors: usize) -> io::Result<ValidationReport> {
     let mut scanner = match Scanner::new(open()?) {
         Ok(s) => s,
         Err(ScanError::Io(e)) => return Err(e),
-        Err(ScanError::Header(errors)) => {
-            return Ok(ValidationReport::from_header(errors, max_errors))
-        }
+        Err(ScanError::Header(errors)) => return Ok(ValidationReport::from_header(errors, max_errors)),
     };
     let mut log = ErrorLog::new(max_errors);
     let mut seen: FxHashSet<u64> = FxHashSet::default();
@@ -459,11 +383,7 @@ pub fn validate<R: Read>(
     let row_count = scanner.row();
     drop(seen);
     if row_count == 0 {
-        log.push(RowError::new(
-            0,
-            None,
-            "the file has a header but no data rows".into(),
-        ));
+        log.push(RowError::new(0, None, "the file has a header but no data rows".into()));
     }
     let (mut errors, mut error_count) = log.into_parts();
     if !suspects.is_empty() {
@@ -474,27 +394,15 @@ pub fn validate<R: Read>(
         errors.sort_by_key(|e| e.row);
         errors.truncate(max_errors);
     }
-    Ok(ValidationReport {
-        row_count,
-        error_count,
-        errors,
-    })
+    Ok(ValidationReport { row_count, error_count, errors })
 }
 
 /// Second pass: exact duplicate detection among the rows whose id hash was seen twice.
-fn find_duplicates<R: Read>(
-    source: R,
-    suspects: &FxHashSet<u64>,
-    cap: usize,
-) -> io::Result<(Vec<RowError>, u64)> {
+fn find_duplicates<R: Read>(source: R, suspects: &FxHashSet<u64>, cap: usize) -> io::Result<(Vec<RowError>, u64)> {
     let mut scanner = match Scanner::new(source) {
         Ok(s) => s,
         Err(ScanError::Io(e)) => return Err(e),
-        Err(ScanError::Header(_)) => {
-            return Err(io::Error::other(
-                "the file changed while it was being validated",
-            ))
-        }
+        Err(ScanError::Header(_)) => return Err(io::Error::other("the file changed while it was being validated")),
     };
     let mut first_seen: FxHashMap<Vec<u8>, u64> = FxHashMap::default();
     let mut log = ErrorLog::new(cap);
@@ -507,10 +415,7 @@ fn find_duplicates<R: Read>(
             Some(first) => log.push(RowError::new(
                 scanner.row(),
                 Some(ID),
-                format!(
-                    "transaction_id '{}' already appears in row {first}",
-                    show(&String::from_utf8_lossy(id))
-                ),
+                format!("transaction_id '{}' already appears in row {first}", show(&String::from_utf8_lossy(id))),
             )),
             None => {
                 first_seen.insert(id.to_vec(), scanner.row());

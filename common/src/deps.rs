@@ -36,13 +36,7 @@ impl Deps {
     pub async fn with_storage(settings: Settings, storage: Storage) -> Result<Self, StartupError> {
         let broker = Broker::connect(&settings).await?;
         let publisher = broker.publisher().await?;
-        Ok(Self {
-            names: settings.names(),
-            settings: Arc::new(settings),
-            storage,
-            broker,
-            publisher,
-        })
+        Ok(Self { names: settings.names(), settings: Arc::new(settings), storage, broker, publisher })
     }
 
     /// Ok when the broker is connected and storage answers; otherwise why not.
@@ -102,22 +96,10 @@ impl Deps {
             Stage::Transformer => FileStatus::ProcessingFailed,
             Stage::Notifier => FileStatus::NotificationFailed,
         };
-        let update = StatusUpdate {
-            reason: Some(format!("{stage}: {reason}")),
-            ..Default::default()
-        };
-        match self
-            .storage
-            .statuses
-            .advance(file_id, to, update, chrono::Utc::now())
-            .await
-        {
+        let update = StatusUpdate { reason: Some(format!("{stage}: {reason}")), ..Default::default() };
+        match self.storage.statuses.advance(file_id, to, update, chrono::Utc::now()).await {
             Ok(Advance::Moved(record)) => {
-                if let Err(e) = self
-                    .publisher
-                    .publish(&self.notification(NOTIFY_FAILED, &record))
-                    .await
-                {
+                if let Err(e) = self.publisher.publish(&self.notification(NOTIFY_FAILED, &record)).await {
                     tracing::warn!(%file_id, error = %e, "cannot publish the file.failed notification");
                 }
             }

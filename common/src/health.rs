@@ -16,10 +16,7 @@ pub fn routes<S>(deps: Deps) -> Router<S> {
 async fn readyz(State(deps): State<Deps>) -> (StatusCode, Json<Value>) {
     match deps.readiness().await {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
-        Err(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": why})),
-        ),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready", "reason": why}))),
     }
 }
 
@@ -29,7 +26,5 @@ pub async fn serve(
     deps: Deps,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, routes::<()>(deps))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, routes::<()>(deps)).with_graceful_shutdown(shutdown).await
 }

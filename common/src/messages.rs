@@ -116,14 +116,7 @@ pub struct FileEvent {
 
 impl FileEvent {
     pub fn new(file_id: FileId, object_key: String) -> Self {
-        Self {
-            file_id,
-            object_key,
-            row_count: None,
-            error_count: None,
-            records_processed: None,
-            at: Utc::now(),
-        }
+        Self { file_id, object_key, row_count: None, error_count: None, records_processed: None, at: Utc::now() }
     }
 
     /// Parses a body; the error says what is wrong with it.
@@ -162,13 +155,8 @@ mod tests {
     fn events_round_trip_and_garbage_is_refused() {
         let e = FileEvent::new(FileId::new(), "uploads/x.csv".into());
         assert_eq!(FileEvent::from_body(&e.to_body()).unwrap(), e);
-        assert!(FileEvent::from_body(b"not json")
-            .unwrap_err()
-            .contains("malformed"));
-        assert!(FileEvent::from_body(
-            br#"{"file_id":"nope","object_key":"k","at":"2024-01-01T00:00:00Z"}"#
-        )
-        .is_err());
+        assert!(FileEvent::from_body(b"not json").unwrap_err().contains("malformed"));
+        assert!(FileEvent::from_body(br#"{"file_id":"nope","object_key":"k","at":"2024-01-01T00:00:00Z"}"#).is_err());
     }
 
     #[test]

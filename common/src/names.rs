@@ -21,9 +21,7 @@ impl Names {
     pub fn new(ns: &str) -> Result<Self, InvalidNamespace> {
         let ok = !ns.is_empty()
             && ns.len() <= 50
-            && ns
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !ns.starts_with('-')
             && !ns.ends_with('-');
         if ok {

@@ -38,13 +38,10 @@ where
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(%addr, "health endpoints on /healthz and /readyz");
+    let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string());
+    tracing::info!(addr = %bound, "health endpoints on /healthz and /readyz");
     let stop = CancellationToken::new();
-    let health = tokio::spawn(crate::health::serve(
-        listener,
-        deps.clone(),
-        stop.clone().cancelled_owned(),
-    ));
+    let health = tokio::spawn(crate::health::serve(listener, deps.clone(), stop.clone().cancelled_owned()));
     let signal = stop.clone();
     tokio::spawn(async move {
         crate::shutdown::shutdown_signal().await;

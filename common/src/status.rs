@@ -139,12 +139,7 @@ pub struct StatusUpdate {
 
 impl StatusRecord {
     /// A new file, just stored by the gateway.
-    pub fn uploaded(
-        file_id: FileId,
-        object_key: String,
-        size_bytes: u64,
-        at: DateTime<Utc>,
-    ) -> Self {
+    pub fn uploaded(file_id: FileId, object_key: String, size_bytes: u64, at: DateTime<Utc>) -> Self {
         Self {
             file_id,
             status: FileStatus::Uploaded,
@@ -152,11 +147,7 @@ impl StatusRecord {
             size_bytes,
             created_at: at,
             updated_at: at,
-            history: vec![HistoryEntry {
-                status: FileStatus::Uploaded,
-                at,
-                reason: None,
-            }],
+            history: vec![HistoryEntry { status: FileStatus::Uploaded, at, reason: None }],
             row_count: None,
             error_count: None,
             errors: Vec::new(),
@@ -172,11 +163,7 @@ impl StatusRecord {
         }
         self.status = to;
         self.updated_at = at;
-        self.history.push(HistoryEntry {
-            status: to,
-            at,
-            reason: update.reason.clone(),
-        });
+        self.history.push(HistoryEntry { status: to, at, reason: update.reason.clone() });
         if let Some(v) = update.row_count {
             self.row_count = Some(v);
         }
@@ -203,17 +190,10 @@ mod tests {
 
     #[test]
     fn the_happy_path_moves_forward() {
-        let path = [
-            Uploaded, Validating, Validated, Processing, Processed, Notifying, Completed,
-        ];
+        let path = [Uploaded, Validating, Validated, Processing, Processed, Notifying, Completed];
         for w in path.windows(2) {
             assert!(w[0].can_move_to(w[1]), "{} -> {}", w[0], w[1]);
-            assert!(
-                !w[1].can_move_to(w[0]),
-                "{} -> {} must be refused",
-                w[1],
-                w[0]
-            );
+            assert!(!w[1].can_move_to(w[0]), "{} -> {} must be refused", w[1], w[0]);
         }
         assert!(Uploaded.can_move_to(Completed), "skipping ahead is forward");
     }
@@ -247,18 +227,8 @@ mod tests {
         let t0 = Utc::now();
         let mut r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 10, t0);
         assert!(r.advance(Validating, StatusUpdate::default(), t0));
-        assert!(r.advance(
-            Validated,
-            StatusUpdate {
-                row_count: Some(3),
-                ..Default::default()
-            },
-            t0
-        ));
-        assert!(
-            !r.advance(Validating, StatusUpdate::default(), t0),
-            "redelivery must not move back"
-        );
+        assert!(r.advance(Validated, StatusUpdate { row_count: Some(3), ..Default::default() }, t0));
+        assert!(!r.advance(Validating, StatusUpdate::default(), t0), "redelivery must not move back");
         assert_eq!(r.status, Validated);
         assert_eq!(r.row_count, Some(3));
         let seen: Vec<_> = r.history.iter().map(|h| h.status).collect();

@@ -12,9 +12,7 @@ use async_trait::async_trait;
 use backon::BackoffBuilder;
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use std::future::Future;
 use std::sync::Arc;
@@ -93,9 +91,7 @@ pub async fn run(
     let stage = handler.stage();
     let queue = broker.names().queue(stage);
     let channel = broker.channel().await?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
+    channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
     let tag = format!("{}-{}", stage, uuid::Uuid::new_v4().simple());
     let mut consumer = channel
         .basic_consume(
@@ -127,17 +123,10 @@ pub async fn run(
             }
         }
     };
-    let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
+    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
     if !tasks.is_empty() {
         tracing::info!(%stage, in_flight = tasks.len(), "waiting for in-flight messages");
-        if tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await
-        .is_err()
-        {
+        if tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
             tracing::warn!(%stage, "grace period over; unfinished messages will be redelivered");
             tasks.abort_all();
         }
@@ -164,16 +153,11 @@ impl Loop {
             Ok(e) => e,
             Err(reason) => {
                 tracing::warn!(%stage, %routing_key, %reason, "dead-lettering a message that cannot be parsed");
-                self.dead_letter(&delivery, ErrorClass::Malformed, &reason)
-                    .await;
+                self.dead_letter(&delivery, ErrorClass::Malformed, &reason).await;
                 return;
             }
         };
-        let msg = Incoming {
-            routing_key,
-            event,
-            redelivered: delivery.redelivered,
-        };
+        let msg = Incoming { routing_key, event, redelivered: delivery.redelivered };
         let file_id = msg.event.file_id;
         if let Some(n) = header_u64(&delivery, "x-delivery-count") {
             tracing::info!(%stage, %file_id, deliveries = n + 1, "redelivered message");
@@ -188,10 +172,7 @@ impl Loop {
                         }
                         return;
                     }
-                    Err(e) => (
-                        ErrorClass::RetriesExhausted,
-                        format!("publishing the next message failed: {e}"),
-                    ),
+                    Err(e) => (ErrorClass::RetriesExhausted, format!("publishing the next message failed: {e}")),
                 },
                 Outcome::DeadLetter(reason) => (ErrorClass::Permanent, reason),
                 Outcome::Retry(reason) => (ErrorClass::RetriesExhausted, reason),
@@ -236,22 +217,10 @@ impl Loop {
             headers: vec![
                 ("x-txpipe-stage".into(), stage.as_str().into()),
                 ("x-txpipe-error-class".into(), class.as_str().into()),
-                (
-                    "x-txpipe-reason".into(),
-                    reason.chars().take(1000).collect(),
-                ),
-                (
-                    "x-txpipe-original-exchange".into(),
-                    delivery.exchange.to_string(),
-                ),
-                (
-                    "x-txpipe-original-routing-key".into(),
-                    delivery.routing_key.to_string(),
-                ),
-                (
-                    "x-txpipe-dead-lettered-at".into(),
-                    chrono::Utc::now().to_rfc3339(),
-                ),
+                ("x-txpipe-reason".into(), reason.chars().take(1000).collect()),
+                ("x-txpipe-original-exchange".into(), delivery.exchange.to_string()),
+                ("x-txpipe-original-routing-key".into(), delivery.routing_key.to_string()),
+                ("x-txpipe-dead-lettered-at".into(), chrono::Utc::now().to_rfc3339()),
             ],
         };
         let settled = match self.publisher.publish(&copy).await {

@@ -39,9 +39,7 @@ impl GatewayError {
 
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
-            GatewayError::UnsupportedMediaType(_) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            }
+            GatewayError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             GatewayError::EmptyBody => (StatusCode::BAD_REQUEST, "empty_body"),
             GatewayError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
@@ -58,16 +56,9 @@ impl IntoResponse for GatewayError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }
-        let mut resp = (
-            status,
-            Json(json!({"error": code, "message": self.to_string()})),
-        )
-            .into_response();
+        let mut resp = (status, Json(json!({"error": code, "message": self.to_string()}))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("5"),
-            );
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
         }
         resp
     }

@@ -28,12 +28,7 @@ use txpipe_common::storage::StorageError;
 use txpipe_common::Deps;
 
 /// Content types accepted on `POST /upload`.
-const ACCEPTED_TYPES: [&str; 4] = [
-    "text/csv",
-    "application/csv",
-    "text/plain",
-    "application/octet-stream",
-];
+const ACCEPTED_TYPES: [&str; 4] = ["text/csv", "application/csv", "text/plain", "application/octet-stream"];
 /// Page size of `GET /files/{id}/transactions` when `limit` is not given, and its maximum.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
@@ -58,10 +53,7 @@ pub async fn run(
     deps: Deps,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    deps.broker
-        .declare_for(Stage::Gateway)
-        .await
-        .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+    deps.broker.declare_for(Stage::Gateway).await.map_err(|e| GatewayError::Unavailable(e.to_string()))?;
     axum::serve(listener, router(deps))
         .with_graceful_shutdown(shutdown)
         .await
@@ -69,38 +61,20 @@ pub async fn run(
 }
 
 fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
-    let given = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let essence = given
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if ACCEPTED_TYPES.contains(&essence.as_str()) {
         Ok(())
     } else {
-        Err(GatewayError::UnsupportedMediaType(if given.is_empty() {
-            "none".into()
-        } else {
-            given.into()
-        }))
+        Err(GatewayError::UnsupportedMediaType(if given.is_empty() { "none".into() } else { given.into() }))
     }
 }
 
-async fn upload(
-    State(deps): State<Deps>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, GatewayError> {
+async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Result<Response, GatewayError> {
     content_type_ok(&headers)?;
     let limit = deps.settings.max_upload_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::TooLarge(limit));
     }
@@ -121,9 +95,7 @@ async fn upload(
             seen += chunk.len() as u64;
             if seen > limit {
                 flag.store(true, Ordering::Relaxed);
-                return Err(std::io::Error::other(format!(
-                    "upload larger than {limit} bytes"
-                )));
+                return Err(std::io::Error::other(format!("upload larger than {limit} bytes")));
             }
             Ok(chunk)
         })
@@ -135,9 +107,7 @@ async fn upload(
             return Err(GatewayError::TooLarge(limit))
         }
         Err(StorageError::Source(e)) => {
-            return Err(GatewayError::BadRequest(format!(
-                "the upload was interrupted: {e}"
-            )))
+            return Err(GatewayError::BadRequest(format!("the upload was interrupted: {e}")))
         }
         Err(e) => return Err(GatewayError::from_storage("storing the upload", e)),
     };
@@ -152,32 +122,20 @@ async fn upload(
         return Err(GatewayError::from_storage("recording the upload", e));
     }
     let event = FileEvent::new(file_id, key.clone());
-    if let Err(e) = deps
-        .publisher
-        .publish(&deps.stage_message(FILE_UPLOADED, &event))
-        .await
-    {
+    if let Err(e) = deps.publisher.publish(&deps.stage_message(FILE_UPLOADED, &event)).await {
         // undo, so nothing claims an upload that no worker will ever see
         let _ = deps.storage.statuses.delete(file_id).await;
         let _ = objects.delete(&key).await;
-        return Err(GatewayError::Unavailable(format!(
-            "announcing the upload failed: {e}"
-        )));
+        return Err(GatewayError::Unavailable(format!("announcing the upload failed: {e}")));
     }
     tracing::info!(%file_id, size_bytes = size, "upload accepted");
     let status_url = format!("/files/{file_id}");
     let body = json!({"file_id": file_id, "status": "uploaded", "status_url": status_url, "size_bytes": size});
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, status_url)],
-        Json(body),
-    )
-        .into_response())
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())
 }
 
 fn parse_id(raw: &str) -> Result<FileId, GatewayError> {
-    raw.parse()
-        .map_err(|_| GatewayError::NotFound(format!("no file with id {raw:?}")))
+    raw.parse().map_err(|_| GatewayError::NotFound(format!("no file with id {raw:?}")))
 }
 
 async fn find(deps: &Deps, file_id: FileId) -> Result<StatusRecord, GatewayError> {
@@ -189,10 +147,7 @@ async fn find(deps: &Deps, file_id: FileId) -> Result<StatusRecord, GatewayError
         .ok_or_else(|| GatewayError::NotFound(format!("no file with id {file_id}")))
 }
 
-async fn file_status(
-    State(deps): State<Deps>,
-    Path(raw): Path<String>,
-) -> Result<Json<StatusRecord>, GatewayError> {
+async fn file_status(State(deps): State<Deps>, Path(raw): Path<String>) -> Result<Json<StatusRecord>, GatewayError> {
     Ok(Json(find(&deps, parse_id(&raw)?).await?))
 }
 
@@ -212,23 +167,15 @@ async fn file_transactions(
         None => DEFAULT_PAGE,
         Some(l) => match l.parse::<usize>() {
             Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-            _ => {
-                return Err(GatewayError::BadRequest(format!(
-                    "limit must be a whole number from 1 to {MAX_PAGE}"
-                )))
-            }
+            _ => return Err(GatewayError::BadRequest(format!("limit must be a whole number from 1 to {MAX_PAGE}"))),
         },
     };
     find(&deps, file_id).await?;
-    let page = deps
-        .storage
-        .transactions
-        .list_by_file(file_id, limit, q.cursor.as_deref())
-        .await
-        .map_err(|e| match e {
-            StorageError::InvalidCursor => GatewayError::BadRequest(
-                "invalid cursor: pass back a next_cursor this endpoint gave".into(),
-            ),
+    let page =
+        deps.storage.transactions.list_by_file(file_id, limit, q.cursor.as_deref()).await.map_err(|e| match e {
+            StorageError::InvalidCursor => {
+                GatewayError::BadRequest("invalid cursor: pass back a next_cursor this endpoint gave".into())
+            }
             other => GatewayError::from_storage("reading transactions", other),
         })?;
     Ok(Json(page).into_response())

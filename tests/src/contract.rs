@@ -11,9 +11,7 @@ use tokio::io::AsyncReadExt;
 use txpipe_common::csv_schema::TxStatus;
 use txpipe_common::messages::FileId;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
-use txpipe_common::storage::{
-    Advance, ObjectStore, StatusStore, StorageError, Transaction, TransactionStore,
-};
+use txpipe_common::storage::{Advance, ObjectStore, StatusStore, StorageError, Transaction, TransactionStore};
 
 fn stream(chunks: Vec<std::io::Result<&'static [u8]>>) -> txpipe_common::storage::ByteStream {
     futures::stream::iter(chunks.into_iter().map(|c| c.map(Bytes::from_static))).boxed()
@@ -21,13 +19,7 @@ fn stream(chunks: Vec<std::io::Result<&'static [u8]>>) -> txpipe_common::storage
 
 async fn read_all(store: &Arc<dyn ObjectStore>, key: &str) -> Vec<u8> {
     let mut buf = Vec::new();
-    store
-        .get(key)
-        .await
-        .unwrap()
-        .read_to_end(&mut buf)
-        .await
-        .unwrap();
+    store.get(key).await.unwrap().read_to_end(&mut buf).await.unwrap();
     buf
 }
 
@@ -35,10 +27,7 @@ async fn read_all(store: &Arc<dyn ObjectStore>, key: &str) -> Vec<u8> {
 pub async fn object_store(store: Arc<dyn ObjectStore>) {
     store.check().await.unwrap();
     let key = format!("uploads/{}.csv", FileId::new());
-    let size = store
-        .put(&key, stream(vec![Ok(b"a,b\n"), Ok(b"1,2\n")]))
-        .await
-        .unwrap();
+    let size = store.put(&key, stream(vec![Ok(b"a,b\n"), Ok(b"1,2\n")])).await.unwrap();
     assert_eq!(size, 8);
     assert_eq!(read_all(&store, &key).await, b"a,b\n1,2\n");
 
@@ -47,31 +36,25 @@ pub async fn object_store(store: Arc<dyn ObjectStore>) {
     assert_eq!(read_all(&store, &key).await, b"x");
 
     store.delete(&key).await.unwrap();
-    assert!(matches!(
-        store.get(&key).await,
-        Err(StorageError::NotFound(_))
-    ));
-    store
-        .delete(&key)
-        .await
-        .expect("deleting a missing object is fine");
+    assert!(matches!(store.get(&key).await, Err(StorageError::NotFound(_))));
+    store.delete(&key).await.expect("deleting a missing object is fine");
+
+    // a large object, in many small chunks (multipart on S3 when over its threshold)
+    let big: Vec<u8> = (0..11 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<std::io::Result<Bytes>> = big.chunks(64 * 1024).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    let big_key = format!("uploads/{}.csv", FileId::new());
+    let size = store.put(&big_key, futures::stream::iter(chunks).boxed()).await.unwrap();
+    assert_eq!(size, big.len() as u64);
+    assert!(read_all(&store, &big_key).await == big, "the large object reads back byte for byte");
+    store.delete(&big_key).await.unwrap();
 
     let broken = format!("uploads/{}.csv", FileId::new());
     let err = store
-        .put(
-            &broken,
-            stream(vec![
-                Ok(b"partial"),
-                Err(std::io::Error::other("client went away")),
-            ]),
-        )
+        .put(&broken, stream(vec![Ok(b"partial"), Err(std::io::Error::other("client went away"))]))
         .await
         .unwrap_err();
     assert!(matches!(err, StorageError::Source(_)), "{err}");
-    assert!(
-        matches!(store.get(&broken).await, Err(StorageError::NotFound(_))),
-        "a failed upload leaves nothing"
-    );
+    assert!(matches!(store.get(&broken).await, Err(StorageError::NotFound(_))), "a failed upload leaves nothing");
 }
 
 fn record(at: DateTime<Utc>) -> StatusRecord {
@@ -87,30 +70,14 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
     let id = r.file_id;
     assert_eq!(store.get(id).await.unwrap(), None);
     store.create(&r).await.unwrap();
-    assert!(matches!(
-        store.create(&r).await,
-        Err(StorageError::AlreadyExists(_))
-    ));
+    assert!(matches!(store.create(&r).await, Err(StorageError::AlreadyExists(_))));
     assert_eq!(store.get(id).await.unwrap().unwrap(), r);
 
-    let moved = store
-        .advance(id, FileStatus::Validating, StatusUpdate::default(), t)
-        .await
-        .unwrap();
+    let moved = store.advance(id, FileStatus::Validating, StatusUpdate::default(), t).await.unwrap();
     assert!(matches!(moved, Advance::Moved(ref r) if r.status == FileStatus::Validating));
-    let update = StatusUpdate {
-        row_count: Some(7),
-        ..Default::default()
-    };
-    store
-        .advance(id, FileStatus::Validated, update, t)
-        .await
-        .unwrap();
-    match store
-        .advance(id, FileStatus::Validating, StatusUpdate::default(), t)
-        .await
-        .unwrap()
-    {
+    let update = StatusUpdate { row_count: Some(7), ..Default::default() };
+    store.advance(id, FileStatus::Validated, update, t).await.unwrap();
+    match store.advance(id, FileStatus::Validating, StatusUpdate::default(), t).await.unwrap() {
         Advance::Refused(r) => assert_eq!(r.status, FileStatus::Validated),
         other => panic!("moving back must be refused: {other:?}"),
     }
@@ -121,9 +88,7 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
 
     let missing = FileId::new();
     assert!(matches!(
-        store
-            .advance(missing, FileStatus::Validating, StatusUpdate::default(), t)
-            .await,
+        store.advance(missing, FileStatus::Validating, StatusUpdate::default(), t).await,
         Err(StorageError::NotFound(_))
     ));
 
@@ -134,21 +99,11 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
         let s = store.clone();
         let id = r2.file_id;
         tokio::spawn(async move {
-            s.advance(
-                id,
-                FileStatus::Validating,
-                StatusUpdate::default(),
-                Utc::now(),
-            )
-            .await
-            .unwrap()
+            s.advance(id, FileStatus::Validating, StatusUpdate::default(), Utc::now()).await.unwrap()
         })
     });
     let results = futures::future::join_all(tries).await;
-    let wins = results
-        .iter()
-        .filter(|r| matches!(r.as_ref().unwrap(), Advance::Moved(_)))
-        .count();
+    let wins = results.iter().filter(|r| matches!(r.as_ref().unwrap(), Advance::Moved(_))).count();
     assert_eq!(wins, 1);
 
     store.delete(id).await.unwrap();
@@ -175,53 +130,25 @@ pub async fn transaction_store(store: Arc<dyn TransactionStore>) {
     store.check().await.unwrap();
     let (f1, f2) = (FileId::new(), FileId::new());
     let p = uuid::Uuid::new_v4().simple().to_string();
-    let rows: Vec<_> = (0..5)
-        .map(|i| tx(&format!("{p}-{i}"), f1, "12345678901234567890.12345678"))
-        .collect();
+    let rows: Vec<_> = (0..5).map(|i| tx(&format!("{p}-{i}"), f1, "12345678901234567890.12345678")).collect();
     store.put_batch(&rows).await.unwrap();
-    store
-        .put_batch(&rows)
-        .await
-        .expect("writing the same rows again is harmless");
+    store.put_batch(&rows).await.expect("writing the same rows again is harmless");
 
     let page = store.list_by_file(f1, 2, None).await.unwrap();
     assert_eq!(page.items, rows[..2]);
-    let page2 = store
-        .list_by_file(f1, 2, page.next_cursor.as_deref())
-        .await
-        .unwrap();
+    let page2 = store.list_by_file(f1, 2, page.next_cursor.as_deref()).await.unwrap();
     assert_eq!(page2.items, rows[2..4]);
-    let page3 = store
-        .list_by_file(f1, 2, page2.next_cursor.as_deref())
-        .await
-        .unwrap();
+    let page3 = store.list_by_file(f1, 2, page2.next_cursor.as_deref()).await.unwrap();
     assert_eq!(page3.items, rows[4..]);
     assert_eq!(page3.next_cursor, None);
-    assert_eq!(
-        page.items[0].amount.to_string(),
-        "12345678901234567890.12345678"
-    );
+    assert_eq!(page.items[0].amount.to_string(), "12345678901234567890.12345678");
 
     // a later file carrying the same transaction takes it over
     let moved = tx(&format!("{p}-0"), f2, "0.10");
     store.put_batch(std::slice::from_ref(&moved)).await.unwrap();
-    assert_eq!(
-        store.list_by_file(f2, 10, None).await.unwrap().items,
-        vec![moved]
-    );
-    assert_eq!(
-        store.list_by_file(f1, 10, None).await.unwrap().items.len(),
-        4
-    );
+    assert_eq!(store.list_by_file(f2, 10, None).await.unwrap().items, vec![moved]);
+    assert_eq!(store.list_by_file(f1, 10, None).await.unwrap().items.len(), 4);
 
-    assert!(matches!(
-        store.list_by_file(f1, 10, Some("not-a-cursor")).await,
-        Err(StorageError::InvalidCursor)
-    ));
-    assert!(store
-        .list_by_file(FileId::new(), 10, None)
-        .await
-        .unwrap()
-        .items
-        .is_empty());
+    assert!(matches!(store.list_by_file(f1, 10, Some("not-a-cursor")).await, Err(StorageError::InvalidCursor)));
+    assert!(store.list_by_file(FileId::new(), 10, None).await.unwrap().items.is_empty());
 }

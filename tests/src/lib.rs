@@ -2,12 +2,12 @@
 //! data directory per test, against the real RabbitMQ; typed helpers to upload, read
 //! statuses, wait for a status, tap notifications and inspect the DLQ.
 
+pub mod aws;
 pub mod contract;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
@@ -46,6 +46,8 @@ pub struct TestFleet {
     pub settings: Settings,
     pub deps: Deps,
     pub http: reqwest::Client,
+    /// Set when the fleet runs on moto (TXPIPE_STORAGE=aws): torn down with the fleet.
+    aws: Option<aws_config::SdkConfig>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), txpipe_cli::fleet::FleetError>>,
     pub dir: tempfile::TempDir,
@@ -60,8 +62,38 @@ pub struct Accepted {
 }
 
 impl TestFleet {
+    /// Spawns a fleet on the storage `TXPIPE_TEST_STORAGE` names: `local` (the default) or
+    /// `aws` (S3 and DynamoDB on moto, provisioned for the test). `scripts/test` runs the
+    /// end-to-end tests once with each.
     pub async fn spawn() -> Self {
         Self::spawn_with(|_| {}).await
+    }
+
+    /// Spawns a fleet on local storage whatever `TXPIPE_TEST_STORAGE` says.
+    pub async fn spawn_local() -> Self {
+        Self::spawn_with(|s| s.storage = txpipe_common::config::StorageKind::Local).await
+    }
+
+    /// Objects under `uploads/` in the fleet's bucket (or directory).
+    pub async fn object_count(&self) -> usize {
+        match &self.aws {
+            Some(sdk) => {
+                let s3 = txpipe_common::storage::aws::S3ObjectStore::new(sdk, &self.settings);
+                let out = s3
+                    .client()
+                    .list_objects_v2()
+                    .bucket(self.names.bucket())
+                    .prefix("uploads/")
+                    .send()
+                    .await
+                    .expect("list the bucket");
+                out.contents().len()
+            }
+            None => {
+                let dir = self.dir.path().join("objects").join(self.names.bucket()).join("uploads");
+                std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+            }
+        }
     }
 
     /// Spawns a fleet after letting `tweak` change the test settings.
@@ -69,24 +101,31 @@ impl TestFleet {
         let _ = tracing_init();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut settings = test_settings(dir.path());
+        if std::env::var("TXPIPE_TEST_STORAGE").as_deref() == Ok("aws") {
+            settings.storage = txpipe_common::config::StorageKind::Aws;
+        }
         tweak(&mut settings);
-        let deps = Deps::connect(settings.clone())
-            .await
-            .expect("connect to RabbitMQ and open storage");
+        let (aws, deps) = match settings.storage {
+            txpipe_common::config::StorageKind::Local => {
+                (None, Deps::connect(settings.clone()).await.expect("connect to RabbitMQ and open storage"))
+            }
+            txpipe_common::config::StorageKind::Aws => {
+                let (sdk, storage) = aws::provisioned(&settings).await;
+                let deps = Deps::with_storage(settings.clone(), storage).await.expect("connect to RabbitMQ");
+                (Some(sdk), deps)
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(txpipe_cli::fleet::run(
-            listener,
-            deps.clone(),
-            stop.clone().cancelled_owned(),
-        ));
+        let task = tokio::spawn(txpipe_cli::fleet::run(listener, deps.clone(), stop.clone().cancelled_owned()));
         let fleet = Self {
             base_url,
             names: settings.names(),
             settings,
             deps,
             http: reqwest::Client::new(),
+            aws,
             stop,
             task,
             dir,
@@ -98,30 +137,18 @@ impl TestFleet {
     async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Ok(r) = self
-                .http
-                .get(format!("{}/readyz", self.base_url))
-                .send()
-                .await
-            {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base_url)).send().await {
                 if r.status().is_success() {
                     return;
                 }
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fleet never became ready"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "fleet never became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// POSTs `body` to /upload with `content_type`, returning the raw response.
-    pub async fn post_upload(
-        &self,
-        body: impl Into<reqwest::Body>,
-        content_type: &str,
-    ) -> reqwest::Response {
+    pub async fn post_upload(&self, body: impl Into<reqwest::Body>, content_type: &str) -> reqwest::Response {
         self.http
             .post(format!("{}/upload", self.base_url))
             .header("content-type", content_type)
@@ -142,12 +169,7 @@ impl TestFleet {
 
     /// GET /files/{id} as JSON, with its HTTP status.
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base_url))
-            .send()
-            .await
-            .expect("gateway reachable");
+        let resp = self.http.get(format!("{}{path}", self.base_url)).send().await.expect("gateway reachable");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
@@ -206,11 +228,7 @@ impl TestFleet {
         let q = ch
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -228,10 +246,7 @@ impl TestFleet {
             .basic_consume(
                 q.name().clone(),
                 "tap".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -245,10 +260,7 @@ impl TestFleet {
         let q = ch
             .queue_declare(
                 self.names.dead_letter_queue().as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
+                QueueDeclareOptions { passive: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -261,13 +273,8 @@ impl TestFleet {
         let ch = self.channel().await;
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Some(m) = ch
-                .basic_get(
-                    self.names.dead_letter_queue().as_str().into(),
-                    BasicGetOptions::default(),
-                )
-                .await
-                .unwrap()
+            if let Some(m) =
+                ch.basic_get(self.names.dead_letter_queue().as_str().into(), BasicGetOptions::default()).await.unwrap()
             {
                 m.delivery.ack(BasicAckOptions::default()).await.unwrap();
                 let mut headers = std::collections::BTreeMap::new();
@@ -309,13 +316,12 @@ impl TestFleet {
     /// Stops the fleet, checks it stopped cleanly, and deletes the namespace's topology.
     pub async fn shutdown(self) {
         self.stop.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(40), self.task)
-            .await
-            .expect("fleet stops in time");
-        result
-            .expect("fleet task")
-            .expect("fleet stopped without error");
-        self.deps.broker.teardown().await.expect("teardown");
+        let result = tokio::time::timeout(Duration::from_secs(40), self.task).await.expect("fleet stops in time");
+        result.expect("fleet task").expect("fleet stopped without error");
+        match &self.aws {
+            Some(sdk) => aws::teardown(&self.settings, sdk).await,
+            None => self.deps.broker.teardown().await.expect("teardown"),
+        }
         self.deps.broker.close().await;
     }
 }
@@ -345,18 +351,10 @@ pub struct Received {
 impl NotificationTap {
     /// The next notification, or None after `wait`.
     pub async fn next(&mut self, wait: Duration) -> Option<Received> {
-        let d = tokio::time::timeout(wait, self.consumer.next())
-            .await
-            .ok()??
-            .ok()?;
+        let d = tokio::time::timeout(wait, self.consumer.next()).await.ok()??.ok()?;
         Some(Received {
             routing_key: d.routing_key.to_string(),
-            message_id: d
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_default(),
+            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
             body: serde_json::from_slice(&d.data).expect("notification body is JSON"),
         })
     }
@@ -374,9 +372,7 @@ impl NotificationTap {
 /// Deletes a queue of the fleet's namespace (to make publishing fail).
 pub async fn delete_queue(fleet: &TestFleet, name: &str) {
     let ch = fleet.channel().await;
-    ch.queue_delete(name.into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    ch.queue_delete(name.into(), QueueDeleteOptions::default()).await.unwrap();
 }
 
 /// Logs to the test's output when `RUST_LOG` is set.

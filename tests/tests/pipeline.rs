@@ -11,7 +11,10 @@ const QUIET: Duration = Duration::from_millis(500);
 
 #[tokio::test]
 async fn a_valid_file_goes_all_the_way_and_is_announced_once() {
-    let fleet = TestFleet::spawn().await;
+    valid_file_goes_all_the_way(TestFleet::spawn().await).await;
+}
+
+async fn valid_file_goes_all_the_way(fleet: TestFleet) {
     let mut tap = fleet.tap_notifications().await;
     let body = format!(
         "{HEADER}t-1,0.10,USD,2024-01-15T10:30:00Z,Acme,completed\n\
@@ -22,100 +25,65 @@ async fn a_valid_file_goes_all_the_way_and_is_announced_once() {
     assert_eq!(accepted.status, "uploaded");
     assert_eq!(accepted.status_url, format!("/files/{}", accepted.file_id));
 
-    let record = fleet
-        .wait_for_status(accepted.file_id, &[FileStatus::Completed])
-        .await;
+    let record = fleet.wait_for_status(accepted.file_id, &[FileStatus::Completed]).await;
     assert_eq!(record.row_count, Some(3));
     assert_eq!(record.records_processed, Some(3));
     let path: Vec<_> = record.history.iter().map(|h| h.status).collect();
     use FileStatus::*;
-    assert_eq!(
-        path,
-        [Uploaded, Validating, Validated, Processing, Processed, Notifying, Completed]
-    );
+    assert_eq!(path, [Uploaded, Validating, Validated, Processing, Processed, Notifying, Completed]);
 
     let rows = fleet.transactions(accepted.file_id, 2).await;
-    let amounts: Vec<_> = rows
-        .iter()
-        .map(|t| (t.transaction_id.as_str(), t.amount.to_string()))
-        .collect();
+    let amounts: Vec<_> = rows.iter().map(|t| (t.transaction_id.as_str(), t.amount.to_string())).collect();
     assert_eq!(
         amounts,
-        [
-            ("t-1", "0.10".into()),
-            ("t-2", "12345678901234567890.123456789".into()),
-            ("t-3", "-5".into())
-        ]
+        [("t-1", "0.10".into()), ("t-2", "12345678901234567890.123456789".into()), ("t-3", "-5".into())]
     );
     assert_eq!(rows[1].merchant, "Bob, Ltd");
     assert_eq!(rows[1].timestamp_epoch, 1705307400);
     assert!(rows.iter().all(|t| t.file_id == accepted.file_id));
     // amounts travel as strings in the JSON, never as floats
-    let (_, raw) = fleet
-        .get_json(&format!("/files/{}/transactions", accepted.file_id))
-        .await;
+    let (_, raw) = fleet.get_json(&format!("/files/{}/transactions", accepted.file_id)).await;
     assert_eq!(raw["items"][1]["amount"], "12345678901234567890.123456789");
 
-    let n = tap
-        .next(Duration::from_secs(10))
-        .await
-        .expect("a notification");
+    let n = tap.next(Duration::from_secs(10)).await.expect("a notification");
     assert_eq!(n.routing_key, "file.completed");
     assert_eq!(n.message_id, format!("{}:file.completed", accepted.file_id));
     assert_eq!(n.body.file_id, accepted.file_id);
     assert_eq!(n.body.status, Completed);
     assert_eq!((n.body.records_processed, n.body.error_count), (3, 0));
-    assert!(
-        tap.drain(QUIET).await.is_empty(),
-        "exactly one notification"
-    );
+    assert!(tap.drain(QUIET).await.is_empty(), "exactly one notification");
     assert_eq!(fleet.dlq_count().await, 0);
     fleet.shutdown().await;
 }
 
 #[tokio::test]
 async fn an_invalid_file_is_rejected_with_its_row_errors() {
-    let fleet = TestFleet::spawn().await;
+    invalid_file_is_rejected(TestFleet::spawn().await).await;
+}
+
+async fn invalid_file_is_rejected(fleet: TestFleet) {
     let mut tap = fleet.tap_notifications().await;
     let body = format!(
         "{HEADER}t-1,abc,USD,2024-01-15T10:30:00Z,Acme,completed\nt-2,1,usd,yesterday,,done\nt-1,2,EUR,2024-01-15T10:30:00Z,X,pending\n"
     );
     let id = fleet.upload(body).await.file_id;
-    let record = fleet
-        .wait_for_status(id, &[FileStatus::ValidationFailed])
-        .await;
+    let record = fleet.wait_for_status(id, &[FileStatus::ValidationFailed]).await;
     assert_eq!(record.row_count, Some(3));
     assert_eq!(record.error_count, Some(6));
-    let cells: Vec<_> = record
-        .errors
-        .iter()
-        .map(|e| (e.row, e.column.clone().unwrap_or_default()))
-        .collect();
-    let expected: Vec<(u64, String)> = [
-        (1, "amount"),
-        (2, "currency"),
-        (2, "timestamp"),
-        (2, "merchant"),
-        (2, "status"),
-        (3, "transaction_id"),
-    ]
-    .into_iter()
-    .map(|(r, c)| (r, c.to_string()))
-    .collect();
+    let cells: Vec<_> = record.errors.iter().map(|e| (e.row, e.column.clone().unwrap_or_default())).collect();
+    let expected: Vec<(u64, String)> =
+        [(1, "amount"), (2, "currency"), (2, "timestamp"), (2, "merchant"), (2, "status"), (3, "transaction_id")]
+            .into_iter()
+            .map(|(r, c)| (r, c.to_string()))
+            .collect();
     assert_eq!(cells, expected, "errors in row order, then column order");
     assert!(record.reason.unwrap().contains("6 problem(s)"));
-    let n = tap
-        .next(Duration::from_secs(10))
-        .await
-        .expect("a notification");
+    let n = tap.next(Duration::from_secs(10)).await.expect("a notification");
     assert_eq!(n.routing_key, "file.rejected");
     assert_eq!(n.message_id, format!("{id}:file.rejected"));
     assert_eq!(n.body.status, FileStatus::ValidationFailed);
     assert_eq!(n.body.error_count, 6);
-    assert!(
-        fleet.transactions(id, 100).await.is_empty(),
-        "nothing from a rejected file is stored"
-    );
+    assert!(fleet.transactions(id, 100).await.is_empty(), "nothing from a rejected file is stored");
     // the status stays validation_failed: a rejection is final
     tokio::time::sleep(QUIET).await;
     assert_eq!(fleet.status(id).await.status, FileStatus::ValidationFailed);
@@ -131,13 +99,9 @@ async fn unusual_and_bad_files_end_where_they_should() {
     let row = "t1,1.00,USD,2024-01-15T10:30:00Z,Acme,completed\n";
     let mut thousands = String::from(HEADER);
     for i in 0..3000 {
-        thousands.push_str(&format!(
-            "t{i},not-money,USD,2024-01-15T10:30:00Z,m,completed\n"
-        ));
+        thousands.push_str(&format!("t{i},not-money,USD,2024-01-15T10:30:00Z,m,completed\n"));
     }
-    let garbage: Vec<u8> = (0..20_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect();
+    let garbage: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
     let mut bad_utf8 = HEADER.as_bytes().to_vec();
     bad_utf8.extend_from_slice(b"t1,1,USD,2024-01-15T10:30:00Z,caf\xe9\xff,completed\n");
     let cases: Vec<(&str, Vec<u8>, FileStatus, &str)> = vec![
@@ -166,40 +130,26 @@ async fn unusual_and_bad_files_end_where_they_should() {
         uploaded.push((name, fleet.upload(body).await.file_id, want, reason));
     }
     for (name, id, want, reason) in uploaded {
-        let r = fleet
-            .wait_for_status(id, &[FileStatus::Completed, FileStatus::ValidationFailed])
-            .await;
+        let r = fleet.wait_for_status(id, &[FileStatus::Completed, FileStatus::ValidationFailed]).await;
         assert_eq!(r.status, want, "{name}: {r:#?}");
         if want == FileStatus::ValidationFailed {
             let why = r.reason.clone().unwrap_or_default();
-            assert!(
-                why.contains(reason),
-                "{name}: reason {why:?} lacks {reason:?}"
-            );
+            assert!(why.contains(reason), "{name}: reason {why:?} lacks {reason:?}");
             assert!(!r.errors.is_empty(), "{name}");
             assert!(r.errors.len() <= 100, "{name}: the error list is capped");
         }
         if name == "thousands of bad rows" {
-            assert_eq!(
-                (r.row_count, r.error_count, r.errors.len()),
-                (Some(3000), Some(3000), 100)
-            );
+            assert_eq!((r.row_count, r.error_count, r.errors.len()), (Some(3000), Some(3000), 100));
         }
     }
-    assert_eq!(
-        fleet.dlq_count().await,
-        0,
-        "bad files are rejected, never dead-lettered"
-    );
+    assert_eq!(fleet.dlq_count().await, 0, "bad files are rejected, never dead-lettered");
     fleet.shutdown().await;
 }
 
 #[tokio::test]
 async fn the_gateway_refuses_bad_requests_clearly() {
     let fleet = TestFleet::spawn_with(|s| s.max_upload_bytes = 1024).await;
-    let r = fleet
-        .post_upload(valid_csv("a", 1), "application/json")
-        .await;
+    let r = fleet.post_upload(valid_csv("a", 1), "application/json").await;
     assert_eq!(r.status(), 415);
     assert!(r.text().await.unwrap().contains("text/csv"));
     let r = fleet.post_upload("", "text/csv").await;
@@ -208,25 +158,11 @@ async fn the_gateway_refuses_bad_requests_clearly() {
     let r = fleet.post_upload(valid_csv("a", 100), "text/csv").await;
     assert_eq!(r.status(), 413);
     // a streamed body without Content-Length is cut off at the limit too
-    let chunks: Vec<Result<String, std::io::Error>> = (0..50)
-        .map(|i| Ok(valid_csv(&format!("s{i}"), 1)))
-        .collect();
-    let r = fleet
-        .post_upload(
-            reqwest::Body::wrap_stream(futures::stream::iter(chunks)),
-            "text/csv",
-        )
-        .await;
+    let chunks: Vec<Result<String, std::io::Error>> = (0..50).map(|i| Ok(valid_csv(&format!("s{i}"), 1))).collect();
+    let r = fleet.post_upload(reqwest::Body::wrap_stream(futures::stream::iter(chunks)), "text/csv").await;
     assert_eq!(r.status(), 413);
-    assert!(std::fs::read_dir(fleet.dir.path().join("objects")).is_ok());
-    assert_eq!(
-        uploaded_objects(&fleet),
-        0,
-        "refused uploads leave no object behind"
-    );
-    let r = fleet
-        .post_upload(valid_csv("ok", 2), "text/csv; charset=utf-8")
-        .await;
+    assert_eq!(fleet.object_count().await, 0, "refused uploads leave no object behind");
+    let r = fleet.post_upload(valid_csv("ok", 2), "text/csv; charset=utf-8").await;
     assert_eq!(r.status(), 202);
 
     let (code, body) = fleet.get_json(&format!("/files/{}", FileId::new())).await;
@@ -241,25 +177,13 @@ async fn the_gateway_refuses_bad_requests_clearly() {
     fleet.shutdown().await;
 }
 
-fn uploaded_objects(fleet: &TestFleet) -> usize {
-    let dir = fleet
-        .dir
-        .path()
-        .join("objects")
-        .join(fleet.names.bucket())
-        .join("uploads");
-    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-}
-
 #[tokio::test]
 async fn bad_paging_parameters_are_400() {
     let fleet = TestFleet::spawn().await;
     let id = fleet.upload(valid_csv("p", 3)).await.file_id;
     fleet.wait_for_status(id, &[FileStatus::Completed]).await;
     for q in ["limit=0", "limit=abc", "limit=100000", "cursor=zz"] {
-        let (code, body) = fleet
-            .get_json(&format!("/files/{id}/transactions?{q}"))
-            .await;
+        let (code, body) = fleet.get_json(&format!("/files/{id}/transactions?{q}")).await;
         assert_eq!(code, 400, "{q}: {body}");
     }
     fleet.shutdown().await;
@@ -273,20 +197,11 @@ async fn when_the_broker_cannot_take_an_upload_the_client_gets_503_and_nothing_i
     let settings = txpipe_tests::test_settings(dir.path());
     let names = settings.names();
     let deps = txpipe_common::Deps::connect(settings).await.unwrap();
-    deps.broker
-        .declare_for(txpipe_common::messages::Stage::Gateway)
+    deps.broker.declare_for(txpipe_common::messages::Stage::Gateway).await.unwrap();
+    let ch = deps.broker.channel().await.unwrap();
+    ch.queue_delete(names.queue(txpipe_common::messages::Stage::Validator).as_str().into(), Default::default())
         .await
         .unwrap();
-    let ch = deps.broker.channel().await.unwrap();
-    ch.queue_delete(
-        names
-            .queue(txpipe_common::messages::Stage::Validator)
-            .as_str()
-            .into(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/upload", listener.local_addr().unwrap());
     let app = txpipe_ingest_gateway::router(deps.clone());
@@ -301,29 +216,17 @@ async fn when_the_broker_cannot_take_an_upload_the_client_gets_503_and_nothing_i
         .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "5");
-    let uploads = dir
-        .path()
-        .join("objects")
-        .join(names.bucket())
-        .join("uploads");
-    assert_eq!(
-        std::fs::read_dir(uploads).unwrap().count(),
-        0,
-        "no object claims to be accepted"
-    );
+    let uploads = dir.path().join("objects").join(names.bucket()).join("uploads");
+    assert_eq!(std::fs::read_dir(uploads).unwrap().count(), 0, "no object claims to be accepted");
     server.abort();
     deps.broker.teardown().await.unwrap();
 }
 
 #[tokio::test]
 async fn when_the_store_cannot_take_an_upload_the_client_gets_503() {
-    let fleet = TestFleet::spawn().await;
-    let uploads = fleet
-        .dir
-        .path()
-        .join("objects")
-        .join(fleet.names.bucket())
-        .join("uploads");
+    // a directory that cannot be written: local storage only
+    let fleet = TestFleet::spawn_local().await;
+    let uploads = fleet.dir.path().join("objects").join(fleet.names.bucket()).join("uploads");
     let _ = std::fs::remove_dir_all(&uploads);
     std::fs::write(&uploads, b"a file where the directory should be").unwrap();
     let r = fleet.post_upload(valid_csv("x", 2), "text/csv").await;
@@ -338,16 +241,16 @@ async fn when_the_store_cannot_take_an_upload_the_client_gets_503() {
 
 #[tokio::test]
 async fn a_redelivered_message_never_moves_a_file_back() {
-    let fleet = TestFleet::spawn().await;
+    redelivery_never_moves_back(TestFleet::spawn().await).await;
+}
+
+async fn redelivery_never_moves_back(fleet: TestFleet) {
     let mut tap = fleet.tap_notifications().await;
     let accepted = fleet.upload(valid_csv("r", 4)).await;
-    let done = fleet
-        .wait_for_status(accepted.file_id, &[FileStatus::Completed])
-        .await;
+    let done = fleet.wait_for_status(accepted.file_id, &[FileStatus::Completed]).await;
     assert_eq!(tap.drain(QUIET).await.len(), 1);
     // every stage message for this file, again, as a broker redelivery would bring them
-    let mut event =
-        txpipe_common::messages::FileEvent::new(accepted.file_id, done.object_key.clone());
+    let mut event = txpipe_common::messages::FileEvent::new(accepted.file_id, done.object_key.clone());
     event.row_count = Some(4);
     event.records_processed = Some(4);
     for key in ["file.uploaded", "file.validated", "file.processed"] {
@@ -358,10 +261,7 @@ async fn a_redelivered_message_never_moves_a_file_back() {
     assert_eq!(after.status, FileStatus::Completed);
     assert_eq!(after.history, done.history, "no status change at all");
     assert_eq!(fleet.transactions(accepted.file_id, 100).await.len(), 4);
-    assert!(
-        tap.drain(QUIET).await.is_empty(),
-        "no second completion notice"
-    );
+    assert!(tap.drain(QUIET).await.is_empty(), "no second completion notice");
     assert_eq!(fleet.dlq_count().await, 0);
     fleet.shutdown().await;
 }
@@ -370,27 +270,14 @@ async fn a_redelivered_message_never_moves_a_file_back() {
 async fn a_repeated_rejection_notice_keeps_its_message_id() {
     let fleet = TestFleet::spawn().await;
     let mut tap = fleet.tap_notifications().await;
-    let id = fleet
-        .upload(format!(
-            "{HEADER}t1,x,USD,2024-01-15T10:30:00Z,m,completed\n"
-        ))
-        .await
-        .file_id;
-    let rec = fleet
-        .wait_for_status(id, &[FileStatus::ValidationFailed])
-        .await;
+    let id = fleet.upload(format!("{HEADER}t1,x,USD,2024-01-15T10:30:00Z,m,completed\n")).await.file_id;
+    let rec = fleet.wait_for_status(id, &[FileStatus::ValidationFailed]).await;
     let first = tap.next(Duration::from_secs(10)).await.unwrap();
     let mut event = txpipe_common::messages::FileEvent::new(id, rec.object_key);
     event.error_count = Some(1);
     fleet.publish_raw("file.rejected", &event.to_body()).await;
-    let second = tap
-        .next(Duration::from_secs(10))
-        .await
-        .expect("the duplicate is delivered");
-    assert_eq!(
-        first.message_id, second.message_id,
-        "a subscriber can drop the copy by its id"
-    );
+    let second = tap.next(Duration::from_secs(10)).await.expect("the duplicate is delivered");
+    assert_eq!(first.message_id, second.message_id, "a subscriber can drop the copy by its id");
     assert_eq!(fleet.dlq_count().await, 0);
     fleet.shutdown().await;
 }
@@ -398,22 +285,14 @@ async fn a_repeated_rejection_notice_keeps_its_message_id() {
 #[tokio::test]
 async fn a_broken_message_goes_to_the_dlq_at_once_and_the_worker_carries_on() {
     let fleet = TestFleet::spawn().await;
-    fleet
-        .publish_raw("file.uploaded", b"{this is not json")
-        .await;
-    let dead = fleet
-        .dlq_take()
-        .await
-        .expect("the broken message is dead-lettered");
+    fleet.publish_raw("file.uploaded", b"{this is not json").await;
+    let dead = fleet.dlq_take().await.expect("the broken message is dead-lettered");
     assert_eq!(dead.routing_key, "file.uploaded");
     assert_eq!(dead.body, b"{this is not json");
     assert_eq!(dead.headers["x-txpipe-stage"], "validator");
     assert_eq!(dead.headers["x-txpipe-error-class"], "malformed");
     assert!(dead.headers["x-txpipe-reason"].contains("malformed file event"));
-    assert_eq!(
-        dead.headers["x-txpipe-original-exchange"],
-        fleet.names.pipeline_exchange()
-    );
+    assert_eq!(dead.headers["x-txpipe-original-exchange"], fleet.names.pipeline_exchange());
 
     // a message for a file nobody uploaded can never succeed either
     let ghost = txpipe_common::messages::FileEvent::new(FileId::new(), "uploads/ghost.csv".into());
@@ -434,18 +313,10 @@ async fn a_file_whose_object_vanished_fails_its_stage_and_is_announced() {
     // record an upload by hand whose object is missing, then announce it
     let id = FileId::new();
     let key = fleet.names.object_key(&id);
-    let rec =
-        txpipe_common::status::StatusRecord::uploaded(id, key.clone(), 10, chrono::Utc::now());
+    let rec = txpipe_common::status::StatusRecord::uploaded(id, key.clone(), 10, chrono::Utc::now());
     fleet.deps.storage.statuses.create(&rec).await.unwrap();
-    fleet
-        .publish_raw(
-            "file.uploaded",
-            &txpipe_common::messages::FileEvent::new(id, key).to_body(),
-        )
-        .await;
-    let r = fleet
-        .wait_for_status(id, &[FileStatus::ValidationFailed])
-        .await;
+    fleet.publish_raw("file.uploaded", &txpipe_common::messages::FileEvent::new(id, key).to_body()).await;
+    let r = fleet.wait_for_status(id, &[FileStatus::ValidationFailed]).await;
     assert!(r.reason.unwrap().contains("not found"));
     let n = tap.next(Duration::from_secs(10)).await.unwrap();
     assert_eq!(n.routing_key, "file.failed");

@@ -35,8 +35,7 @@ fn spawn(name: &str, ns: &str, data_dir: &std::path::Path) -> Child {
     if let Ok(url) = std::env::var("TXPIPE_AMQP_URL") {
         cmd.env("TXPIPE_AMQP_URL", url);
     }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+    cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
 }
 
 /// Reads the child's JSON log lines until one has `message == wanted`; returns that line.
@@ -62,16 +61,8 @@ async fn wait_for_log(child: &mut Child, wanted: &str) -> serde_json::Value {
 
 async fn stop(mut child: Child) -> std::process::ExitStatus {
     let pid = child.id().expect("running");
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(40), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap()
+    Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(40), child.wait()).await.expect("exits after SIGTERM").unwrap()
 }
 
 #[tokio::test]
@@ -82,21 +73,26 @@ async fn separate_binaries_with_several_copies_share_one_broker_and_storage() {
     let listening = wait_for_log(&mut gateway, "gateway listening").await;
     let base = format!("http://{}", listening["fields"]["addr"].as_str().unwrap());
 
+    let http = reqwest::Client::new();
     let mut workers = Vec::new();
-    for name in [
-        "validator",
-        "validator",
-        "transformer",
-        "transformer",
-        "notifier",
-        "notifier",
-    ] {
+    for name in ["validator", "validator", "transformer", "transformer", "notifier", "notifier"] {
         let mut child = spawn(name, &ns, dir.path());
-        wait_for_log(&mut child, "consuming").await;
+        // the health server starts before consuming; readyz says when the worker is connected
+        let health = wait_for_log(&mut child, "health endpoints on /healthz and /readyz").await;
+        let addr = health["fields"]["addr"].as_str().unwrap().to_owned();
+        for path in ["healthz", "readyz"] {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let r = http.get(format!("http://{addr}/{path}")).send().await;
+                if r.as_ref().is_ok_and(|r| r.status() == 200) {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{name} /{path} never answered 200: {r:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         workers.push(child);
     }
-
-    let http = reqwest::Client::new();
     let mut ids = Vec::new();
     for i in 0..8 {
         let body = if i == 3 {
@@ -104,63 +100,36 @@ async fn separate_binaries_with_several_copies_share_one_broker_and_storage() {
         } else {
             txpipe_tests::valid_csv(&format!("p{i}"), 200)
         };
-        let r = http
-            .post(format!("{base}/upload"))
-            .header("content-type", "text/csv")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = http.post(format!("{base}/upload")).header("content-type", "text/csv").body(body).send().await.unwrap();
         assert_eq!(r.status(), 202);
         let v: serde_json::Value = r.json().await.unwrap();
         ids.push(v["file_id"].as_str().unwrap().to_owned());
     }
     for (i, id) in ids.iter().enumerate() {
-        let want = if i == 3 {
-            "validation_failed"
-        } else {
-            "completed"
-        };
+        let want = if i == 3 { "validation_failed" } else { "completed" };
         let deadline = tokio::time::Instant::now() + txpipe_tests::WAIT;
         loop {
-            let v: serde_json::Value = http
-                .get(format!("{base}/files/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: serde_json::Value =
+                http.get(format!("{base}/files/{id}")).send().await.unwrap().json().await.unwrap();
             if v["status"] == want {
                 if want == "completed" {
                     assert_eq!(v["records_processed"], 200);
                 }
                 break;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "file {i} stuck: {v}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "file {i} stuck: {v}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     // SIGTERM: every process stops cleanly
     for child in workers {
-        assert!(
-            stop(child).await.success(),
-            "a worker exited non-zero after SIGTERM"
-        );
+        assert!(stop(child).await.success(), "a worker exited non-zero after SIGTERM");
     }
-    assert!(
-        stop(gateway).await.success(),
-        "the gateway exited non-zero after SIGTERM"
-    );
+    assert!(stop(gateway).await.success(), "the gateway exited non-zero after SIGTERM");
 
     let mut settings = txpipe_tests::test_settings(dir.path());
     settings.namespace = ns;
-    let broker = txpipe_common::amqp::Broker::connect(&settings)
-        .await
-        .unwrap();
+    let broker = txpipe_common::amqp::Broker::connect(&settings).await.unwrap();
     broker.teardown().await.unwrap();
 }

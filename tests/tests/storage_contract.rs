@@ -42,3 +42,50 @@ async fn two_processes_worth_of_connections_share_one_database() {
     assert_eq!(b.statuses.get(id).await.unwrap(), Some(rec));
     let _: Arc<dyn txpipe_common::storage::StatusStore> = b.statuses;
 }
+
+/// The same suites against S3 and DynamoDB on moto (started by the harness if needed).
+async fn on_moto() -> (tempfile::TempDir, txpipe_common::Settings, aws_config::SdkConfig, Storage) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = txpipe_tests::test_settings(dir.path());
+    settings.storage = txpipe_common::config::StorageKind::Aws;
+    // small parts, so the large-object case goes through a real multipart upload
+    settings.s3_multipart_threshold_bytes = 5 * 1024 * 1024;
+    settings.s3_part_size_bytes = 5 * 1024 * 1024;
+    let (sdk, storage) = txpipe_tests::aws::provisioned(&settings).await;
+    (dir, settings, sdk, storage)
+}
+
+#[tokio::test]
+async fn s3_object_store_meets_the_contract() {
+    let (_dir, settings, sdk, s) = on_moto().await;
+    contract::object_store(s.objects).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
+async fn dynamodb_status_store_meets_the_contract() {
+    let (_dir, settings, sdk, s) = on_moto().await;
+    contract::status_store(s.statuses).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
+async fn dynamodb_transaction_store_meets_the_contract() {
+    let (_dir, settings, sdk, s) = on_moto().await;
+    contract::transaction_store(s.transactions).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
+async fn a_missing_bucket_or_table_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = txpipe_tests::test_settings(dir.path());
+    settings.storage = txpipe_common::config::StorageKind::Aws;
+    let sdk = txpipe_tests::aws::sdk_config(&settings).await;
+    let storage = Storage::aws(&sdk, &settings);
+    let err = storage.check().await.unwrap_err().to_string();
+    assert!(err.contains(&settings.names().bucket()), "{err}");
+    assert!(err.contains("txpipe provision"), "{err}");
+    let err = storage.statuses.check().await.unwrap_err().to_string();
+    assert!(err.contains(&settings.names().status_table()) && err.contains("txpipe provision"), "{err}");
+}

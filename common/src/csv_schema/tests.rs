@@ -14,17 +14,7 @@ fn check_str(s: &str) -> ValidationReport {
 }
 
 fn messages(r: &ValidationReport) -> Vec<String> {
-    r.errors
-        .iter()
-        .map(|e| {
-            format!(
-                "{}:{}:{}",
-                e.row,
-                e.column.as_deref().unwrap_or("-"),
-                e.message
-            )
-        })
-        .collect()
+    r.errors.iter().map(|e| format!("{}:{}:{}", e.row, e.column.as_deref().unwrap_or("-"), e.message)).collect()
 }
 
 fn one_error(r: &ValidationReport) -> &RowError {
@@ -64,11 +54,7 @@ fn missing_columns_are_named() {
     let r = check_str("transaction_id,amount,currency\nt1,1,USD\n");
     let e = one_error(&r);
     assert_eq!(e.row, 0);
-    assert!(
-        e.message.contains("timestamp, merchant, status"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("timestamp, merchant, status"), "{}", e.message);
 }
 
 #[test]
@@ -79,41 +65,19 @@ fn a_duplicated_header_column_is_an_error() {
 
 #[test]
 fn empty_fields_are_errors() {
-    let r = check_str(&format!(
-        "{HEADER}t1,,USD,2024-01-15T10:30:00Z,,completed\n"
-    ));
-    assert_eq!(
-        messages(&r),
-        ["1:amount:amount is empty", "1:merchant:merchant is empty"]
-    );
+    let r = check_str(&format!("{HEADER}t1,,USD,2024-01-15T10:30:00Z,,completed\n"));
+    assert_eq!(messages(&r), ["1:amount:amount is empty", "1:merchant:merchant is empty"]);
 }
 
 #[test]
 fn amounts_must_be_exact_decimals() {
-    for bad in [
-        "NaN",
-        "inf",
-        "-Infinity",
-        "1e5",
-        "1.2.3",
-        "12,5",
-        "$5",
-        "1_000",
-        ".5",
-        "5.",
-        "0x10",
-        "--1",
-    ] {
-        let r = check_str(&format!(
-            "{HEADER}t1,\"{bad}\",USD,2024-01-15T10:30:00Z,m,completed\n"
-        ));
+    for bad in ["NaN", "inf", "-Infinity", "1e5", "1.2.3", "12,5", "$5", "1_000", ".5", "5.", "0x10", "--1"] {
+        let r = check_str(&format!("{HEADER}t1,\"{bad}\",USD,2024-01-15T10:30:00Z,m,completed\n"));
         let e = one_error(&r);
         assert_eq!(e.column.as_deref(), Some("amount"), "{bad}");
         assert!(e.message.contains("not a decimal"), "{bad}: {}", e.message);
     }
-    let r = check_str(&format!(
-        "{HEADER}t1,123456789012345678901234567890123,USD,2024-01-15T10:30:00Z,m,completed\n"
-    ));
+    let r = check_str(&format!("{HEADER}t1,123456789012345678901234567890123,USD,2024-01-15T10:30:00Z,m,completed\n"));
     assert!(one_error(&r).message.contains("more digits"));
 }
 
@@ -131,9 +95,7 @@ fn amounts_keep_their_exact_value() {
 #[test]
 fn currencies_must_be_iso_4217() {
     for bad in ["usd", "US", "DOLLARS", "ABC", "XXX"] {
-        let r = check_str(&format!(
-            "{HEADER}t1,1,{bad},2024-01-15T10:30:00Z,m,completed\n"
-        ));
+        let r = check_str(&format!("{HEADER}t1,1,{bad},2024-01-15T10:30:00Z,m,completed\n"));
         assert_eq!(one_error(&r).column.as_deref(), Some("currency"), "{bad}");
     }
 }
@@ -157,10 +119,7 @@ fn timestamps_must_be_rfc_3339() {
 fn statuses_are_a_closed_set() {
     for bad in ["COMPLETED", "done", "cancelled"] {
         let r = check_str(&format!("{HEADER}t1,1,USD,2024-01-15T10:30:00Z,m,{bad}\n"));
-        assert!(
-            one_error(&r).message.contains("completed, pending, failed"),
-            "{bad}"
-        );
+        assert!(one_error(&r).message.contains("completed, pending, failed"), "{bad}");
     }
 }
 
@@ -169,10 +128,7 @@ fn duplicate_ids_are_found_with_the_first_row() {
     let r = check_str(&format!(
         "{HEADER}a,1,USD,2024-01-15T10:30:00Z,m,completed\nb,1,USD,2024-01-15T10:30:00Z,m,completed\na,2,USD,2024-01-15T10:30:00Z,m,completed\n"
     ));
-    assert_eq!(
-        messages(&r),
-        ["3:transaction_id:transaction_id 'a' already appears in row 1"]
-    );
+    assert_eq!(messages(&r), ["3:transaction_id:transaction_id 'a' already appears in row 1"]);
 }
 
 #[test]
@@ -187,17 +143,9 @@ fn invalid_utf8_is_reported_per_field() {
 
 #[test]
 fn a_ragged_row_is_an_error() {
-    let r = check_str(&format!(
-        "{HEADER}t1,1,USD\nt2,1,USD,2024-01-15T10:30:00Z,m,completed,extra\n"
-    ));
+    let r = check_str(&format!("{HEADER}t1,1,USD\nt2,1,USD,2024-01-15T10:30:00Z,m,completed,extra\n"));
     assert_eq!(r.error_count, 2);
-    assert!(
-        r.errors[0]
-            .message
-            .contains("3 fields but the header has 6"),
-        "{:?}",
-        messages(&r)
-    );
+    assert!(r.errors[0].message.contains("3 fields but the header has 6"), "{:?}", messages(&r));
 }
 
 #[test]
@@ -210,16 +158,10 @@ fn header_only_and_empty_files_are_rejected() {
 
 #[test]
 fn binary_garbage_is_rejected_not_crashed_on() {
-    let garbage: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let r = check(&garbage);
     assert!(!r.is_valid());
-    assert!(
-        r.errors[0].message.contains("lacks required column"),
-        "{:?}",
-        messages(&r)
-    );
+    assert!(r.errors[0].message.contains("lacks required column"), "{:?}", messages(&r));
 }
 
 #[test]
@@ -244,26 +186,15 @@ fn duplicates_merge_with_other_errors_in_row_order() {
     }
     let r = validate(|| Ok(body.as_bytes()), 4).unwrap();
     assert_eq!(r.error_count, 6);
-    let rows: Vec<_> = r
-        .errors
-        .iter()
-        .map(|e| (e.row, e.column.clone().unwrap()))
-        .collect();
+    let rows: Vec<_> = r.errors.iter().map(|e| (e.row, e.column.clone().unwrap())).collect();
     assert_eq!(
         rows,
-        [
-            (2, "amount".into()),
-            (2, "transaction_id".into()),
-            (3, "amount".into()),
-            (3, "transaction_id".into())
-        ]
+        [(2, "amount".into()), (2, "transaction_id".into()), (3, "amount".into()), (3, "transaction_id".into())]
     );
 }
 
 #[test]
 fn whitespace_around_values_is_ignored() {
-    let r = check_str(&format!(
-        "{HEADER} t1 , 10.50 , USD , 2024-01-15T10:30:00Z , Acme , completed \n"
-    ));
+    let r = check_str(&format!("{HEADER} t1 , 10.50 , USD , 2024-01-15T10:30:00Z , Acme , completed \n"));
     assert!(r.is_valid(), "{:?}", messages(&r));
 }

@@ -20,21 +20,16 @@ fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
 impl LocalObjectStore {
     /// Uses (and creates) the directory `root`.
     pub fn open(root: PathBuf) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(&root)
-            .map_err(|e| unavailable("cannot create the object directory", &root, e))?;
+        std::fs::create_dir_all(&root).map_err(|e| unavailable("cannot create the object directory", &root, e))?;
         Ok(Self { root })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
         let safe = !key.is_empty()
             && !key.starts_with('/')
-            && key
-                .split('/')
-                .all(|part| !part.is_empty() && part != "." && part != "..");
+            && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
         if !safe {
-            return Err(StorageError::NotFound(format!(
-                "object {key:?} (not a valid key)"
-            )));
+            return Err(StorageError::NotFound(format!("object {key:?} (not a valid key)")));
         }
         Ok(self.root.join(key))
     }
@@ -45,28 +40,18 @@ impl ObjectStore for LocalObjectStore {
     async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, StorageError> {
         let path = self.path(key)?;
         let dir = path.parent().expect("a key has a parent directory");
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| unavailable("cannot create", dir, e))?;
+        tokio::fs::create_dir_all(dir).await.map_err(|e| unavailable("cannot create", dir, e))?;
         let tmp = dir.join(format!(".{}.part", uuid::Uuid::new_v4()));
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp)
-                .await
-                .map_err(|e| unavailable("cannot create", &tmp, e))?;
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| unavailable("cannot create", &tmp, e))?;
             let mut size = 0u64;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(StorageError::Source)?;
                 size += chunk.len() as u64;
-                file.write_all(&chunk)
-                    .await
-                    .map_err(|e| unavailable("cannot write", &tmp, e))?;
+                file.write_all(&chunk).await.map_err(|e| unavailable("cannot write", &tmp, e))?;
             }
-            file.sync_all()
-                .await
-                .map_err(|e| unavailable("cannot sync", &tmp, e))?;
-            tokio::fs::rename(&tmp, &path)
-                .await
-                .map_err(|e| unavailable("cannot rename into", &path, e))?;
+            file.sync_all().await.map_err(|e| unavailable("cannot sync", &tmp, e))?;
+            tokio::fs::rename(&tmp, &path).await.map_err(|e| unavailable("cannot rename into", &path, e))?;
             Ok(size)
         }
         .await;
@@ -80,9 +65,7 @@ impl ObjectStore for LocalObjectStore {
         let path = self.path(key)?;
         match tokio::fs::File::open(&path).await {
             Ok(f) => Ok(Box::new(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(StorageError::NotFound(format!("object {key}")))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StorageError::NotFound(format!("object {key}"))),
             Err(e) => Err(unavailable("cannot open", &path, e)),
         }
     }
@@ -97,16 +80,11 @@ impl ObjectStore for LocalObjectStore {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let meta = tokio::fs::metadata(&self.root)
-            .await
-            .map_err(|e| unavailable("cannot reach", &self.root, e))?;
+        let meta = tokio::fs::metadata(&self.root).await.map_err(|e| unavailable("cannot reach", &self.root, e))?;
         if meta.is_dir() {
             Ok(())
         } else {
-            Err(StorageError::Misconfigured(format!(
-                "{} is not a directory",
-                self.root.display()
-            )))
+            Err(StorageError::Misconfigured(format!("{} is not a directory", self.root.display())))
         }
     }
 }

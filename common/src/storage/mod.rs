@@ -3,7 +3,9 @@
 //! directory and SQLite) live here; the S3/DynamoDB adapters implement the same traits, and
 //! one contract test suite (`txpipe-tests`) runs against each.
 
+pub mod aws;
 pub mod local;
+pub mod provision;
 pub mod sqlite;
 
 use crate::config::{Settings, StorageKind};
@@ -170,24 +172,25 @@ impl Storage {
         let names = settings.names();
         match settings.storage {
             StorageKind::Local => {
-                let objects = local::LocalObjectStore::open(
-                    settings.data_dir.join("objects").join(names.bucket()),
-                )?;
-                let db =
-                    sqlite::SqliteStore::open(&settings.data_dir.join("txpipe.sqlite3"), &names)
-                        .await?;
+                let objects = local::LocalObjectStore::open(settings.data_dir.join("objects").join(names.bucket()))?;
+                let db = sqlite::SqliteStore::open(&settings.data_dir.join("txpipe.sqlite3"), &names).await?;
                 let db = Arc::new(db);
-                Ok(Self {
-                    objects: Arc::new(objects),
-                    statuses: db.clone(),
-                    transactions: db,
-                })
+                Ok(Self { objects: Arc::new(objects), statuses: db.clone(), transactions: db })
             }
-            StorageKind::Aws => Err(StorageError::Misconfigured(
-                "TXPIPE_STORAGE=aws is not available in this build yet; use TXPIPE_STORAGE=local"
-                    .into(),
-            )),
+            StorageKind::Aws => {
+                let sdk = aws::load_sdk_config(settings).await;
+                let storage = Self::aws(&sdk, settings);
+                // a missing bucket or table is a setup error: say so now, not on the first file
+                storage.check().await?;
+                Ok(storage)
+            }
         }
+    }
+
+    /// S3 and DynamoDB stores for `settings`' namespace, from an SDK configuration.
+    pub fn aws(sdk: &aws_config::SdkConfig, settings: &Settings) -> Self {
+        let db = Arc::new(aws::DynamoStore::new(sdk, &settings.names()));
+        Self { objects: Arc::new(aws::S3ObjectStore::new(sdk, settings)), statuses: db.clone(), transactions: db }
     }
 
     /// Ok when every store answers.
@@ -223,15 +226,10 @@ pub fn open_blocking(
     handle: &tokio::runtime::Handle,
 ) -> io::Result<impl io::Read + use<>> {
     let reader = handle.block_on(objects.get(key)).map_err(|e| match e {
-        StorageError::NotFound(what) => {
-            io::Error::new(io::ErrorKind::NotFound, format!("{what} not found"))
-        }
+        StorageError::NotFound(what) => io::Error::new(io::ErrorKind::NotFound, format!("{what} not found")),
         other => io::Error::other(other.to_string()),
     })?;
-    Ok(tokio_util::io::SyncIoBridge::new_with_handle(
-        reader,
-        handle.clone(),
-    ))
+    Ok(tokio_util::io::SyncIoBridge::new_with_handle(reader, handle.clone()))
 }
 
 #[cfg(test)]
@@ -244,10 +242,7 @@ mod tests {
             assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
         }
         for bad in ["xyz", "zz", "0"] {
-            assert!(
-                matches!(decode_cursor(bad), Err(StorageError::InvalidCursor)),
-                "{bad}"
-            );
+            assert!(matches!(decode_cursor(bad), Err(StorageError::InvalidCursor)), "{bad}");
         }
     }
 }

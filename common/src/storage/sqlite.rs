@@ -3,8 +3,7 @@
 //! on the blocking pool so the async workers never stall on the database.
 
 use super::{
-    decode_cursor, encode_cursor, Advance, StatusStore, StorageError, Transaction, TransactionPage,
-    TransactionStore,
+    decode_cursor, encode_cursor, Advance, StatusStore, StorageError, Transaction, TransactionPage, TransactionStore,
 };
 use crate::csv_schema::TxStatus;
 use crate::messages::FileId;
@@ -48,19 +47,14 @@ impl SqliteStore {
         let (st, tt) = (status_table.clone(), tx_table.clone());
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    StorageError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-                })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StorageError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
             }
-            let conn = Connection::open(&path).map_err(|e| {
-                StorageError::Unavailable(format!("cannot open {}: {e}", path.display()))
-            })?;
-            conn.busy_timeout(std::time::Duration::from_secs(10))
-                .map_err(db_err)?;
-            conn.pragma_update(None, "journal_mode", "WAL")
-                .map_err(db_err)?;
-            conn.pragma_update(None, "synchronous", "FULL")
-                .map_err(db_err)?;
+            let conn = Connection::open(&path)
+                .map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+            conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+            conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+            conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
             conn.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS {st} (
                     file_id TEXT PRIMARY KEY,
@@ -86,11 +80,7 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StorageError::Unavailable(e.to_string()))??;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-            status_table,
-            tx_table,
-        })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), status_table, tx_table })
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -119,40 +109,25 @@ fn from_json(s: &str) -> Result<StatusRecord, StorageError> {
 #[async_trait]
 impl StatusStore for SqliteStore {
     async fn create(&self, record: &StatusRecord) -> Result<(), StorageError> {
-        let sql = format!(
-            "INSERT INTO {} (file_id, status, updated_at, record) VALUES (?1, ?2, ?3, ?4)",
-            self.status_table
-        );
-        let (id, status, at, json) = (
-            record.file_id.to_string(),
-            record.status.as_str(),
-            record.updated_at.to_rfc3339(),
-            to_json(record),
-        );
-        self.with(
-            move |c| match c.execute(&sql, params![id, status, at, json]) {
-                Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    Err(StorageError::AlreadyExists(format!("file {id}")))
-                }
-                Err(e) => Err(db_err(e)),
-            },
-        )
+        let sql =
+            format!("INSERT INTO {} (file_id, status, updated_at, record) VALUES (?1, ?2, ?3, ?4)", self.status_table);
+        let (id, status, at, json) =
+            (record.file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), to_json(record));
+        self.with(move |c| match c.execute(&sql, params![id, status, at, json]) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(StorageError::AlreadyExists(format!("file {id}")))
+            }
+            Err(e) => Err(db_err(e)),
+        })
         .await
     }
 
     async fn get(&self, file_id: FileId) -> Result<Option<StatusRecord>, StorageError> {
-        let sql = format!(
-            "SELECT record FROM {} WHERE file_id = ?1",
-            self.status_table
-        );
+        let sql = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
         self.with(move |c| {
-            let json: Option<String> = c
-                .query_row(&sql, params![file_id.to_string()], |r| r.get(0))
-                .optional()
-                .map_err(db_err)?;
+            let json: Option<String> =
+                c.query_row(&sql, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
             json.as_deref().map(from_json).transpose()
         })
         .await
@@ -165,38 +140,20 @@ impl StatusStore for SqliteStore {
         update: StatusUpdate,
         at: DateTime<Utc>,
     ) -> Result<Advance, StorageError> {
-        let select = format!(
-            "SELECT record FROM {} WHERE file_id = ?1",
-            self.status_table
-        );
-        let write = format!(
-            "UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1",
-            self.status_table
-        );
+        let select = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
+        let write =
+            format!("UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1", self.status_table);
         self.with(move |c| {
             // IMMEDIATE takes the write lock up front: read-check-write is atomic across processes
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
-            let json: Option<String> = tx
-                .query_row(&select, params![file_id.to_string()], |r| r.get(0))
-                .optional()
-                .map_err(db_err)?;
-            let mut record =
-                from_json(&json.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?)?;
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let json: Option<String> =
+                tx.query_row(&select, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
+            let mut record = from_json(&json.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?)?;
             if !record.advance(to, update, at) {
                 return Ok(Advance::Refused(record));
             }
-            tx.execute(
-                &write,
-                params![
-                    file_id.to_string(),
-                    to.as_str(),
-                    at.to_rfc3339(),
-                    to_json(&record)
-                ],
-            )
-            .map_err(db_err)?;
+            tx.execute(&write, params![file_id.to_string(), to.as_str(), at.to_rfc3339(), to_json(&record)])
+                .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             Ok(Advance::Moved(record))
         })
@@ -205,21 +162,12 @@ impl StatusStore for SqliteStore {
 
     async fn delete(&self, file_id: FileId) -> Result<(), StorageError> {
         let sql = format!("DELETE FROM {} WHERE file_id = ?1", self.status_table);
-        self.with(move |c| {
-            c.execute(&sql, params![file_id.to_string()])
-                .map(|_| ())
-                .map_err(db_err)
-        })
-        .await
+        self.with(move |c| c.execute(&sql, params![file_id.to_string()]).map(|_| ()).map_err(db_err)).await
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let sql = format!(
-            "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)",
-            self.status_table
-        );
-        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err))
-            .await
+        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.status_table);
+        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
     }
 }
 
@@ -233,9 +181,7 @@ impl TransactionStore for SqliteStore {
         );
         let rows = rows.to_vec();
         self.with(move |c| {
-            let tx = c
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(db_err)?;
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
             {
                 let mut stmt = tx.prepare_cached(&sql).map_err(db_err)?;
                 for r in &rows {
@@ -274,11 +220,7 @@ impl TransactionStore for SqliteStore {
         self.with(move |c| {
             let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
             let mut rows = stmt
-                .query(params![
-                    file_id.to_string(),
-                    after.unwrap_or_default(),
-                    (limit + 1) as i64
-                ])
+                .query(params![file_id.to_string(), after.unwrap_or_default(), (limit + 1) as i64])
                 .map_err(db_err)?;
             let mut items = Vec::new();
             while let Some(r) = rows.next().map_err(db_err)? {
@@ -288,8 +230,7 @@ impl TransactionStore for SqliteStore {
                     transaction_id: text(0)?,
                     amount: text(1)?.parse().map_err(|_| corrupt("amount"))?,
                     currency: text(2)?,
-                    timestamp: DateTime::parse_from_rfc3339(&text(3)?)
-                        .map_err(|_| corrupt("timestamp"))?,
+                    timestamp: DateTime::parse_from_rfc3339(&text(3)?).map_err(|_| corrupt("timestamp"))?,
                     timestamp_epoch: r.get(4).map_err(db_err)?,
                     merchant: text(5)?,
                     status: TxStatus::parse(&text(6)?).ok_or_else(|| corrupt("status"))?,
@@ -311,11 +252,15 @@ impl TransactionStore for SqliteStore {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let sql = format!(
-            "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)",
-            self.tx_table
-        );
-        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err))
-            .await
+        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.tx_table);
+        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+    }
+}
+
+impl SqliteStore {
+    /// Drops both tables of the namespace (`txpipe teardown` for local storage).
+    pub async fn drop_tables(&self) -> Result<(), StorageError> {
+        let sql = format!("DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};", self.status_table, self.tx_table);
+        self.with(move |c| c.execute_batch(&sql).map_err(db_err)).await
     }
 }

@@ -5,9 +5,7 @@
 
 use async_trait::async_trait;
 use std::sync::Arc;
-use txpipe_common::messages::{
-    Stage, FILE_PROCESSED, FILE_REJECTED, NOTIFY_COMPLETED, NOTIFY_REJECTED,
-};
+use txpipe_common::messages::{Stage, FILE_PROCESSED, FILE_REJECTED, NOTIFY_COMPLETED, NOTIFY_REJECTED};
 use txpipe_common::status::{FileStatus, StatusUpdate};
 use txpipe_common::storage::Advance;
 use txpipe_common::worker::{storage_failure, Handler, Incoming, Outcome};
@@ -34,46 +32,22 @@ impl Notifier {
         match record.status {
             FileStatus::Processed | FileStatus::Notifying => {}
             // completed only after the notification was confirmed: nothing left to do
-            s if s.is_at_or_past(FileStatus::Completed) || s.is_final() => {
-                return Outcome::Done(Vec::new())
-            }
+            s if s.is_at_or_past(FileStatus::Completed) || s.is_final() => return Outcome::Done(Vec::new()),
             s => {
-                return Outcome::DeadLetter(format!(
-                    "file {file_id} is {s}, not processed: no completion to announce"
-                ))
+                return Outcome::DeadLetter(format!("file {file_id} is {s}, not processed: no completion to announce"))
             }
         }
-        let record = match statuses
-            .advance(
-                file_id,
-                FileStatus::Notifying,
-                StatusUpdate::default(),
-                chrono::Utc::now(),
-            )
-            .await
-        {
-            Ok(Advance::Moved(r) | Advance::Refused(r)) => r,
-            Err(e) => return storage_failure("recording status notifying", &e),
-        };
+        let record =
+            match statuses.advance(file_id, FileStatus::Notifying, StatusUpdate::default(), chrono::Utc::now()).await {
+                Ok(Advance::Moved(r) | Advance::Refused(r)) => r,
+                Err(e) => return storage_failure("recording status notifying", &e),
+            };
         let mut final_view = record.clone();
         final_view.status = FileStatus::Completed;
-        if let Err(e) = self
-            .deps
-            .publisher
-            .publish(&self.deps.notification(NOTIFY_COMPLETED, &final_view))
-            .await
-        {
+        if let Err(e) = self.deps.publisher.publish(&self.deps.notification(NOTIFY_COMPLETED, &final_view)).await {
             return Outcome::Retry(format!("publishing the notification failed: {e}"));
         }
-        match statuses
-            .advance(
-                file_id,
-                FileStatus::Completed,
-                StatusUpdate::default(),
-                chrono::Utc::now(),
-            )
-            .await
-        {
+        match statuses.advance(file_id, FileStatus::Completed, StatusUpdate::default(), chrono::Utc::now()).await {
             Ok(_) => {
                 tracing::info!(%file_id, "completed");
                 Outcome::Done(Vec::new())
@@ -96,12 +70,7 @@ impl Notifier {
             ));
         }
         // the status stays validation_failed: the rejection is the file's final word
-        match self
-            .deps
-            .publisher
-            .publish(&self.deps.notification(NOTIFY_REJECTED, &record))
-            .await
-        {
+        match self.deps.publisher.publish(&self.deps.notification(NOTIFY_REJECTED, &record)).await {
             Ok(()) => {
                 tracing::info!(%file_id, "rejection announced");
                 Outcome::Done(Vec::new())
@@ -121,17 +90,13 @@ impl Handler for Notifier {
         match msg.routing_key.as_str() {
             FILE_PROCESSED => self.completed(msg).await,
             FILE_REJECTED => self.rejected(msg).await,
-            other => Outcome::DeadLetter(format!(
-                "the notifier does not handle routing key {other:?}"
-            )),
+            other => Outcome::DeadLetter(format!("the notifier does not handle routing key {other:?}")),
         }
     }
 
     async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
         if msg.routing_key == FILE_PROCESSED {
-            self.deps
-                .mark_failed(Stage::Notifier, msg.event.file_id, reason)
-                .await;
+            self.deps.mark_failed(Stage::Notifier, msg.event.file_id, reason).await;
         }
     }
 }

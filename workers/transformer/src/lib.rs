@@ -53,10 +53,7 @@ impl Transformer {
                 Ok(s) => s,
                 Err(ScanError::Io(e)) => return Err(ReadError::Io(e)),
                 Err(ScanError::Header(errors)) => {
-                    return Err(ReadError::Invalid(format!(
-                        "the header no longer passes: {}",
-                        errors[0].message
-                    )))
+                    return Err(ReadError::Invalid(format!("the header no longer passes: {}", errors[0].message)))
                 }
             };
             let now = chrono::Utc::now();
@@ -73,12 +70,7 @@ impl Transformer {
                 };
                 batch.push(Transaction::from_row(&row, file_id, now));
                 if batch.len() == batch_size
-                    && tx
-                        .blocking_send(std::mem::replace(
-                            &mut batch,
-                            Vec::with_capacity(batch_size),
-                        ))
-                        .is_err()
+                    && tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))).is_err()
                 {
                     return Ok(()); // the writer stopped; its error is the one to report
                 }
@@ -98,18 +90,16 @@ impl Transformer {
             written += batch.len() as u64;
         }
         drop(rx);
-        let read = reader
-            .await
-            .map_err(|e| Outcome::Retry(format!("reading task failed: {e}")))?;
+        let read = reader.await.map_err(|e| Outcome::Retry(format!("reading task failed: {e}")))?;
         if let Some(e) = write_error {
             return Err(storage_failure("writing transactions", &e));
         }
         match read {
             Ok(()) => Ok(written),
             Err(ReadError::Io(e)) => Err(read_failure("reading the validated file", &e)),
-            Err(ReadError::Invalid(why)) => Err(Outcome::DeadLetter(format!(
-                "the stored file changed after validation: {why}"
-            ))),
+            Err(ReadError::Invalid(why)) => {
+                Err(Outcome::DeadLetter(format!("the stored file changed after validation: {why}")))
+            }
         }
     }
 }
@@ -135,19 +125,11 @@ impl Handler for Transformer {
                 return Outcome::Done(self.follow_up(&record));
             }
             s => {
-                return Outcome::DeadLetter(format!(
-                    "file {file_id} is {s}, not validated: refusing to store its rows"
-                ))
+                return Outcome::DeadLetter(format!("file {file_id} is {s}, not validated: refusing to store its rows"))
             }
         }
-        if let Err(e) = statuses
-            .advance(
-                file_id,
-                FileStatus::Processing,
-                StatusUpdate::default(),
-                chrono::Utc::now(),
-            )
-            .await
+        if let Err(e) =
+            statuses.advance(file_id, FileStatus::Processing, StatusUpdate::default(), chrono::Utc::now()).await
         {
             return storage_failure("recording status processing", &e);
         }
@@ -156,23 +138,15 @@ impl Handler for Transformer {
             Err(outcome) => return outcome,
         };
         tracing::info!(%file_id, rows = written, "transactions stored");
-        let update = StatusUpdate {
-            records_processed: Some(written),
-            ..Default::default()
-        };
-        match statuses
-            .advance(file_id, FileStatus::Processed, update, chrono::Utc::now())
-            .await
-        {
+        let update = StatusUpdate { records_processed: Some(written), ..Default::default() };
+        match statuses.advance(file_id, FileStatus::Processed, update, chrono::Utc::now()).await {
             Ok(Advance::Moved(r) | Advance::Refused(r)) => Outcome::Done(self.follow_up(&r)),
             Err(e) => storage_failure("recording status processed", &e),
         }
     }
 
     async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
-        self.deps
-            .mark_failed(Stage::Transformer, msg.event.file_id, reason)
-            .await;
+        self.deps.mark_failed(Stage::Transformer, msg.event.file_id, reason).await;
     }
 }
 

@@ -2,6 +2,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    txpipe_common::service::worker_main("transformer", "127.0.0.1:9102", txpipe_transformer::run)
-        .await
+    txpipe_common::service::worker_main("transformer", "127.0.0.1:9102", txpipe_transformer::run).await
 }

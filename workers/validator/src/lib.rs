@@ -42,11 +42,10 @@ impl Validator {
         let key = key.to_owned();
         let cap = self.deps.settings.max_reported_errors;
         let handle = tokio::runtime::Handle::current();
-        let result = tokio::task::spawn_blocking(move || {
-            csv_schema::validate(|| open_blocking(&objects, &key, &handle), cap)
-        })
-        .await
-        .map_err(|e| Outcome::Retry(format!("validation task failed: {e}")))?;
+        let result =
+            tokio::task::spawn_blocking(move || csv_schema::validate(|| open_blocking(&objects, &key, &handle), cap))
+                .await
+                .map_err(|e| Outcome::Retry(format!("validation task failed: {e}")))?;
         result.map_err(|e| read_failure("reading the uploaded file", &e))
     }
 }
@@ -73,14 +72,8 @@ impl Handler for Validator {
             tracing::info!(%file_id, status = %record.status, "already validated; passing on its result");
             return Outcome::Done(self.follow_up(&record));
         }
-        if let Err(e) = statuses
-            .advance(
-                file_id,
-                FileStatus::Validating,
-                StatusUpdate::default(),
-                chrono::Utc::now(),
-            )
-            .await
+        if let Err(e) =
+            statuses.advance(file_id, FileStatus::Validating, StatusUpdate::default(), chrono::Utc::now()).await
         {
             return storage_failure("recording status validating", &e);
         }
@@ -89,23 +82,13 @@ impl Handler for Validator {
             Err(outcome) => return outcome,
         };
         let (to, update) = if report.is_valid() {
-            (
-                FileStatus::Validated,
-                StatusUpdate {
-                    row_count: Some(report.row_count),
-                    ..Default::default()
-                },
-            )
+            (FileStatus::Validated, StatusUpdate { row_count: Some(report.row_count), ..Default::default() })
         } else {
             let reason = format!(
                 "{} problem(s) found in {} row(s); the first: {}",
                 report.error_count,
                 report.row_count,
-                report
-                    .errors
-                    .first()
-                    .map(|e| e.message.as_str())
-                    .unwrap_or("unknown")
+                report.errors.first().map(|e| e.message.as_str()).unwrap_or("unknown")
             );
             let update = StatusUpdate {
                 row_count: Some(report.row_count),
@@ -117,19 +100,14 @@ impl Handler for Validator {
             (FileStatus::ValidationFailed, update)
         };
         tracing::info!(%file_id, rows = report.row_count, errors = report.error_count, status = %to, "validated");
-        match statuses
-            .advance(file_id, to, update, chrono::Utc::now())
-            .await
-        {
+        match statuses.advance(file_id, to, update, chrono::Utc::now()).await {
             Ok(Advance::Moved(r) | Advance::Refused(r)) => Outcome::Done(self.follow_up(&r)),
             Err(e) => storage_failure("recording the validation result", &e),
         }
     }
 
     async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
-        self.deps
-            .mark_failed(Stage::Validator, msg.event.file_id, reason)
-            .await;
+        self.deps.mark_failed(Stage::Validator, msg.event.file_id, reason).await;
     }
 }
 

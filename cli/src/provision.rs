@@ -1,0 +1,93 @@
+//! `txpipe provision` and `txpipe teardown`: create or remove everything a namespace uses
+//! (bucket or directory, both tables, the broker topology), idempotently, saying what was done.
+
+use txpipe_common::amqp::{AmqpError, Broker};
+use txpipe_common::config::{Settings, StorageKind};
+use txpipe_common::storage::{aws, provision as aws_provision, sqlite::SqliteStore, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+}
+
+async fn sdk(settings: &Settings, given: Option<&aws_config::SdkConfig>) -> aws_config::SdkConfig {
+    match given {
+        Some(c) => c.clone(),
+        None => aws::load_sdk_config(settings).await,
+    }
+}
+
+/// Creates the namespace's storage and topology. `sdk` overrides the AWS SDK's own settings.
+pub async fn provision(
+    settings: &Settings,
+    sdk_config: Option<&aws_config::SdkConfig>,
+) -> Result<Vec<String>, ProvisionError> {
+    let names = settings.names();
+    let mut done = match settings.storage {
+        StorageKind::Local => {
+            // opening creates the directory and the tables
+            txpipe_common::storage::Storage::open(settings).await?;
+            vec![format!(
+                "local storage ready under {} (objects in objects/{}, tables {} and {} in txpipe.sqlite3)",
+                settings.data_dir.display(),
+                names.bucket(),
+                names.status_table(),
+                names.transactions_table()
+            )]
+        }
+        StorageKind::Aws => {
+            let sdk = sdk(settings, sdk_config).await;
+            let s3 = aws::S3ObjectStore::new(&sdk, settings);
+            let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+            aws_provision::provision(&s3, &ddb, &names, sdk.region().map(|r| r.as_ref())).await?
+        }
+    };
+    let broker = Broker::connect(settings).await?;
+    broker.declare_all().await?;
+    broker.close().await;
+    done.push(format!(
+        "declared exchanges {}, {}, {} and queues {}.validator, {}.transformer, {}.notifier, {}",
+        names.pipeline_exchange(),
+        names.notifications_exchange(),
+        names.dead_letter_exchange(),
+        names.namespace(),
+        names.namespace(),
+        names.namespace(),
+        names.dead_letter_queue()
+    ));
+    Ok(done)
+}
+
+/// Removes the namespace's storage (with its data) and topology.
+pub async fn teardown(
+    settings: &Settings,
+    sdk_config: Option<&aws_config::SdkConfig>,
+) -> Result<Vec<String>, ProvisionError> {
+    let names = settings.names();
+    let mut done = match settings.storage {
+        StorageKind::Local => {
+            let db = SqliteStore::open(&settings.data_dir.join("txpipe.sqlite3"), &names).await?;
+            db.drop_tables().await?;
+            let dir = settings.data_dir.join("objects").join(names.bucket());
+            let _ = std::fs::remove_dir_all(&dir);
+            vec![
+                format!("dropped tables {} and {}", names.status_table(), names.transactions_table()),
+                format!("removed {}", dir.display()),
+            ]
+        }
+        StorageKind::Aws => {
+            let sdk = sdk(settings, sdk_config).await;
+            let s3 = aws::S3ObjectStore::new(&sdk, settings);
+            let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+            aws_provision::teardown(&s3, &ddb, &names).await?
+        }
+    };
+    let broker = Broker::connect(settings).await?;
+    broker.teardown().await?;
+    broker.close().await;
+    done.push(format!("deleted the exchanges and queues of namespace {}", names.namespace()));
+    Ok(done)
+}

@@ -1,0 +1,569 @@
+//! The AWS adapters: the object store on S3 and both tables on DynamoDB, through the official
+//! SDK. They work against AWS and anything that speaks the same APIs (MinIO, LocalStack,
+//! DynamoDB Local, moto); the endpoint, region and credentials come from the SDK's own
+//! settings (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, profiles, roles...).
+
+use super::{
+    decode_cursor, encode_cursor, Advance, ByteStream, ObjectReader, ObjectStore, StatusStore, StorageError,
+    Transaction, TransactionPage, TransactionStore,
+};
+use crate::config::Settings;
+use crate::csv_schema::TxStatus;
+use crate::messages::FileId;
+use crate::names::Names;
+use crate::status::{FileStatus, StatusRecord, StatusUpdate};
+use async_trait::async_trait;
+use aws_config::SdkConfig;
+use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
+use aws_smithy_types::error::display::DisplayErrorContext;
+use backon::BackoffBuilder;
+use bytes::BytesMut;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Items per BatchWriteItem call: DynamoDB's limit (moto does not enforce it; we do).
+pub const BATCH_WRITE_MAX: usize = 25;
+/// BatchWriteItem calls in flight at once for one batch of rows.
+const BATCH_WRITES_IN_FLIGHT: usize = 4;
+/// The transactions table's index on file_id, for `GET /files/{id}/transactions`.
+pub const FILE_INDEX: &str = "file_id-index";
+/// Optimistic-concurrency attempts for one status change before giving up (transient).
+const STATUS_CAS_ATTEMPTS: usize = 16;
+
+/// Loads the SDK's configuration from its usual sources, with txpipe's call timeouts.
+pub async fn load_sdk_config(settings: &Settings) -> SdkConfig {
+    let op = Duration::from_millis(settings.aws_operation_timeout_ms);
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(op / 2)
+        .operation_timeout(op)
+        .build();
+    aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts).load().await
+}
+
+/// Turns an SDK failure into a [`StorageError`] that says what to do about it.
+fn classify<E, R>(what: &str, err: aws_sdk_s3::error::SdkError<E, R>) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_s3::error::SdkError;
+    let text = format!("{what}: {}", DisplayErrorContext(&err));
+    match &err {
+        SdkError::ServiceError(ctx) => {
+            let code = ctx.err().code().unwrap_or_default();
+            match code {
+                "ResourceNotFoundException" | "NoSuchBucket" => {
+                    StorageError::Misconfigured(format!("{text} (create it with `txpipe provision`)"))
+                }
+                "AccessDenied"
+                | "AccessDeniedException"
+                | "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "UnrecognizedClientException"
+                | "ExpiredToken"
+                | "ExpiredTokenException"
+                | "InvalidClientTokenId"
+                | "MissingAuthenticationToken" => {
+                    StorageError::Misconfigured(format!("{text} (check the AWS credentials and their permissions)"))
+                }
+                _ => StorageError::Unavailable(text),
+            }
+        }
+        SdkError::DispatchFailure(_) if text.contains("credential") => StorageError::Misconfigured(format!(
+            "{text} (give the AWS SDK credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role)"
+        )),
+        SdkError::ConstructionFailure(_) => {
+            StorageError::Misconfigured(format!("{text} (check AWS_REGION, AWS_ENDPOINT_URL and the credentials)"))
+        }
+        _ => StorageError::Unavailable(text),
+    }
+}
+
+fn is_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_s3::error::SdkError<E, R>, code: &str) -> bool {
+    err.as_service_error().and_then(|e| e.code()) == Some(code)
+}
+
+/// Objects in the `{ns}-csv-files` bucket.
+pub struct S3ObjectStore {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    sse: Option<ServerSideEncryption>,
+    threshold: u64,
+    part_size: usize,
+}
+
+impl S3ObjectStore {
+    pub fn new(sdk: &SdkConfig, settings: &Settings) -> Self {
+        let path_style = settings.s3_force_path_style.unwrap_or(sdk.endpoint_url().is_some());
+        let conf = aws_sdk_s3::config::Builder::from(sdk).force_path_style(path_style).build();
+        Self {
+            client: aws_sdk_s3::Client::from_conf(conf),
+            bucket: settings.names().bucket(),
+            sse: settings.s3_sse.as_deref().map(ServerSideEncryption::from),
+            threshold: settings.s3_multipart_threshold_bytes,
+            part_size: settings.s3_part_size_bytes as usize,
+        }
+    }
+
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    /// Reads from the stream until `want` bytes are buffered or it ends.
+    async fn fill(body: &mut ByteStream, buf: &mut BytesMut, want: usize) -> Result<bool, StorageError> {
+        while buf.len() < want {
+            match body.next().await {
+                Some(chunk) => buf.extend_from_slice(&chunk.map_err(StorageError::Source)?),
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    async fn multipart(&self, key: &str, mut buf: BytesMut, mut body: ByteStream) -> Result<u64, StorageError> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("text/csv")
+            .set_server_side_encryption(self.sse.clone())
+            .send()
+            .await
+            .map_err(|e| classify("starting a multipart upload", e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let result = async {
+            let mut parts = Vec::new();
+            let mut size = 0u64;
+            loop {
+                let more = Self::fill(&mut body, &mut buf, self.part_size).await?;
+                if buf.is_empty() {
+                    break;
+                }
+                let take = buf.len().min(self.part_size);
+                let part = buf.split_to(take).freeze();
+                size += part.len() as u64;
+                let number = parts.len() as i32 + 1;
+                let out = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .part_number(number)
+                    .body(part.into())
+                    .send()
+                    .await
+                    .map_err(|e| classify("uploading a part", e))?;
+                parts.push(
+                    CompletedPart::builder().part_number(number).set_e_tag(out.e_tag().map(str::to_owned)).build(),
+                );
+                if !more && buf.is_empty() {
+                    break;
+                }
+            }
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .send()
+                .await
+                .map_err(|e| classify("completing a multipart upload", e))?;
+            Ok(size)
+        }
+        .await;
+        if result.is_err() {
+            // leave no parts behind to be billed for
+            let _ =
+                self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send().await;
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3ObjectStore {
+    async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, StorageError> {
+        let mut buf = BytesMut::new();
+        let threshold = self.threshold as usize;
+        if Self::fill(&mut body, &mut buf, threshold + 1).await? {
+            return self.multipart(key, buf, body).await;
+        }
+        let size = buf.len() as u64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("text/csv")
+            .set_server_side_encryption(self.sse.clone())
+            .body(buf.freeze().into())
+            .send()
+            .await
+            .map_err(|e| classify("storing the object", e))?;
+        Ok(size)
+    }
+
+    async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
+        match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => Ok(Box::new(Box::pin(out.body.into_async_read()))),
+            Err(e) if is_code(&e, "NoSuchKey") => {
+                Err(StorageError::NotFound(format!("object {key} in bucket {}", self.bucket)))
+            }
+            Err(e) => Err(classify("reading the object", e)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("deleting the object", e))
+    }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Err(StorageError::Misconfigured(
+                format!("the S3 bucket {} does not exist (create it with `txpipe provision`)", self.bucket),
+            )),
+            Err(e) => Err(classify(&format!("reaching S3 bucket {}", self.bucket), e)),
+        }
+    }
+}
+
+/// Both tables on DynamoDB.
+pub struct DynamoStore {
+    client: aws_sdk_dynamodb::Client,
+    status_table: String,
+    tx_table: String,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn get_s<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Result<&'a str, StorageError> {
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+        .ok_or_else(|| StorageError::Corrupt(format!("item lacks string attribute {name}")))
+}
+
+fn to_item(t: &Transaction) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        ("transaction_id".into(), s(&t.transaction_id)),
+        ("file_id".into(), s(t.file_id.to_string())),
+        // a string keeps the exact decimal as written (a DynamoDB number would drop "10.50"'s zero)
+        ("amount".into(), s(t.amount.to_string())),
+        ("currency".into(), s(&t.currency)),
+        ("timestamp".into(), s(t.timestamp.to_rfc3339())),
+        ("timestamp_epoch".into(), AttributeValue::N(t.timestamp_epoch.to_string())),
+        ("merchant".into(), s(&t.merchant)),
+        ("status".into(), s(t.status.as_str())),
+        ("processed_at".into(), s(t.processed_at.to_rfc3339())),
+    ])
+}
+
+fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Transaction, StorageError> {
+    let corrupt = |what: &str| StorageError::Corrupt(format!("transaction {what}"));
+    Ok(Transaction {
+        transaction_id: get_s(item, "transaction_id")?.to_owned(),
+        amount: get_s(item, "amount")?.parse().map_err(|_| corrupt("amount"))?,
+        currency: get_s(item, "currency")?.to_owned(),
+        timestamp: DateTime::parse_from_rfc3339(get_s(item, "timestamp")?).map_err(|_| corrupt("timestamp"))?,
+        timestamp_epoch: item
+            .get("timestamp_epoch")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| corrupt("timestamp_epoch"))?,
+        merchant: get_s(item, "merchant")?.to_owned(),
+        status: TxStatus::parse(get_s(item, "status")?).ok_or_else(|| corrupt("status"))?,
+        file_id: get_s(item, "file_id")?.parse().map_err(|_| corrupt("file_id"))?,
+        processed_at: DateTime::parse_from_rfc3339(get_s(item, "processed_at")?)
+            .map_err(|_| corrupt("processed_at"))?
+            .with_timezone(&Utc),
+    })
+}
+
+/// Splits rows into BatchWriteItem-sized groups, the last write of an id winning (a request
+/// may not name one key twice).
+pub fn write_batches(rows: &[Transaction]) -> Vec<Vec<WriteRequest>> {
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        last.insert(&r.transaction_id, i);
+    }
+    let requests: Vec<WriteRequest> = rows
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| last[r.transaction_id.as_str()] == *i)
+        .map(|(_, r)| {
+            let put = PutRequest::builder().set_item(Some(to_item(r))).build().expect("item is set");
+            WriteRequest::builder().put_request(put).build()
+        })
+        .collect();
+    requests.chunks(BATCH_WRITE_MAX).map(<[WriteRequest]>::to_vec).collect()
+}
+
+impl DynamoStore {
+    pub fn new(sdk: &SdkConfig, names: &Names) -> Self {
+        Self {
+            client: aws_sdk_dynamodb::Client::new(sdk),
+            status_table: names.status_table(),
+            tx_table: names.transactions_table(),
+        }
+    }
+
+    pub fn client(&self) -> &aws_sdk_dynamodb::Client {
+        &self.client
+    }
+
+    async fn read_status(&self, file_id: FileId) -> Result<Option<(StatusRecord, String)>, StorageError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.status_table)
+            .key("file_id", s(file_id.to_string()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("reading a status", e))?;
+        let Some(item) = out.item else { return Ok(None) };
+        let record = serde_json::from_str(get_s(&item, "record")?)
+            .map_err(|e| StorageError::Corrupt(format!("status record: {e}")))?;
+        let version = item.get("version").and_then(|v| v.as_n().ok()).cloned().unwrap_or_else(|| "0".into());
+        Ok(Some((record, version)))
+    }
+
+    fn status_item(record: &StatusRecord, version: u64) -> HashMap<String, AttributeValue> {
+        HashMap::from([
+            ("file_id".into(), s(record.file_id.to_string())),
+            ("status".into(), s(record.status.as_str())),
+            ("updated_at".into(), s(record.updated_at.to_rfc3339())),
+            ("version".into(), AttributeValue::N(version.to_string())),
+            ("record".into(), s(serde_json::to_string(record).expect("a status record always serializes"))),
+        ])
+    }
+
+    async fn write_chunk(&self, chunk: Vec<WriteRequest>) -> Result<(), StorageError> {
+        debug_assert!(chunk.len() <= BATCH_WRITE_MAX);
+        let mut pending = chunk;
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(10)
+            .with_jitter()
+            .build();
+        loop {
+            let out = self
+                .client
+                .batch_write_item()
+                .request_items(&self.tx_table, pending.clone())
+                .send()
+                .await
+                .map_err(|e| classify("writing transactions", e))?;
+            let left = out.unprocessed_items.and_then(|mut m| m.remove(&self.tx_table)).unwrap_or_default();
+            if left.is_empty() {
+                return Ok(());
+            }
+            match backoff.next() {
+                Some(wait) => {
+                    tracing::debug!(unprocessed = left.len(), "resubmitting unprocessed items");
+                    tokio::time::sleep(wait).await;
+                    pending = left;
+                }
+                None => {
+                    return Err(StorageError::Unavailable(format!(
+                        "{} transactions still unprocessed by DynamoDB after retries (throttled?)",
+                        left.len()
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn describe(&self, table: &str) -> Result<(), StorageError> {
+        match self.client.describe_table().table_name(table).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, "ResourceNotFoundException") => Err(StorageError::Misconfigured(format!(
+                "the DynamoDB table {table} does not exist (create it with `txpipe provision`)"
+            ))),
+            Err(e) => Err(classify(&format!("reaching DynamoDB table {table}"), e)),
+        }
+    }
+}
+
+#[async_trait]
+impl StatusStore for DynamoStore {
+    async fn create(&self, record: &StatusRecord) -> Result<(), StorageError> {
+        match self
+            .client
+            .put_item()
+            .table_name(&self.status_table)
+            .set_item(Some(Self::status_item(record, 1)))
+            .condition_expression("attribute_not_exists(file_id)")
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
+                Err(StorageError::AlreadyExists(format!("file {}", record.file_id)))
+            }
+            Err(e) => Err(classify("recording a new file", e)),
+        }
+    }
+
+    async fn get(&self, file_id: FileId) -> Result<Option<StatusRecord>, StorageError> {
+        Ok(self.read_status(file_id).await?.map(|(r, _)| r))
+    }
+
+    async fn advance(
+        &self,
+        file_id: FileId,
+        to: FileStatus,
+        update: StatusUpdate,
+        at: DateTime<Utc>,
+    ) -> Result<Advance, StorageError> {
+        for _ in 0..STATUS_CAS_ATTEMPTS {
+            let (mut record, version) =
+                self.read_status(file_id).await?.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?;
+            if !record.advance(to, update.clone(), at) {
+                return Ok(Advance::Refused(record));
+            }
+            let next: u64 = version.parse::<u64>().unwrap_or(0) + 1;
+            // the write lands only if nobody changed the item since we read it
+            let result = self
+                .client
+                .put_item()
+                .table_name(&self.status_table)
+                .set_item(Some(Self::status_item(&record, next)))
+                .condition_expression("#v = :v")
+                .expression_attribute_names("#v", "version")
+                .expression_attribute_values(":v", AttributeValue::N(version))
+                .send()
+                .await;
+            match result {
+                Ok(_) => return Ok(Advance::Moved(record)),
+                Err(e) if is_code(&e, "ConditionalCheckFailedException") => continue,
+                Err(e) => return Err(classify("changing a status", e)),
+            }
+        }
+        Err(StorageError::Unavailable(format!("status of file {file_id} kept changing under us")))
+    }
+
+    async fn delete(&self, file_id: FileId) -> Result<(), StorageError> {
+        self.client
+            .delete_item()
+            .table_name(&self.status_table)
+            .key("file_id", s(file_id.to_string()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("forgetting a file", e))
+    }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        self.describe(&self.status_table).await
+    }
+}
+
+#[async_trait]
+impl TransactionStore for DynamoStore {
+    async fn put_batch(&self, rows: &[Transaction]) -> Result<(), StorageError> {
+        futures::stream::iter(write_batches(rows))
+            .map(|chunk| self.write_chunk(chunk))
+            .buffer_unordered(BATCH_WRITES_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+    }
+
+    async fn list_by_file(
+        &self,
+        file_id: FileId,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<TransactionPage, StorageError> {
+        let start = match cursor {
+            Some(c) => Some(HashMap::from([
+                ("transaction_id".to_owned(), s(decode_cursor(c)?)),
+                ("file_id".to_owned(), s(file_id.to_string())),
+            ])),
+            None => None,
+        };
+        let out = self
+            .client
+            .query()
+            .table_name(&self.tx_table)
+            .index_name(FILE_INDEX)
+            .key_condition_expression("file_id = :f")
+            .expression_attribute_values(":f", s(file_id.to_string()))
+            .limit(limit.clamp(1, 1000) as i32)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| match e {
+                e if is_code(&e, "ValidationException") && cursor.is_some() => StorageError::InvalidCursor,
+                e => classify("listing transactions", e),
+            })?;
+        let items = out.items().iter().map(from_item).collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = match out.last_evaluated_key() {
+            Some(k) => Some(encode_cursor(get_s(k, "transaction_id")?)),
+            None => None,
+        };
+        Ok(TransactionPage { items, next_cursor })
+    }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        self.describe(&self.tx_table).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal::Decimal;
+
+    fn tx(id: &str) -> Transaction {
+        let ts = DateTime::parse_from_rfc3339("2024-01-15T10:30:00Z").unwrap();
+        Transaction {
+            transaction_id: id.into(),
+            amount: Decimal::new(1050, 2),
+            currency: "USD".into(),
+            timestamp: ts,
+            timestamp_epoch: ts.timestamp(),
+            merchant: "m".into(),
+            status: TxStatus::Completed,
+            file_id: FileId::new(),
+            processed_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn batches_hold_at_most_25_writes_and_no_key_twice() {
+        let rows: Vec<_> = (0..101).map(|i| tx(&format!("t{i}"))).collect();
+        let batches = write_batches(&rows);
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [25, 25, 25, 25, 1]);
+        let dup = vec![tx("a"), tx("b"), tx("a")];
+        let b = write_batches(&dup);
+        assert_eq!(b[0].len(), 2, "the last write of an id wins");
+    }
+
+    #[test]
+    fn items_round_trip_with_exact_amounts() {
+        let t = tx("x");
+        let back = from_item(&to_item(&t)).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.amount.to_string(), "10.50");
+    }
+}

@@ -1,0 +1,182 @@
+//! `txpipe provision` / `txpipe teardown` for the aws backend: create or remove the bucket
+//! and both tables of a namespace, idempotently, saying what was done.
+
+use super::aws::{S3ObjectStore, FILE_INDEX};
+use super::StorageError;
+use crate::names::Names;
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+    PointInTimeRecoverySpecification, Projection, ProjectionType, ScalarAttributeType, TableStatus,
+};
+use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration, Delete, ObjectIdentifier};
+use aws_smithy_types::error::display::DisplayErrorContext;
+use std::time::Duration;
+
+fn fail(what: &str, e: impl std::error::Error) -> StorageError {
+    StorageError::Unavailable(format!("{what}: {}", DisplayErrorContext(&e)))
+}
+
+fn key(name: &str, kind: KeyType) -> KeySchemaElement {
+    KeySchemaElement::builder().attribute_name(name).key_type(kind).build().expect("complete key")
+}
+
+fn string_attr(name: &str) -> AttributeDefinition {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(ScalarAttributeType::S)
+        .build()
+        .expect("complete attribute")
+}
+
+/// Creates what is missing: the bucket, the status table, the transactions table with its
+/// file_id index; turns on point-in-time recovery where the service supports it.
+pub async fn provision(
+    s3: &S3ObjectStore,
+    ddb: &aws_sdk_dynamodb::Client,
+    names: &Names,
+    region: Option<&str>,
+) -> Result<Vec<String>, StorageError> {
+    let mut done = Vec::new();
+    let bucket = names.bucket();
+    let mut create = s3.client().create_bucket().bucket(&bucket);
+    if let Some(r) = region.filter(|r| *r != "us-east-1") {
+        create = create.create_bucket_configuration(
+            CreateBucketConfiguration::builder().location_constraint(BucketLocationConstraint::from(r)).build(),
+        );
+    }
+    match create.send().await {
+        Ok(_) => done.push(format!("created S3 bucket {bucket}")),
+        Err(e) if matches!(e.code(), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) => {
+            done.push(format!("S3 bucket {bucket} already exists"))
+        }
+        Err(e) => return Err(fail(&format!("creating S3 bucket {bucket}"), e)),
+    }
+
+    let status = names.status_table();
+    let req = ddb
+        .create_table()
+        .table_name(&status)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(string_attr("file_id"))
+        .key_schema(key("file_id", KeyType::Hash));
+    done.push(create_table(&status, req).await?);
+
+    let tx = names.transactions_table();
+    let index = GlobalSecondaryIndex::builder()
+        .index_name(FILE_INDEX)
+        .key_schema(key("file_id", KeyType::Hash))
+        .key_schema(key("transaction_id", KeyType::Range))
+        .projection(Projection::builder().projection_type(ProjectionType::All).build())
+        .build()
+        .expect("complete index");
+    let req = ddb
+        .create_table()
+        .table_name(&tx)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(string_attr("transaction_id"))
+        .attribute_definitions(string_attr("file_id"))
+        .key_schema(key("transaction_id", KeyType::Hash))
+        .global_secondary_indexes(index);
+    done.push(create_table(&tx, req).await?);
+
+    for table in [&status, &tx] {
+        wait_active(ddb, table).await?;
+        let pitr =
+            PointInTimeRecoverySpecification::builder().point_in_time_recovery_enabled(true).build().expect("complete");
+        match ddb.update_continuous_backups().table_name(table).point_in_time_recovery_specification(pitr).send().await
+        {
+            Ok(_) => done.push(format!("point-in-time recovery on for {table}")),
+            Err(e) => done.push(format!(
+                "point-in-time recovery not turned on for {table} (the service refused: {})",
+                e.code().unwrap_or("unsupported")
+            )),
+        }
+    }
+    Ok(done)
+}
+
+async fn create_table(
+    table: &str,
+    req: aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder,
+) -> Result<String, StorageError> {
+    match req.send().await {
+        Ok(_) => Ok(format!("created DynamoDB table {table}")),
+        Err(e) if e.code() == Some("ResourceInUseException") => Ok(format!("DynamoDB table {table} already exists")),
+        Err(e) => Err(fail(&format!("creating DynamoDB table {table}"), e)),
+    }
+}
+
+async fn wait_active(ddb: &aws_sdk_dynamodb::Client, table: &str) -> Result<(), StorageError> {
+    for _ in 0..120 {
+        let out = ddb.describe_table().table_name(table).send().await.map_err(|e| fail("describing a table", e))?;
+        if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(StorageError::Unavailable(format!("DynamoDB table {table} did not become ACTIVE within a minute")))
+}
+
+/// Removes the bucket (emptying it first) and both tables; what is already gone is skipped.
+pub async fn teardown(
+    s3: &S3ObjectStore,
+    ddb: &aws_sdk_dynamodb::Client,
+    names: &Names,
+) -> Result<Vec<String>, StorageError> {
+    let mut done = Vec::new();
+    let bucket = names.bucket();
+    let mut removed = 0usize;
+    let mut token = None;
+    loop {
+        let page = match s3.client().list_objects_v2().bucket(&bucket).set_continuation_token(token.take()).send().await
+        {
+            Ok(p) => p,
+            Err(e) if e.code() == Some("NoSuchBucket") => {
+                done.push(format!("S3 bucket {bucket} does not exist"));
+                break;
+            }
+            Err(e) => return Err(fail(&format!("listing S3 bucket {bucket}"), e)),
+        };
+        let ids: Vec<ObjectIdentifier> = page
+            .contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .map(|k| ObjectIdentifier::builder().key(k).build().expect("key set"))
+            .collect();
+        if !ids.is_empty() {
+            removed += ids.len();
+            let del = Delete::builder().set_objects(Some(ids)).quiet(true).build().expect("objects set");
+            s3.client()
+                .delete_objects()
+                .bucket(&bucket)
+                .delete(del)
+                .send()
+                .await
+                .map_err(|e| fail("emptying the bucket", e))?;
+        }
+        match page.next_continuation_token() {
+            Some(t) => token = Some(t.to_owned()),
+            None => {
+                match s3.client().delete_bucket().bucket(&bucket).send().await {
+                    Ok(_) => done.push(format!("deleted S3 bucket {bucket} ({removed} objects)")),
+                    Err(e) if e.code() == Some("NoSuchBucket") => {
+                        done.push(format!("S3 bucket {bucket} does not exist"))
+                    }
+                    Err(e) => return Err(fail(&format!("deleting S3 bucket {bucket}"), e)),
+                }
+                break;
+            }
+        }
+    }
+    for table in [names.status_table(), names.transactions_table()] {
+        match ddb.delete_table().table_name(&table).send().await {
+            Ok(_) => done.push(format!("deleted DynamoDB table {table}")),
+            Err(e) if e.code() == Some("ResourceNotFoundException") => {
+                done.push(format!("DynamoDB table {table} does not exist"))
+            }
+            Err(e) => return Err(fail(&format!("deleting DynamoDB table {table}"), e)),
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,49 @@
+//! The S3/DynamoDB-compatible server the tests use: moto_server, installed and started by
+//! `scripts/ensure-moto` on first use, and an SDK configuration pointing at it.
+
+use std::sync::OnceLock;
+use txpipe_common::storage::Storage;
+use txpipe_common::Settings;
+
+static ENDPOINT: OnceLock<String> = OnceLock::new();
+
+/// The moto endpoint, starting moto (and installing it) if needed.
+pub fn endpoint() -> &'static str {
+    ENDPOINT.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/ensure-moto");
+        let out = std::process::Command::new(script)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+        assert!(out.status.success(), "{script} failed: moto_server is needed for the aws tests");
+        String::from_utf8(out.stdout).unwrap().lines().last().expect("the endpoint line").trim().to_owned()
+    })
+}
+
+/// An SDK configuration for moto: its endpoint, dummy credentials, us-east-1.
+pub async fn sdk_config(settings: &Settings) -> aws_config::SdkConfig {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .operation_timeout(std::time::Duration::from_millis(settings.aws_operation_timeout_ms))
+        .build();
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "txpipe-tests"))
+        .timeout_config(timeouts)
+        .load()
+        .await
+}
+
+/// Provisions the namespace of `settings` on moto (bucket, tables, topology) and opens it.
+pub async fn provisioned(settings: &Settings) -> (aws_config::SdkConfig, Storage) {
+    let sdk = sdk_config(settings).await;
+    txpipe_cli::provision::provision(settings, Some(&sdk)).await.expect("provision on moto");
+    let storage = Storage::aws(&sdk, settings);
+    storage.check().await.expect("provisioned storage answers");
+    (sdk, storage)
+}
+
+/// Removes what [`provisioned`] made.
+pub async fn teardown(settings: &Settings, sdk: &aws_config::SdkConfig) {
+    txpipe_cli::provision::teardown(settings, Some(sdk)).await.expect("teardown on moto");
+}
