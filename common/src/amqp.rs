@@ -123,13 +123,7 @@ impl Broker {
 
     /// Declares what `stage` uses: exchanges, DLQ, its own queue and the next stage's queue.
     pub async fn declare_for(&self, stage: Stage) -> Result<(), AmqpError> {
-        let queues: &[Stage] = match stage {
-            Stage::Gateway => &[Stage::Validator],
-            Stage::Validator => &[Stage::Validator, Stage::Transformer],
-            Stage::Transformer => &[Stage::Transformer, Stage::Notifier],
-            Stage::Notifier => &[Stage::Notifier],
-        };
-        self.declare(queues).await
+        self.declare(declared_queues(stage)).await
     }
 
     /// Declares the whole topology (the CLI's `topology up` and `txpipe up`).
@@ -187,6 +181,17 @@ impl Broker {
         }
         let _ = ch.close(200, s("torn down")).await;
         Ok(())
+    }
+}
+
+/// The worker queues a service declares: its input and the queue its output goes to, so a
+/// message published before the next stage ever started waits for it.
+pub fn declared_queues(stage: Stage) -> &'static [Stage] {
+    match stage {
+        Stage::Gateway => &[Stage::Validator],
+        Stage::Validator => &[Stage::Validator, Stage::Transformer],
+        Stage::Transformer => &[Stage::Transformer, Stage::Notifier],
+        Stage::Notifier => &[Stage::Notifier],
     }
 }
 

@@ -1,0 +1,190 @@
+//! What can be checked of the compose stack without a Docker engine: the files parse, every
+//! setting a service is given is one txpipe reads (and accepts), each service runs a binary
+//! the Dockerfile ships, workers can be scaled, and each RabbitMQ user's permissions allow
+//! exactly what its service does with the names of DESIGN.md.
+
+use regex::Regex;
+use serde_json::Value as Json;
+use serde_yaml_ng::Value;
+use std::collections::BTreeMap;
+use txpipe_common::amqp::declared_queues;
+use txpipe_common::messages::Stage;
+use txpipe_common::{Names, Settings};
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+const BINARIES: [&str; 5] = ["txpipe", "ingest-gateway", "validator", "transformer", "notifier"];
+const TXPIPE_SERVICES: [&str; 5] = ["provision", "gateway", "validator", "transformer", "notifier"];
+/// The AWS SDK's own variables a service may be given.
+const AWS_VARS: [&str; 8] = [
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_DYNAMODB",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+];
+
+fn compose() -> Value {
+    let text = std::fs::read_to_string(format!("{ROOT}/compose/compose.yaml")).expect("compose/compose.yaml");
+    let mut v: Value = serde_yaml_ng::from_str(&text).expect("compose.yaml is valid YAML");
+    v.apply_merge().expect("YAML merge keys resolve");
+    // merge keys nest: resolve the ones inside services too
+    if let Some(services) = v.get_mut("services").and_then(Value::as_mapping_mut) {
+        for (_, svc) in services.iter_mut() {
+            svc.apply_merge().unwrap();
+            if let Some(env) = svc.get_mut("environment") {
+                env.apply_merge().unwrap();
+            }
+        }
+    }
+    v
+}
+
+fn env_of(svc: &Value) -> BTreeMap<String, String> {
+    let Some(env) = svc.get("environment").and_then(Value::as_mapping) else { return BTreeMap::new() };
+    env.iter()
+        .map(|(k, v)| {
+            let value = match v {
+                Value::String(s) => s.clone(),
+                other => serde_yaml_ng::to_string(other).unwrap().trim().to_owned(),
+            };
+            (k.as_str().unwrap().to_owned(), value)
+        })
+        .collect()
+}
+
+#[test]
+fn every_service_is_there_and_runs_a_shipped_binary() {
+    let c = compose();
+    let services = c["services"].as_mapping().expect("services");
+    for name in ["rabbitmq", "minio", "dynamodb"].iter().chain(TXPIPE_SERVICES.iter()) {
+        assert!(services.contains_key(*name), "service {name} missing");
+    }
+    let dockerfile = std::fs::read_to_string(format!("{ROOT}/compose/Dockerfile")).unwrap();
+    for bin in BINARIES {
+        assert!(dockerfile.contains(&format!("target/release/{bin}")), "the Dockerfile does not ship {bin}");
+    }
+    for name in TXPIPE_SERVICES {
+        let svc = &c["services"][name];
+        let cmd = svc["command"][0].as_str().unwrap_or_else(|| panic!("{name} has a command"));
+        assert!(BINARIES.contains(&cmd), "{name} runs {cmd}, which is not a txpipe binary");
+    }
+    for worker in ["validator", "transformer", "notifier"] {
+        let svc = &c["services"][worker];
+        assert!(svc.get("container_name").is_none(), "{worker} must be scalable: no container_name");
+        assert!(svc.get("ports").is_none(), "{worker} must be scalable: no host ports");
+        assert!(svc.get("healthcheck").is_some(), "{worker} has a healthcheck");
+    }
+}
+
+#[test]
+fn every_setting_given_is_one_txpipe_reads_and_accepts() {
+    let c = compose();
+    let known: Vec<String> = match serde_json::to_value(Settings::default()).unwrap() {
+        Json::Object(m) => m.keys().cloned().collect(),
+        _ => unreachable!(),
+    };
+    for name in TXPIPE_SERVICES {
+        let env = env_of(&c["services"][name]);
+        assert!(env.contains_key("TXPIPE_AMQP_URL"), "{name} names its broker user");
+        for key in env.keys() {
+            match key.strip_prefix("TXPIPE_") {
+                Some(field) => assert!(known.contains(&field.to_lowercase()), "{name}: {key} is not a txpipe setting"),
+                None => assert!(
+                    AWS_VARS.contains(&key.as_str()),
+                    "{name}: {key} is neither a txpipe nor an AWS SDK variable"
+                ),
+            }
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            for (k, v) in &env {
+                jail.set_env(k, v);
+            }
+            let settings = Settings::load().map_err(|e| format!("{name}: {e}"))?;
+            assert_eq!(settings.namespace, "txpipe", "the definitions are written for namespace txpipe");
+            Ok(())
+        });
+    }
+}
+
+/// What a service does on the broker, from the code: (configure, write, read) resources.
+fn needs(stage: Stage, n: &Names) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let exchanges = vec![n.pipeline_exchange(), n.notifications_exchange(), n.dead_letter_exchange()];
+    let queues: Vec<String> = declared_queues(stage).iter().map(|s| n.queue(*s)).collect();
+    let mut configure = exchanges;
+    configure.push(n.dead_letter_queue());
+    configure.extend(queues.clone());
+    // binding a queue needs write on the queue and read on the exchange
+    let mut write = queues;
+    write.push(n.dead_letter_queue());
+    let mut read = vec![n.pipeline_exchange(), n.dead_letter_exchange()];
+    match stage {
+        Stage::Gateway => write.push(n.pipeline_exchange()),
+        Stage::Validator | Stage::Transformer => {
+            write.extend([n.pipeline_exchange(), n.dead_letter_exchange(), n.notifications_exchange()]);
+            read.push(n.queue(stage));
+        }
+        Stage::Notifier => {
+            write.extend([n.notifications_exchange(), n.dead_letter_exchange()]);
+            read.push(n.queue(stage));
+        }
+    }
+    (configure, write, read)
+}
+
+#[test]
+fn each_broker_user_may_do_what_its_service_does_and_no_more() {
+    let text = std::fs::read_to_string(format!("{ROOT}/compose/rabbitmq/definitions.json")).unwrap();
+    let defs: Json = serde_json::from_str(&text).expect("definitions.json is valid JSON");
+    let n = Names::new("txpipe").unwrap();
+    let c = compose();
+    for (service, stage) in [
+        ("gateway", Stage::Gateway),
+        ("validator", Stage::Validator),
+        ("transformer", Stage::Transformer),
+        ("notifier", Stage::Notifier),
+    ] {
+        let user = format!("txpipe-{service}");
+        assert!(
+            defs["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|u| u["name"] == user.as_str() && u["password_hash"].is_string()),
+            "user {user} is defined"
+        );
+        let url = env_of(&c["services"][service])["TXPIPE_AMQP_URL"].clone();
+        assert!(url.starts_with(&format!("amqp://{user}:")), "{service} connects as {user}: {url}");
+        let perm =
+            defs["permissions"].as_array().unwrap().iter().find(|p| p["user"] == user.as_str()).expect("permissions");
+        let re = |k: &str| Regex::new(perm[k].as_str().unwrap()).unwrap();
+        let (configure, write, read) = needs(stage, &n);
+        for (kind, wanted) in [("configure", &configure), ("write", &write), ("read", &read)] {
+            let r = re(kind);
+            for name in wanted.iter() {
+                assert!(r.is_match(name), "{user} needs {kind} on {name}");
+            }
+            // nothing of another namespace, and nothing beyond what the service uses
+            assert!(!r.is_match("other.pipeline"), "{user}: {kind} reaches outside namespace txpipe");
+            for q in [Stage::Validator, Stage::Transformer, Stage::Notifier].map(|s| n.queue(s)) {
+                if !wanted.contains(&q) {
+                    assert!(!r.is_match(&q), "{user} must not have {kind} on {q}");
+                }
+            }
+        }
+        assert!(
+            stage == Stage::Gateway || !re("read").is_match(&n.dead_letter_queue()),
+            "{user} must not consume the DLQ"
+        );
+    }
+    assert!(!Regex::new(
+        defs["permissions"].as_array().unwrap().iter().find(|p| p["user"] == "txpipe-notifier").unwrap()["write"]
+            .as_str()
+            .unwrap()
+    )
+    .unwrap()
+    .is_match(&n.pipeline_exchange()));
+}
