@@ -6,18 +6,27 @@ use txpipe_common::storage::Storage;
 use txpipe_common::Settings;
 
 static ENDPOINT: OnceLock<String> = OnceLock::new();
+static AUTH_ENDPOINT: OnceLock<String> = OnceLock::new();
+
+fn ensure(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/ensure-moto");
+    let out = std::process::Command::new(script)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed: moto_server is needed for the aws tests");
+    String::from_utf8(out.stdout).unwrap().lines().last().expect("the endpoint line").trim().to_owned()
+}
 
 /// The moto endpoint, starting moto (and installing it) if needed.
 pub fn endpoint() -> &'static str {
-    ENDPOINT.get_or_init(|| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/ensure-moto");
-        let out = std::process::Command::new(script)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
-        assert!(out.status.success(), "{script} failed: moto_server is needed for the aws tests");
-        String::from_utf8(out.stdout).unwrap().lines().last().expect("the endpoint line").trim().to_owned()
-    })
+    ENDPOINT.get_or_init(|| ensure(&[]))
+}
+
+/// A moto that checks credentials (it knows none of ours), for tests of wrong credentials.
+pub fn auth_endpoint() -> &'static str {
+    AUTH_ENDPOINT.get_or_init(|| ensure(&["--auth"]))
 }
 
 /// An SDK configuration for moto: its endpoint, dummy credentials, us-east-1.

@@ -89,3 +89,23 @@ async fn a_missing_bucket_or_table_is_a_clear_startup_error() {
     let err = storage.statuses.check().await.unwrap_err().to_string();
     assert!(err.contains(&settings.names().status_table()) && err.contains("txpipe provision"), "{err}");
 }
+
+#[tokio::test]
+async fn wrong_credentials_are_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = txpipe_tests::test_settings(dir.path());
+    settings.storage = txpipe_common::config::StorageKind::Aws;
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(txpipe_tests::aws::auth_endpoint())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new("wrong", "wrong", None, None, "test"))
+        .load()
+        .await;
+    let storage = Storage::aws(&sdk, &settings);
+    for err in [storage.objects.check().await.unwrap_err(), storage.statuses.check().await.unwrap_err()] {
+        assert!(matches!(err, txpipe_common::storage::StorageError::Misconfigured(_)), "{err}");
+        assert!(err.to_string().contains("check the AWS credentials"), "{err}");
+    }
+    let err = txpipe_cli::provision::provision(&settings, Some(&sdk)).await.unwrap_err().to_string();
+    assert!(err.contains("check the AWS credentials"), "provision says so too: {err}");
+}

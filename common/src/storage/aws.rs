@@ -17,6 +17,7 @@ use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use backon::BackoffBuilder;
 use bytes::BytesMut;
@@ -46,13 +47,17 @@ pub async fn load_sdk_config(settings: &Settings) -> SdkConfig {
 }
 
 /// Turns an SDK failure into a [`StorageError`] that says what to do about it.
-fn classify<E, R>(what: &str, err: aws_sdk_s3::error::SdkError<E, R>) -> StorageError
+pub(crate) fn classify<E>(what: &str, err: aws_sdk_s3::error::SdkError<E, HttpResponse>) -> StorageError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     use aws_sdk_s3::error::SdkError;
     let text = format!("{what}: {}", DisplayErrorContext(&err));
+    let credentials = |text: String| {
+        StorageError::Misconfigured(format!(
+            "{text} (check the AWS credentials and their permissions: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role)"
+        ))
+    };
     match &err {
         SdkError::ServiceError(ctx) => {
             let code = ctx.err().code().unwrap_or_default();
@@ -68,15 +73,13 @@ where
                 | "ExpiredToken"
                 | "ExpiredTokenException"
                 | "InvalidClientTokenId"
-                | "MissingAuthenticationToken" => {
-                    StorageError::Misconfigured(format!("{text} (check the AWS credentials and their permissions)"))
-                }
+                | "MissingAuthenticationToken" => credentials(text),
+                // HEAD answers carry no error code: a bare 403 is a credentials or permissions problem
+                "" if ctx.raw().status().as_u16() == 403 => credentials(text),
                 _ => StorageError::Unavailable(text),
             }
         }
-        SdkError::DispatchFailure(_) if text.contains("credential") => StorageError::Misconfigured(format!(
-            "{text} (give the AWS SDK credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role)"
-        )),
+        SdkError::DispatchFailure(_) if text.contains("credential") => credentials(text),
         SdkError::ConstructionFailure(_) => {
             StorageError::Misconfigured(format!("{text} (check AWS_REGION, AWS_ENDPOINT_URL and the credentials)"))
         }

@@ -10,11 +10,14 @@ use aws_sdk_dynamodb::types::{
     PointInTimeRecoverySpecification, Projection, ProjectionType, ScalarAttributeType, TableStatus,
 };
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration, Delete, ObjectIdentifier};
-use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use std::time::Duration;
 
-fn fail(what: &str, e: impl std::error::Error) -> StorageError {
-    StorageError::Unavailable(format!("{what}: {}", DisplayErrorContext(&e)))
+fn fail<E>(what: &str, e: aws_sdk_s3::error::SdkError<E, HttpResponse>) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    super::aws::classify(what, e)
 }
 
 fn key(name: &str, kind: KeyType) -> KeySchemaElement {
