@@ -63,6 +63,17 @@ async fn s3_object_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn s3_with_server_side_encryption_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = txpipe_tests::test_settings(dir.path());
+    settings.storage = txpipe_common::config::StorageKind::Aws;
+    settings.s3_sse = Some("AES256".into());
+    let (sdk, s) = txpipe_tests::aws::provisioned(&settings).await;
+    contract::object_store(s.objects).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
 async fn dynamodb_status_store_meets_the_contract() {
     let (_dir, settings, sdk, s) = on_moto().await;
     contract::status_store(s.statuses).await;
