@@ -138,8 +138,10 @@ impl Broker {
         for ex in [n.pipeline_exchange(), n.notifications_exchange(), n.dead_letter_exchange()] {
             ch.exchange_declare(s(&ex), ExchangeKind::Topic, durable, FieldTable::default()).await?;
         }
+        // a classic queue: `txpipe dlq list` browses it by getting and requeueing messages,
+        // which a quorum queue would count toward a delivery limit
         let mut dlq_args = FieldTable::default();
-        dlq_args.insert(s("x-queue-type"), long("quorum"));
+        dlq_args.insert(s("x-queue-type"), long("classic"));
         dlq_args.insert(s("x-message-ttl"), AMQPValue::LongLongInt(DLQ_MESSAGE_TTL_MS));
         let qopts = QueueDeclareOptions { durable: true, ..Default::default() };
         ch.queue_declare(s(&n.dead_letter_queue()), qopts, dlq_args).await?;

@@ -91,6 +91,11 @@ impl Deps {
     /// Records that `stage` gave up on a file and tells subscribers (`file.failed`).
     /// Best effort: called on the way to the DLQ, which keeps the message whatever happens here.
     pub async fn mark_failed(&self, stage: Stage, file_id: FileId, reason: &str) {
+        self.record_failure(stage, file_id, reason, true).await
+    }
+
+    /// Records a failure of `stage`, publishing `file.failed` only if `notify`.
+    pub async fn record_failure(&self, stage: Stage, file_id: FileId, reason: &str, notify: bool) {
         let to = match stage {
             Stage::Gateway | Stage::Validator => FileStatus::ValidationFailed,
             Stage::Transformer => FileStatus::ProcessingFailed,
@@ -98,6 +103,9 @@ impl Deps {
         };
         let update = StatusUpdate { reason: Some(format!("{stage}: {reason}")), ..Default::default() };
         match self.storage.statuses.advance(file_id, to, update, chrono::Utc::now()).await {
+            Ok(Advance::Moved(record)) if !notify => {
+                tracing::info!(%file_id, status = %record.status, "failure recorded")
+            }
             Ok(Advance::Moved(record)) => {
                 if let Err(e) = self.publisher.publish(&self.notification(NOTIFY_FAILED, &record)).await {
                     tracing::warn!(%file_id, error = %e, "cannot publish the file.failed notification");

@@ -72,9 +72,25 @@ impl FileStatus {
         }
     }
 
-    /// True when `to` lies ahead of this status (a step may be skipped, never undone).
+    /// The status a failed file returns to when its stage is tried again (a DLQ replay,
+    /// `txpipe retry`, or the last delivery of a message that reached its delivery limit).
+    pub fn retry_of(self) -> Option<FileStatus> {
+        match self {
+            FileStatus::ValidationFailed => Some(FileStatus::Validating),
+            FileStatus::ProcessingFailed => Some(FileStatus::Processing),
+            FileStatus::NotificationFailed => Some(FileStatus::Notifying),
+            _ => None,
+        }
+    }
+
+    /// True when `to` lies ahead of this status (a step may be skipped, never undone), or `to`
+    /// is this failed status's retry.
     pub fn can_move_to(self, to: FileStatus) -> bool {
-        self.next().iter().any(|&n| n == to || n.can_move_to(to))
+        self.retry_of() == Some(to) || self.ahead(to)
+    }
+
+    fn ahead(self, to: FileStatus) -> bool {
+        self.next().iter().any(|&n| n == to || n.ahead(to))
     }
 
     /// True for the statuses a file ends in.
@@ -84,7 +100,7 @@ impl FileStatus {
 
     /// True when the file has reached `other` or gone past it.
     pub fn is_at_or_past(self, other: FileStatus) -> bool {
-        self == other || other.can_move_to(self)
+        self == other || other.ahead(self)
     }
 }
 
@@ -204,7 +220,9 @@ mod tests {
             assert!(!from.can_move_to(from), "{from} -> itself is not a move");
             if from.is_final() {
                 for to in FileStatus::ALL {
-                    assert!(!from.can_move_to(to), "{from} is final, {to} refused");
+                    if from.retry_of() != Some(to) {
+                        assert!(!from.can_move_to(to), "{from} is final, {to} refused");
+                    }
                 }
             }
         }
@@ -212,6 +230,17 @@ mod tests {
         assert!(!Processed.can_move_to(Validating));
         assert!(Validating.can_move_to(ValidationFailed));
         assert!(!ValidationFailed.can_move_to(Completed));
+        assert!(!Completed.can_move_to(Notifying), "a completed file is never retried");
+    }
+
+    #[test]
+    fn a_failed_stage_can_be_tried_again_and_only_that_stage() {
+        assert!(ValidationFailed.can_move_to(Validating));
+        assert!(ProcessingFailed.can_move_to(Processing));
+        assert!(NotificationFailed.can_move_to(Notifying));
+        assert!(!ProcessingFailed.can_move_to(Validating));
+        assert!(!ProcessingFailed.can_move_to(Processed), "a retry starts the stage over");
+        assert!(!Validating.is_at_or_past(ValidationFailed));
     }
 
     #[test]

@@ -10,11 +10,14 @@ use crate::config::Settings;
 use crate::messages::{FileEvent, Stage};
 use async_trait::async_trait;
 use backon::BackoffBuilder;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -71,6 +74,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Called once before a parsed message is dead-lettered, to record the failure
     /// (e.g. move the file to this stage's `*_failed` status). Best effort.
     async fn on_dead_letter(&self, _msg: &Incoming, _reason: &str) {}
+    /// Called before handling the last delivery RabbitMQ allows a message (its delivery limit):
+    /// if this one also crashes the worker, the broker dead-letters it with reason
+    /// `delivery_limit`, and this is the last chance to record why. Best effort.
+    async fn on_final_delivery(&self, _msg: &Incoming, _reason: &str) {}
 }
 
 struct Loop {
@@ -161,10 +168,28 @@ impl Loop {
         let file_id = msg.event.file_id;
         if let Some(n) = header_u64(&delivery, "x-delivery-count") {
             tracing::info!(%stage, %file_id, deliveries = n + 1, "redelivered message");
+            if n >= u64::from(self.settings.delivery_limit) {
+                let reason = format!(
+                    "delivery_limit: the message was delivered {} times without being settled (did it crash the worker?); \
+                     if this last attempt fails too, RabbitMQ dead-letters it",
+                    n + 1
+                );
+                self.handler.on_final_delivery(&msg, &reason).await;
+            }
         }
         let mut backoff = self.settings.retry_policy().build();
         loop {
-            let (class, reason) = match self.handler.handle(&msg).await {
+            let handled = AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind().await;
+            let Ok(outcome) = handled else {
+                // a crash in the handler: give the message back (its delivery count grows, so a
+                // message that always crashes ends in the DLQ at the delivery limit)
+                tracing::error!(%stage, %file_id, "the handler panicked; returning the message to its queue");
+                if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
+                    tracing::warn!(%stage, %file_id, error = %e, "nack failed; the message will be redelivered");
+                }
+                return;
+            };
+            let (class, reason) = match outcome {
                 Outcome::Done(out) => match self.publish_all(&out).await {
                     Ok(()) => {
                         if let Err(e) = delivery.ack(BasicAckOptions::default()).await {

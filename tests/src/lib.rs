@@ -280,8 +280,14 @@ impl TestFleet {
                 let mut headers = std::collections::BTreeMap::new();
                 if let Some(h) = m.delivery.properties.headers() {
                     for (k, v) in h.inner() {
-                        if let AMQPValue::LongString(s) = v {
-                            headers.insert(k.to_string(), s.to_string());
+                        match v {
+                            AMQPValue::LongString(s) => {
+                                headers.insert(k.to_string(), s.to_string());
+                            }
+                            AMQPValue::ShortString(s) => {
+                                headers.insert(k.to_string(), s.to_string());
+                            }
+                            _ => {}
                         }
                     }
                 }

@@ -30,7 +30,8 @@ impl Notifier {
             Err(e) => return storage_failure("reading the file's status", &e),
         };
         match record.status {
-            FileStatus::Processed | FileStatus::Notifying => {}
+            // notification_failed: a replayed or retried message tries again
+            FileStatus::Processed | FileStatus::Notifying | FileStatus::NotificationFailed => {}
             // completed only after the notification was confirmed: nothing left to do
             s if s.is_at_or_past(FileStatus::Completed) || s.is_final() => return Outcome::Done(Vec::new()),
             s => {
@@ -97,6 +98,12 @@ impl Handler for Notifier {
     async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
         if msg.routing_key == FILE_PROCESSED {
             self.deps.mark_failed(Stage::Notifier, msg.event.file_id, reason).await;
+        }
+    }
+
+    async fn on_final_delivery(&self, msg: &Incoming, reason: &str) {
+        if msg.routing_key == FILE_PROCESSED {
+            self.deps.record_failure(Stage::Notifier, msg.event.file_id, reason, false).await;
         }
     }
 }

@@ -119,7 +119,8 @@ impl Handler for Transformer {
             Err(e) => return storage_failure("reading the file's status", &e),
         };
         match record.status {
-            FileStatus::Validated | FileStatus::Processing => {}
+            // processing_failed: a replayed or retried message tries again
+            FileStatus::Validated | FileStatus::Processing | FileStatus::ProcessingFailed => {}
             s if s.is_at_or_past(FileStatus::Processed) || s.is_final() => {
                 tracing::info!(%file_id, status = %s, "already processed; passing on its result");
                 return Outcome::Done(self.follow_up(&record));
@@ -147,6 +148,10 @@ impl Handler for Transformer {
 
     async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
         self.deps.mark_failed(Stage::Transformer, msg.event.file_id, reason).await;
+    }
+
+    async fn on_final_delivery(&self, msg: &Incoming, reason: &str) {
+        self.deps.record_failure(Stage::Transformer, msg.event.file_id, reason, false).await;
     }
 }
 

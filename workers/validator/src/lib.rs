@@ -68,7 +68,10 @@ impl Handler for Validator {
             }
             Err(e) => return storage_failure("reading the file's status", &e),
         };
-        if !matches!(record.status, FileStatus::Uploaded | FileStatus::Validating) {
+        // a validation_failed without row errors failed for a fault, not for its contents:
+        // a replayed or retried message tries it again
+        let retry = record.status == FileStatus::ValidationFailed && record.error_count.is_none();
+        if !(matches!(record.status, FileStatus::Uploaded | FileStatus::Validating) || retry) {
             tracing::info!(%file_id, status = %record.status, "already validated; passing on its result");
             return Outcome::Done(self.follow_up(&record));
         }
@@ -108,6 +111,10 @@ impl Handler for Validator {
 
     async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
         self.deps.mark_failed(Stage::Validator, msg.event.file_id, reason).await;
+    }
+
+    async fn on_final_delivery(&self, msg: &Incoming, reason: &str) {
+        self.deps.record_failure(Stage::Validator, msg.event.file_id, reason, false).await;
     }
 }
 
