@@ -2,5 +2,6 @@
 //! validation benchmark, and small client helpers. The test harness reuses [`fleet::run`].
 
 pub mod bench;
+pub mod dlq;
 pub mod fleet;
 pub mod provision;

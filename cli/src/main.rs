@@ -4,6 +4,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use txpipe_cli::dlq;
 use txpipe_common::{amqp::Broker, shutdown::shutdown_signal, telemetry, Deps, Settings};
 
 #[derive(Parser)]
@@ -39,11 +40,68 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         gateway: String,
     },
+    /// Inspect and re-drive the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Re-drive a failed file from its stored object (publishes the message its failed stage consumes).
+    Retry { file_id: String },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         which: Bench,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters: position, stage, reason, file, time, count.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter whole (headers and body), by its position in `dlq list`.
+    Show { index: usize },
+    /// Send dead letters back to the exchange and routing key they came from.
+    Replay {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Only say what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete every dead letter (asks first, unless --yes).
+    Purge {
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct FilterArgs {
+    /// Only dead letters of this stage (validator, transformer, notifier).
+    #[arg(long)]
+    stage: Option<String>,
+    /// Only dead letters about this file.
+    #[arg(long)]
+    file_id: Option<String>,
+    /// Only dead letters whose class or reason contains this text (e.g. delivery_limit).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+impl FilterArgs {
+    fn parse(self) -> anyhow::Result<dlq::Filter> {
+        let file_id = match self.file_id {
+            Some(f) => Some(f.parse().map_err(|_| anyhow::anyhow!("--file-id {f:?} is not a file id"))?),
+            None => None,
+        };
+        Ok(dlq::Filter { stage: self.stage, file_id, reason: self.reason })
+    }
 }
 
 #[derive(Subcommand)]
@@ -95,6 +153,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             get_json(&format!("{}/files/{file_id}", gateway.trim_end_matches('/'))).await
         }
         Command::Bench { which: Bench::Validate { rows, file, runs } } => bench(rows, file, runs),
+        Command::Dlq { command } => dlq_command(command).await,
+        Command::Retry { file_id } => {
+            let id = file_id.parse().map_err(|_| anyhow::anyhow!("{file_id:?} is not a file id"))?;
+            let deps = Deps::connect(Settings::load()?).await?;
+            let key = dlq::retry(&deps, id).await?;
+            println!("re-driving file {id}: published {key}");
+            deps.broker.close().await;
+            Ok(())
+        }
     }
 }
 
@@ -113,6 +180,80 @@ async fn up() -> anyhow::Result<()> {
     let result = txpipe_cli::fleet::run(listener, deps.clone(), shutdown_signal()).await;
     deps.broker.close().await;
     Ok(result?)
+}
+
+async fn dlq_command(command: DlqCommand) -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let broker = Broker::connect(&settings).await?;
+    let dlq_name = settings.names().dead_letter_queue();
+    match command {
+        DlqCommand::List { filter, json } => {
+            let items = dlq::list(&broker, &filter.parse()?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                println!(
+                    "{:>4}  {:<11}  {:<17}  {:<36}  {:<32}  {:>5}  REASON",
+                    "#", "STAGE", "CLASS", "FILE_ID", "DEAD-LETTERED AT", "COUNT"
+                );
+                for d in &items {
+                    println!(
+                        "{:>4}  {:<11}  {:<17}  {:<36}  {:<32}  {:>5}  {}",
+                        d.index,
+                        d.stage.as_deref().unwrap_or("-"),
+                        d.class,
+                        d.file_id.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
+                        d.dead_lettered_at.as_deref().unwrap_or("-"),
+                        d.count,
+                        d.reason
+                    );
+                }
+                println!("{} dead letter(s) in {dlq_name}", items.len());
+            }
+        }
+        DlqCommand::Show { index } => {
+            let items = dlq::list(&broker, &dlq::Filter::default()).await?;
+            let d = items
+                .iter()
+                .find(|d| d.index == index)
+                .ok_or_else(|| anyhow::anyhow!("no dead letter #{index} ({} in {dlq_name})", items.len()))?;
+            println!("{}", serde_json::to_string_pretty(d)?);
+        }
+        DlqCommand::Replay { filter, dry_run } => {
+            let done = dlq::replay(&broker, &filter.parse()?, dry_run).await?;
+            for d in &done {
+                println!(
+                    "{} #{} {} → {} {}",
+                    if dry_run { "would replay" } else { "replayed" },
+                    d.index,
+                    d.class,
+                    d.exchange,
+                    d.routing_key
+                );
+            }
+            println!("{} {} message(s)", if dry_run { "would replay" } else { "replayed" }, done.len());
+        }
+        DlqCommand::Purge { yes } => {
+            let n = dlq::count(&broker).await?;
+            if !yes {
+                use std::io::{BufRead, IsTerminal, Write};
+                if !std::io::stdin().is_terminal() {
+                    bail!("refusing to purge {n} message(s) from {dlq_name} without --yes");
+                }
+                print!("delete all {n} message(s) in {dlq_name}? [y/N] ");
+                std::io::stdout().flush()?;
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    println!("nothing deleted");
+                    return Ok(());
+                }
+            }
+            println!("purged {} message(s) from {dlq_name}", dlq::purge(&broker).await?);
+        }
+    }
+    broker.close().await;
+    Ok(())
 }
 
 async fn topology(action: &str) -> anyhow::Result<()> {
