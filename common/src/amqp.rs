@@ -7,13 +7,16 @@
 use crate::config::Settings;
 use crate::messages::Stage;
 use crate::names::Names;
+use backon::BackoffBuilder;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How long the DLQ keeps a message: 14 days, as the seed's SQS DLQ did.
 pub const DLQ_MESSAGE_TTL_MS: i64 = 14 * 24 * 60 * 60 * 1000;
@@ -29,14 +32,42 @@ pub enum AmqpError {
     Nacked,
     #[error("no queue is bound to {exchange} for routing key {routing_key}")]
     Unroutable { exchange: String, routing_key: String },
+    #[error("not connected to RabbitMQ (reconnecting)")]
+    Disconnected,
+    #[error("could not reconnect to RabbitMQ within {0:?} (TXPIPE_RECONNECT_TIMEOUT_MS)")]
+    GaveUp(Duration),
 }
 
-/// A connection to the broker, shared by every part of a process.
+/// A connection to the broker that heals itself, shared by every part of a process.
+///
+/// A supervisor task watches the connection; when it drops, it reconnects with backoff (lapin
+/// does not recover topology or QoS, so consumers subscribe again themselves when
+/// [`Broker::wait_up`] says the link is back). Past `TXPIPE_RECONNECT_TIMEOUT_MS` without a
+/// connection it gives up, and every service stops with an error so a supervisor restarts it.
 #[derive(Clone)]
 pub struct Broker {
-    conn: Arc<Connection>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
     names: Names,
     delivery_limit: u32,
+    reconnect_timeout: Duration,
+    conn: std::sync::RwLock<Arc<Connection>>,
+    link: tokio::sync::watch::Sender<Link>,
+    closing: AtomicBool,
+}
+
+/// The state of the link to the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// Connected; the number counts connections made (1 for the first).
+    Up(u64),
+    /// Lost; reconnecting.
+    Down,
+    /// Lost for longer than the reconnect timeout: the process should stop.
+    GaveUp,
 }
 
 /// The URL with its password hidden, for messages and logs.
@@ -75,45 +106,92 @@ pub struct Outgoing {
 }
 
 impl Broker {
-    /// Connects to `settings.amqp_url`.
+    /// Connects to `settings.amqp_url` and starts watching the connection.
     pub async fn connect(settings: &Settings) -> Result<Self, AmqpError> {
         let conn = Connection::connect(&settings.amqp_url, ConnectionProperties::default())
             .await
             .map_err(|source| AmqpError::Connect { url: redact(&settings.amqp_url), source })?;
-        Ok(Self { conn: Arc::new(conn), names: settings.names(), delivery_limit: settings.delivery_limit })
+        let (link, _) = tokio::sync::watch::channel(Link::Up(1));
+        let inner = Arc::new(Inner {
+            url: settings.amqp_url.clone(),
+            names: settings.names(),
+            delivery_limit: settings.delivery_limit,
+            reconnect_timeout: Duration::from_millis(settings.reconnect_timeout_ms),
+            conn: std::sync::RwLock::new(Arc::new(conn)),
+            link,
+            closing: AtomicBool::new(false),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&inner)));
+        Ok(Self { inner })
     }
 
     pub fn names(&self) -> &Names {
-        &self.names
+        &self.inner.names
+    }
+
+    fn current(&self) -> Arc<Connection> {
+        self.inner.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// True while the connection is up.
     pub fn is_connected(&self) -> bool {
-        self.conn.status().connected()
+        self.current().status().connected()
     }
 
-    /// A new channel on this connection.
+    /// The state of the link now.
+    pub fn link(&self) -> Link {
+        *self.inner.link.borrow()
+    }
+
+    /// Waits until the link is up (returning its connection count), or fails once the
+    /// supervisor has given up reconnecting.
+    pub async fn wait_up(&self) -> Result<u64, AmqpError> {
+        let mut rx = self.inner.link.subscribe();
+        loop {
+            match *rx.borrow_and_update() {
+                Link::Up(n) => return Ok(n),
+                Link::GaveUp => return Err(AmqpError::GaveUp(self.inner.reconnect_timeout)),
+                Link::Down => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(AmqpError::GaveUp(self.inner.reconnect_timeout));
+            }
+        }
+    }
+
+    /// Resolves once reconnecting has been given up.
+    pub async fn gave_up(&self) {
+        let mut rx = self.inner.link.subscribe();
+        let _ = rx.wait_for(|l| *l == Link::GaveUp).await;
+    }
+
+    /// A new channel on the current connection; fails at once while disconnected.
     pub async fn channel(&self) -> Result<Channel, AmqpError> {
-        Ok(self.conn.create_channel().await?)
+        let conn = self.current();
+        if !conn.status().connected() {
+            return Err(AmqpError::Disconnected);
+        }
+        Ok(conn.create_channel().await?)
     }
 
-    /// A channel in confirm mode, for publishing.
+    /// A publisher with its own confirm-mode channel (renewed after a connection loss).
     pub async fn publisher(&self) -> Result<Publisher, AmqpError> {
-        let channel = self.channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Publisher { channel })
+        let publisher = Publisher { broker: self.clone(), channel: Arc::new(tokio::sync::Mutex::new(None)) };
+        publisher.channel().await?;
+        Ok(publisher)
     }
 
-    /// Closes the connection politely.
+    /// Closes the connection politely and stops reconnecting.
     pub async fn close(&self) {
-        let _ = self.conn.close(200, s("bye")).await;
+        self.inner.closing.store(true, Ordering::SeqCst);
+        let _ = self.current().close(200, s("bye")).await;
     }
 
     fn worker_queue_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert(s("x-queue-type"), long("quorum"));
-        args.insert(s("x-dead-letter-exchange"), long(self.names.dead_letter_exchange()));
-        args.insert(s("x-delivery-limit"), AMQPValue::LongLongInt(self.delivery_limit.into()));
+        args.insert(s("x-dead-letter-exchange"), long(self.inner.names.dead_letter_exchange()));
+        args.insert(s("x-delivery-limit"), AMQPValue::LongLongInt(self.inner.delivery_limit.into()));
         // at-least-once dead-lettering: a dead-lettered message leaves the queue only once the
         // DLQ has confirmed it (needs overflow reject-publish)
         args.insert(s("x-dead-letter-strategy"), long("at-least-once"));
@@ -133,7 +211,7 @@ impl Broker {
 
     async fn declare(&self, queues: &[Stage]) -> Result<(), AmqpError> {
         let ch = self.channel().await?;
-        let n = &self.names;
+        let n = &self.inner.names;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         for ex in [n.pipeline_exchange(), n.notifications_exchange(), n.dead_letter_exchange()] {
             ch.exchange_declare(s(&ex), ExchangeKind::Topic, durable, FieldTable::default()).await?;
@@ -173,7 +251,7 @@ impl Broker {
     /// Deletes every exchange and queue of the namespace (tests, `txpipe topology down`).
     pub async fn teardown(&self) -> Result<(), AmqpError> {
         let ch = self.channel().await?;
-        let n = &self.names;
+        let n = &self.inner.names;
         for stage in [Stage::Validator, Stage::Transformer, Stage::Notifier] {
             ch.queue_delete(s(&n.queue(stage)), QueueDeleteOptions::default()).await?;
         }
@@ -183,6 +261,55 @@ impl Broker {
         }
         let _ = ch.close(200, s("torn down")).await;
         Ok(())
+    }
+}
+
+/// Watches the connection of a broker and replaces it when it drops.
+async fn supervise(weak: std::sync::Weak<Inner>) {
+    let mut count = 1u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        if inner.conn.read().unwrap_or_else(|p| p.into_inner()).status().connected() {
+            continue;
+        }
+        inner.link.send_replace(Link::Down);
+        tracing::warn!(url = %redact(&inner.url), "connection to RabbitMQ lost; reconnecting");
+        let started = tokio::time::Instant::now();
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            if inner.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            match Connection::connect(&inner.url, ConnectionProperties::default()).await {
+                Ok(conn) => {
+                    *inner.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
+                    count += 1;
+                    inner.link.send_replace(Link::Up(count));
+                    tracing::info!(after_ms = started.elapsed().as_millis() as u64, "reconnected to RabbitMQ");
+                    break;
+                }
+                Err(e) if started.elapsed() >= inner.reconnect_timeout => {
+                    tracing::error!(error = %e, timeout_ms = inner.reconnect_timeout.as_millis() as u64, "cannot reconnect to RabbitMQ; giving up");
+                    inner.link.send_replace(Link::GaveUp);
+                    return;
+                }
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "reconnect failed");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
     }
 }
 
@@ -197,15 +324,43 @@ pub fn declared_queues(stage: Stage) -> &'static [Stage] {
     }
 }
 
-/// A confirm-mode channel: `publish` returns only once the broker has taken the message.
+/// Publishes with confirms: `publish` returns only once the broker has taken the message.
+/// Its confirm-mode channel is replaced when it dies; a publish whose confirm was lost with
+/// it is sent again on the new one (consumers deduplicate by message id).
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    broker: Broker,
+    channel: Arc<tokio::sync::Mutex<Option<Channel>>>,
 }
 
 impl Publisher {
+    async fn channel(&self) -> Result<Channel, AmqpError> {
+        let mut held = self.channel.lock().await;
+        if let Some(c) = held.as_ref().filter(|c| c.status().connected()) {
+            return Ok(c.clone());
+        }
+        let c = self.broker.channel().await?;
+        c.confirm_select(ConfirmSelectOptions::default()).await?;
+        *held = Some(c.clone());
+        Ok(c)
+    }
+
     /// Publishes persistently and waits for the broker's confirm.
     pub async fn publish(&self, msg: &Outgoing) -> Result<(), AmqpError> {
+        let channel = self.channel().await?;
+        match self.publish_on(&channel, msg).await {
+            Err(AmqpError::Broker(e)) => {
+                // the channel (or the connection under it) failed mid-publish: once more on a new one
+                tracing::debug!(error = %e, "publish failed; sending again on a new channel");
+                *self.channel.lock().await = None;
+                let channel = self.channel().await?;
+                self.publish_on(&channel, msg).await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_on(&self, channel: &Channel, msg: &Outgoing) -> Result<(), AmqpError> {
         let mut headers = FieldTable::default();
         for (k, v) in &msg.headers {
             headers.insert(s(k), long(v.clone()));
@@ -217,8 +372,7 @@ impl Publisher {
             .with_app_id(s("txpipe"))
             .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
             .with_headers(headers);
-        let confirm = self
-            .channel
+        let confirm = channel
             .basic_publish(
                 s(&msg.exchange),
                 s(&msg.routing_key),
@@ -237,9 +391,9 @@ impl Publisher {
         }
     }
 
-    /// True while the channel can publish.
+    /// True while the broker is connected.
     pub fn is_usable(&self) -> bool {
-        self.channel.status().connected()
+        self.broker.is_connected()
     }
 }
 

@@ -69,6 +69,8 @@ pub struct Settings {
     pub s3_multipart_threshold_bytes: u64,
     /// Part size of multipart uploads (S3's minimum is 5 MiB); also the most an upload holds in memory.
     pub s3_part_size_bytes: u64,
+    /// How long a service keeps trying to reconnect to RabbitMQ before it exits non-zero.
+    pub reconnect_timeout_ms: u64,
     /// Deadline of one AWS call, retries included, in milliseconds (the SDK has none by default).
     pub aws_operation_timeout_ms: u64,
 }
@@ -95,6 +97,7 @@ impl Default for Settings {
             s3_multipart_threshold_bytes: 16 * 1024 * 1024,
             s3_part_size_bytes: 8 * 1024 * 1024,
             aws_operation_timeout_ms: 30_000,
+            reconnect_timeout_ms: 60_000,
         }
     }
 }

@@ -88,7 +88,10 @@ struct Loop {
 }
 
 /// Consumes the stage's queue until `shutdown` resolves, then lets in-flight messages finish
-/// (up to [`SHUTDOWN_GRACE`]). Returns an error if the broker connection is lost.
+/// (up to [`SHUTDOWN_GRACE`]). When the broker connection drops, it waits for the
+/// [`Broker`] to reconnect, then declares its queues, sets QoS and consumes again (messages in
+/// flight on the old connection are redelivered by the broker). Returns an error only when
+/// reconnecting was given up.
 pub async fn run(
     broker: &Broker,
     handler: Arc<dyn Handler>,
@@ -96,11 +99,73 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AmqpError> {
     let stage = handler.stage();
+    let ctx = Arc::new(Loop {
+        handler,
+        publisher: broker.publisher().await?,
+        settings: settings.clone(),
+        dlx: broker.names().dead_letter_exchange(),
+    });
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    let result = loop {
+        let subscribed = tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            s = subscribe(broker, stage, &settings) => s,
+        };
+        let (channel, tag, mut consumer) = match subscribed {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%stage, error = %e, "cannot consume; waiting for the broker");
+                // the supervisor may not have noticed the loss yet: do not spin
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::select! {
+                    _ = &mut shutdown => break Ok(()),
+                    up = broker.wait_up() => if let Err(e) = up { break Err(e) },
+                }
+                continue;
+            }
+        };
+        let stop = loop {
+            tokio::select! {
+                _ = &mut shutdown => break true,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = done { tracing::error!(%stage, error = %e, "message task failed; the message will be redelivered"); }
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => { let ctx = ctx.clone(); tasks.spawn(async move { ctx.process(delivery).await }); }
+                    Some(Err(e)) => { tracing::warn!(%stage, error = %e, "consumer failed"); break false }
+                    None => { tracing::warn!(%stage, "consumer ended"); break false }
+                }
+            }
+        };
+        if stop {
+            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            drain(stage, &mut tasks).await;
+            let _ = channel.close(200, "bye".into()).await;
+            break Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            up = broker.wait_up() => if let Err(e) = up { break Err(e) },
+        }
+    };
+    drain(stage, &mut tasks).await;
+    result
+}
+
+/// Declares the stage's queues (again: the broker may have lost them), sets QoS, consumes.
+async fn subscribe(
+    broker: &Broker,
+    stage: Stage,
+    settings: &Settings,
+) -> Result<(lapin::Channel, String, lapin::Consumer), AmqpError> {
+    broker.declare_for(stage).await?;
     let queue = broker.names().queue(stage);
     let channel = broker.channel().await?;
     channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
     let tag = format!("{}-{}", stage, uuid::Uuid::new_v4().simple());
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             queue.as_str().into(),
             tag.as_str().into(),
@@ -108,38 +173,20 @@ pub async fn run(
             FieldTable::default(),
         )
         .await?;
-    let ctx = Arc::new(Loop {
-        handler,
-        publisher: broker.publisher().await?,
-        settings,
-        dlx: broker.names().dead_letter_exchange(),
-    });
-    tracing::info!(%stage, %queue, prefetch = ctx.settings.prefetch, "consuming");
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-    let result = loop {
-        tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = done { tracing::error!(%stage, error = %e, "message task panicked; the message will be redelivered"); }
-            }
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => { let ctx = ctx.clone(); tasks.spawn(async move { ctx.process(delivery).await }); }
-                Some(Err(e)) => break Err(AmqpError::Broker(e)),
-                None => break Err(AmqpError::Broker(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed)))),
-            }
-        }
-    };
-    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-    if !tasks.is_empty() {
-        tracing::info!(%stage, in_flight = tasks.len(), "waiting for in-flight messages");
-        if tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
-            tracing::warn!(%stage, "grace period over; unfinished messages will be redelivered");
-            tasks.abort_all();
-        }
+    tracing::info!(%stage, %queue, prefetch = settings.prefetch, "consuming");
+    Ok((channel, tag, consumer))
+}
+
+/// Lets in-flight messages finish, up to the grace period; the rest are redelivered.
+async fn drain(stage: Stage, tasks: &mut JoinSet<()>) {
+    if tasks.is_empty() {
+        return;
     }
-    let _ = channel.close(200, "bye".into()).await;
-    result
+    tracing::info!(%stage, in_flight = tasks.len(), "waiting for in-flight messages");
+    if tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(%stage, "grace period over; unfinished messages will be redelivered");
+        tasks.abort_all();
+    }
 }
 
 fn header_u64(d: &Delivery, name: &str) -> Option<u64> {

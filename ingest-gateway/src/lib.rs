@@ -47,17 +47,34 @@ pub fn router(deps: Deps) -> Router {
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves. Declares the queue uploads go
-/// to first, so an upload accepted before any validator runs still waits for one.
+/// to first, so an upload accepted before any validator runs still waits for one. While the
+/// broker is unreachable, uploads get 503; if reconnecting is given up, the gateway stops
+/// with an error so a supervisor restarts it.
 pub async fn run(
     listener: tokio::net::TcpListener,
     deps: Deps,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     deps.broker.declare_for(Stage::Gateway).await.map_err(|e| GatewayError::Unavailable(e.to_string()))?;
-    axum::serve(listener, router(deps))
-        .with_graceful_shutdown(shutdown)
+    let broker = deps.broker.clone();
+    let lost = Arc::new(AtomicBool::new(false));
+    let flag = lost.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = broker.gave_up() => flag.store(true, Ordering::SeqCst),
+        }
+    };
+    axum::serve(listener, router(deps.clone()))
+        .with_graceful_shutdown(stop)
         .await
-        .map_err(|e| GatewayError::Internal(e.to_string()))
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    if lost.load(Ordering::SeqCst) {
+        return Err(GatewayError::Unavailable(
+            "lost RabbitMQ for longer than TXPIPE_RECONNECT_TIMEOUT_MS; stopping".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {

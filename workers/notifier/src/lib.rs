@@ -113,7 +113,6 @@ pub async fn run(
     deps: Deps,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), txpipe_common::amqp::AmqpError> {
-    deps.broker.declare_for(Stage::Notifier).await?;
     let handler = Arc::new(Notifier::new(deps.clone()));
     txpipe_common::worker::run(&deps.broker, handler, deps.settings.clone(), shutdown).await
 }
