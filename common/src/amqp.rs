@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a publish waits for the broker's confirm.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How long the DLQ keeps a message: 14 days, as the seed's SQS DLQ did.
 pub const DLQ_MESSAGE_TTL_MS: i64 = 14 * 24 * 60 * 60 * 1000;
 
@@ -34,6 +37,8 @@ pub enum AmqpError {
     Unroutable { exchange: String, routing_key: String },
     #[error("not connected to RabbitMQ (reconnecting)")]
     Disconnected,
+    #[error("RabbitMQ did not confirm the message in time")]
+    ConfirmTimeout,
     #[error("could not reconnect to RabbitMQ within {0:?} (TXPIPE_RECONNECT_TIMEOUT_MS)")]
     GaveUp(Duration),
 }
@@ -349,7 +354,7 @@ impl Publisher {
     pub async fn publish(&self, msg: &Outgoing) -> Result<(), AmqpError> {
         let channel = self.channel().await?;
         match self.publish_on(&channel, msg).await {
-            Err(AmqpError::Broker(e)) => {
+            Err(e @ (AmqpError::Broker(_) | AmqpError::ConfirmTimeout)) => {
                 // the channel (or the connection under it) failed mid-publish: once more on a new one
                 tracing::debug!(error = %e, "publish failed; sending again on a new channel");
                 *self.channel.lock().await = None;
@@ -372,7 +377,7 @@ impl Publisher {
             .with_app_id(s("txpipe"))
             .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
             .with_headers(headers);
-        let confirm = channel
+        let pending = channel
             .basic_publish(
                 s(&msg.exchange),
                 s(&msg.routing_key),
@@ -380,8 +385,9 @@ impl Publisher {
                 &msg.body,
                 props,
             )
-            .await?
             .await?;
+        // a confirm can be lost with its connection: do not wait for it forever
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, pending).await.map_err(|_| AmqpError::ConfirmTimeout)??;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => {

@@ -32,6 +32,8 @@ const ACCEPTED_TYPES: [&str; 4] = ["text/csv", "application/csv", "text/plain", 
 /// Page size of `GET /files/{id}/transactions` when `limit` is not given, and its maximum.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// How long an upload waits for a lost broker link to come back before answering 503.
+const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The gateway's routes over `deps`.
 pub fn router(deps: Deps) -> Router {
@@ -139,7 +141,7 @@ async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Res
         return Err(GatewayError::from_storage("recording the upload", e));
     }
     let event = FileEvent::new(file_id, key.clone());
-    if let Err(e) = deps.publisher.publish(&deps.stage_message(FILE_UPLOADED, &event)).await {
+    if let Err(e) = announce(&deps, &event).await {
         // undo, so nothing claims an upload that no worker will ever see
         let _ = deps.storage.statuses.delete(file_id).await;
         let _ = objects.delete(&key).await;
@@ -149,6 +151,25 @@ async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Res
     let status_url = format!("/files/{file_id}");
     let body = json!({"file_id": file_id, "status": "uploaded", "status_url": status_url, "size_bytes": size});
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())
+}
+
+/// Publishes file.uploaded. If the broker link is down, waits a little for it to come back
+/// and sends again with the same message id (a copy is harmless), before giving up.
+async fn announce(deps: &Deps, event: &FileEvent) -> Result<(), txpipe_common::amqp::AmqpError> {
+    use txpipe_common::amqp::AmqpError;
+    let msg = deps.stage_message(FILE_UPLOADED, event);
+    match deps.publisher.publish(&msg).await {
+        Err(e @ (AmqpError::Broker(_) | AmqpError::Disconnected | AmqpError::ConfirmTimeout)) => {
+            tracing::warn!(file_id = %event.file_id, error = %e, "publish failed; waiting briefly for the broker");
+            // let the supervisor notice the loss before asking whether the link is up
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            match tokio::time::timeout(ANNOUNCE_WAIT, deps.broker.wait_up()).await {
+                Ok(Ok(_)) => deps.publisher.publish(&msg).await,
+                _ => Err(e),
+            }
+        }
+        other => other,
+    }
 }
 
 fn parse_id(raw: &str) -> Result<FileId, GatewayError> {

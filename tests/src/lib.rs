@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod contract;
+pub mod proxy;
 
 use futures::StreamExt;
 use lapin::options::{
@@ -46,6 +47,8 @@ pub struct TestFleet {
     pub settings: Settings,
     pub deps: Deps,
     pub http: reqwest::Client,
+    /// A direct connection to the broker for the test's own use (not through any proxy).
+    pub admin: txpipe_common::amqp::Broker,
     /// Set when the fleet runs on moto (TXPIPE_STORAGE=aws): torn down with the fleet.
     aws: Option<aws_config::SdkConfig>,
     stop: CancellationToken,
@@ -115,6 +118,9 @@ impl TestFleet {
                 (Some(sdk), deps)
             }
         };
+        let mut direct = settings.clone();
+        direct.amqp_url = test_settings(dir.path()).amqp_url;
+        let admin = txpipe_common::amqp::Broker::connect(&direct).await.expect("connect to RabbitMQ");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
@@ -125,6 +131,7 @@ impl TestFleet {
             settings,
             deps,
             http: reqwest::Client::new(),
+            admin,
             aws,
             stop,
             task,
@@ -219,7 +226,7 @@ impl TestFleet {
 
     /// A channel of our own on the fleet's broker.
     pub async fn channel(&self) -> lapin::Channel {
-        self.deps.broker.channel().await.expect("channel")
+        self.admin.channel().await.expect("channel")
     }
 
     /// Binds a fresh exclusive queue to the notifications exchange (all routing keys).
@@ -319,16 +326,31 @@ impl TestFleet {
         let _ = ch.close(200, "done".into()).await;
     }
 
+    /// Waits (up to `within`) for the fleet to stop by itself, returning how it stopped, then
+    /// deletes the namespace's topology.
+    pub async fn stopped_on_its_own(self, within: Duration) -> Option<Result<(), txpipe_cli::fleet::FleetError>> {
+        let result = tokio::time::timeout(within, self.task).await.ok().map(|r| r.expect("fleet task"));
+        self.stop.cancel();
+        self.admin.teardown().await.expect("teardown");
+        self.admin.close().await;
+        result
+    }
+
     /// Stops the fleet, checks it stopped cleanly, and deletes the namespace's topology.
     pub async fn shutdown(self) {
         self.stop.cancel();
         let result = tokio::time::timeout(Duration::from_secs(40), self.task).await.expect("fleet stops in time");
         result.expect("fleet task").expect("fleet stopped without error");
         match &self.aws {
-            Some(sdk) => aws::teardown(&self.settings, sdk).await,
-            None => self.deps.broker.teardown().await.expect("teardown"),
+            Some(sdk) => {
+                let mut direct = self.settings.clone();
+                direct.amqp_url = test_settings(self.dir.path()).amqp_url;
+                aws::teardown(&direct, sdk).await
+            }
+            None => self.admin.teardown().await.expect("teardown"),
         }
         self.deps.broker.close().await;
+        self.admin.close().await;
     }
 }
 

@@ -102,3 +102,122 @@ async fn a_file_that_failed_for_a_fault_is_processed_when_its_message_is_replaye
     );
     fleet.shutdown().await;
 }
+
+/// Uploads, retrying while the gateway answers 503 (as a client should), up to a bound.
+async fn upload_retrying(fleet: &TestFleet, body: String) -> (FileId, u32) {
+    for refused in 0..200 {
+        let r = fleet.post_upload(body.clone(), "text/csv").await;
+        if r.status() == 202 {
+            let v: serde_json::Value = r.json().await.unwrap();
+            return (v["file_id"].as_str().unwrap().parse().unwrap(), refused);
+        }
+        assert_eq!(r.status(), 503, "only 503 while the broker is away");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gateway never took the upload");
+}
+
+#[tokio::test]
+async fn cutting_the_broker_connection_during_a_batch_loses_nothing() {
+    let proxy = txpipe_tests::proxy::Proxy::start(txpipe_tests::proxy::broker_addr()).await;
+    let fleet = TestFleet::spawn_with(|s| s.amqp_url = proxy.amqp_url()).await;
+    let mut tap = fleet.tap_notifications().await; // a direct connection: sees every notice
+    const FILES: usize = 12;
+    const ROWS: usize = 400;
+    let cutter = {
+        let proxy_cut = Arc::new(proxy);
+        let p = proxy_cut.clone();
+        (
+            tokio::spawn(async move {
+                for _ in 0..4 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    p.cut();
+                }
+            }),
+            proxy_cut,
+        )
+    };
+    let mut ids = Vec::new();
+    let mut refused = 0;
+    for i in 0..FILES {
+        let (id, r) = upload_retrying(&fleet, valid_csv(&format!("cut{i}"), ROWS)).await;
+        ids.push(id);
+        refused += r;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    cutter.0.await.unwrap();
+    let mut completed = 0;
+    let mut rows = 0;
+    for id in &ids {
+        let r = fleet.wait_for_status(*id, &[FileStatus::Completed]).await;
+        completed += 1;
+        let stored = fleet.transactions(*id, 1000).await;
+        let distinct: std::collections::HashSet<_> = stored.iter().map(|t| &t.transaction_id).collect();
+        assert_eq!((stored.len(), distinct.len()), (ROWS, ROWS), "every row once");
+        assert_eq!(r.records_processed, Some(ROWS as u64));
+        rows += stored.len();
+    }
+    let notices = tap.drain(Duration::from_secs(2)).await;
+    let ids_notified: std::collections::HashSet<_> = notices.iter().map(|n| n.message_id.clone()).collect();
+    assert_eq!(ids_notified.len(), FILES, "one notification id per file (copies allowed, same id)");
+    let dlq = fleet.dlq_count().await;
+    if dlq != 0 {
+        let letters = txpipe_cli::dlq::list(&fleet.admin, &Default::default()).await.unwrap();
+        panic!("the DLQ should be empty: {letters:#?}");
+    }
+    eprintln!(
+        "chaos b (connection cut x4): files pushed {FILES}, completed {completed}, lost {}, rows {rows} (duplicates 0), \
+         notices {} for {} ids, uploads refused with 503 {refused}, DLQ {dlq}",
+        FILES - completed,
+        notices.len(),
+        ids_notified.len()
+    );
+    fleet.shutdown().await;
+    drop(cutter.1);
+}
+
+#[tokio::test]
+async fn while_the_broker_is_unreachable_readyz_fails_and_uploads_get_503() {
+    let proxy = txpipe_tests::proxy::Proxy::start(txpipe_tests::proxy::broker_addr()).await;
+    let fleet = TestFleet::spawn_with(|s| s.amqp_url = proxy.amqp_url()).await;
+    proxy.refuse(true);
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = fleet.get_json("/readyz").await;
+        if code == 503 {
+            assert!(body["reason"].as_str().unwrap().contains("RabbitMQ"));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readyz never said not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = fleet.post_upload(valid_csv("away", 2), "text/csv").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(fleet.object_count().await, 0, "nothing kept for a refused upload");
+
+    proxy.refuse(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while fleet.get_json("/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (id, _) = upload_retrying(&fleet, valid_csv("back", 2)).await;
+    fleet.wait_for_status(id, &[FileStatus::Completed]).await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broker_gone_for_longer_than_the_bound_stops_the_fleet_with_an_error() {
+    let proxy = txpipe_tests::proxy::Proxy::start(txpipe_tests::proxy::broker_addr()).await;
+    let fleet = TestFleet::spawn_with(|s| {
+        s.amqp_url = proxy.amqp_url();
+        s.reconnect_timeout_ms = 1500;
+    })
+    .await;
+    proxy.refuse(true);
+    proxy.cut();
+    let stopped = fleet.stopped_on_its_own(Duration::from_secs(20)).await.expect("the fleet stops by itself");
+    let err = stopped.expect_err("it stops with an error").to_string();
+    assert!(err.contains("reconnect") || err.contains("RabbitMQ"), "{err}");
+}

@@ -37,6 +37,26 @@ impl Validator {
         }
     }
 
+    /// A file.uploaded whose file has no status record. The gateway withdraws an upload it
+    /// could not announce (it deletes the record, then the object) and answers 503; if the
+    /// broker took the message but its confirm was lost, the message still arrives. With the
+    /// object gone too, that is such a withdrawn upload: nothing to do. Anything else is an
+    /// inconsistency for a person to look at in the DLQ.
+    async fn unknown_file(&self, msg: &Incoming) -> Outcome {
+        let file_id = msg.event.file_id;
+        match self.deps.storage.objects.get(&msg.event.object_key).await {
+            Err(txpipe_common::storage::StorageError::NotFound(_)) => {
+                tracing::info!(%file_id, "dropping the announcement of an upload the gateway withdrew");
+                Outcome::Done(Vec::new())
+            }
+            Ok(_) => Outcome::DeadLetter(format!(
+                "no status record for file {file_id}, though its object {} exists",
+                msg.event.object_key
+            )),
+            Err(e) => storage_failure("checking the object of an unknown file", &e),
+        }
+    }
+
     async fn validate(&self, key: &str) -> Result<ValidationReport, Outcome> {
         let objects = self.deps.storage.objects.clone();
         let key = key.to_owned();
@@ -61,11 +81,7 @@ impl Handler for Validator {
         let file_id = msg.event.file_id;
         let record = match statuses.get(file_id).await {
             Ok(Some(r)) => r,
-            Ok(None) => {
-                return Outcome::DeadLetter(format!(
-                    "no status record for file {file_id}: the gateway never accepted it"
-                ))
-            }
+            Ok(None) => return self.unknown_file(msg).await,
             Err(e) => return storage_failure("reading the file's status", &e),
         };
         // a validation_failed without row errors failed for a fault, not for its contents:
