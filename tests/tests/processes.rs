@@ -133,3 +133,153 @@ async fn separate_binaries_with_several_copies_share_one_broker_and_storage() {
     let broker = txpipe_common::amqp::Broker::connect(&settings).await.unwrap();
     broker.teardown().await.unwrap();
 }
+
+/// A gateway process and its base URL.
+async fn start_gateway(ns: &str, dir: &std::path::Path) -> (Child, String) {
+    let mut gateway = spawn("ingest-gateway", ns, dir);
+    let listening = wait_for_log(&mut gateway, "gateway listening").await;
+    (gateway, format!("http://{}", listening["fields"]["addr"].as_str().unwrap()))
+}
+
+/// A worker process, once it consumes.
+async fn start_worker(name: &str, ns: &str, dir: &std::path::Path) -> Child {
+    let mut child = spawn(name, ns, dir);
+    wait_for_log(&mut child, "consuming").await;
+    child
+}
+
+async fn upload(http: &reqwest::Client, base: &str, body: String) -> String {
+    let r = http.post(format!("{base}/upload")).header("content-type", "text/csv").body(body).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<serde_json::Value>().await.unwrap()["file_id"].as_str().unwrap().to_owned()
+}
+
+async fn status(http: &reqwest::Client, base: &str, id: &str) -> serde_json::Value {
+    http.get(format!("{base}/files/{id}")).send().await.unwrap().json().await.unwrap()
+}
+
+async fn wait_status(http: &reqwest::Client, base: &str, id: &str, want: &str, within: Duration) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let v = status(http, base, id).await;
+        if v["status"] == want {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "file {id} never reached {want}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Rows stored for a file, counted through the API (and checked to be distinct).
+async fn stored_rows(http: &reqwest::Client, base: &str, id: &str) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = String::new();
+    loop {
+        let v: serde_json::Value = http
+            .get(format!("{base}/files/{id}/transactions?limit=1000{cursor}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for t in v["items"].as_array().unwrap() {
+            assert!(seen.insert(t["transaction_id"].as_str().unwrap().to_owned()), "a row listed twice");
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return seen.len(),
+        }
+    }
+}
+
+async fn dlq_count(ns: &str) -> u32 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = txpipe_tests::test_settings(dir.path());
+    settings.namespace = ns.to_owned();
+    let broker = txpipe_common::amqp::Broker::connect(&settings).await.unwrap();
+    let n = txpipe_cli::dlq::count(&broker).await.unwrap();
+    broker.teardown().await.unwrap();
+    broker.close().await;
+    n
+}
+
+#[tokio::test]
+async fn killing_the_transformer_mid_file_again_and_again_loses_nothing_and_writes_nothing_twice() {
+    const ROWS: usize = 60_000;
+    const KILLS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let ns = txpipe_tests::fresh_namespace();
+    let (gateway, base) = start_gateway(&ns, dir.path()).await;
+    let validator = start_worker("validator", &ns, dir.path()).await;
+    let notifier = start_worker("notifier", &ns, dir.path()).await;
+    let mut transformer = start_worker("transformer", &ns, dir.path()).await;
+    let http = reqwest::Client::new();
+
+    let big = upload(&http, &base, txpipe_tests::valid_csv("big", ROWS)).await;
+    let small: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..4 {
+            v.push(upload(&http, &base, txpipe_tests::valid_csv(&format!("small{i}"), 50)).await);
+        }
+        v
+    };
+    let mut kills = 0;
+    for _ in 0..KILLS {
+        // wait until the big file is being written, then kill -9 the transformer and start another
+        wait_status(&http, &base, &big, "processing", Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if status(&http, &base, &big).await["status"] != "processing" {
+            break;
+        }
+        transformer.start_kill().unwrap();
+        transformer.wait().await.unwrap();
+        kills += 1;
+        transformer = start_worker("transformer", &ns, dir.path()).await;
+    }
+    let mut completed = 0;
+    let mut rows = 0;
+    for (id, want) in std::iter::once((&big, ROWS)).chain(small.iter().map(|s| (s, 50))) {
+        let v = wait_status(&http, &base, id, "completed", Duration::from_secs(120)).await;
+        assert_eq!(v["records_processed"], want);
+        let n = stored_rows(&http, &base, id).await;
+        assert_eq!(n, want, "every row stored, once");
+        rows += n;
+        completed += 1;
+    }
+    for child in [transformer, validator, notifier, gateway] {
+        assert!(stop(child).await.success());
+    }
+    let dlq = dlq_count(&ns).await;
+    assert_eq!(dlq, 0);
+    eprintln!(
+        "chaos a (kill -9 transformer x{kills}): files pushed 5, completed {completed}, lost {}, rows {rows} (duplicates 0), DLQ {dlq}",
+        5 - completed
+    );
+    assert!(kills >= 1, "the big file was never caught in flight");
+}
+
+#[tokio::test]
+async fn sigterm_during_processing_finishes_the_file_and_exits_zero() {
+    const ROWS: usize = 40_000;
+    let dir = tempfile::tempdir().unwrap();
+    let ns = txpipe_tests::fresh_namespace();
+    let (gateway, base) = start_gateway(&ns, dir.path()).await;
+    let validator = start_worker("validator", &ns, dir.path()).await;
+    let notifier = start_worker("notifier", &ns, dir.path()).await;
+    let transformer = start_worker("transformer", &ns, dir.path()).await;
+    let http = reqwest::Client::new();
+    let id = upload(&http, &base, txpipe_tests::valid_csv("term", ROWS)).await;
+    wait_status(&http, &base, &id, "processing", Duration::from_secs(60)).await;
+    let exit = stop(transformer).await;
+    assert!(exit.success(), "SIGTERM mid-file: exit 0 after finishing ({exit:?})");
+    let v = wait_status(&http, &base, &id, "completed", Duration::from_secs(60)).await;
+    assert_eq!(v["records_processed"], ROWS);
+    assert_eq!(stored_rows(&http, &base, &id).await, ROWS);
+    for child in [validator, notifier, gateway] {
+        assert!(stop(child).await.success());
+    }
+    let dlq = dlq_count(&ns).await;
+    assert_eq!(dlq, 0);
+    eprintln!("chaos f (SIGTERM mid-file): files pushed 1, completed 1, lost 0, rows {ROWS} (duplicates 0), DLQ {dlq}");
+}
