@@ -31,11 +31,16 @@ pub fn auth_endpoint() -> &'static str {
 
 /// An SDK configuration for moto: its endpoint, dummy credentials, us-east-1.
 pub async fn sdk_config(settings: &Settings) -> aws_config::SdkConfig {
+    sdk_config_at(settings, endpoint()).await
+}
+
+/// The same, for a given endpoint (e.g. a fault-injecting proxy in front of moto).
+pub async fn sdk_config_at(settings: &Settings, endpoint: &str) -> aws_config::SdkConfig {
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
         .operation_timeout(std::time::Duration::from_millis(settings.aws_operation_timeout_ms))
         .build();
     aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint())
+        .endpoint_url(endpoint)
         .region(aws_sdk_s3::config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "txpipe-tests"))
         .timeout_config(timeouts)
@@ -45,7 +50,12 @@ pub async fn sdk_config(settings: &Settings) -> aws_config::SdkConfig {
 
 /// Provisions the namespace of `settings` on moto (bucket, tables, topology) and opens it.
 pub async fn provisioned(settings: &Settings) -> (aws_config::SdkConfig, Storage) {
-    let sdk = sdk_config(settings).await;
+    provisioned_at(settings, endpoint()).await
+}
+
+/// The same, through a given endpoint.
+pub async fn provisioned_at(settings: &Settings, endpoint: &str) -> (aws_config::SdkConfig, Storage) {
+    let sdk = sdk_config_at(settings, endpoint).await;
     txpipe_cli::provision::provision(settings, Some(&sdk)).await.expect("provision on moto");
     let storage = Storage::aws(&sdk, settings);
     storage.check().await.expect("provisioned storage answers");

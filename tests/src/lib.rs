@@ -99,8 +99,17 @@ impl TestFleet {
         }
     }
 
+    /// Spawns a fleet on S3 and DynamoDB reached through `endpoint` (a proxy in front of moto).
+    pub async fn spawn_aws_at(endpoint: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_inner(tweak, Some(endpoint)).await
+    }
+
     /// Spawns a fleet after letting `tweak` change the test settings.
     pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_inner(tweak, None).await
+    }
+
+    async fn spawn_inner(tweak: impl FnOnce(&mut Settings), aws_endpoint: Option<&str>) -> Self {
         let _ = tracing_init();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut settings = test_settings(dir.path());
@@ -108,12 +117,15 @@ impl TestFleet {
             settings.storage = txpipe_common::config::StorageKind::Aws;
         }
         tweak(&mut settings);
+        if aws_endpoint.is_some() {
+            settings.storage = txpipe_common::config::StorageKind::Aws;
+        }
         let (aws, deps) = match settings.storage {
             txpipe_common::config::StorageKind::Local => {
                 (None, Deps::connect(settings.clone()).await.expect("connect to RabbitMQ and open storage"))
             }
             txpipe_common::config::StorageKind::Aws => {
-                let (sdk, storage) = aws::provisioned(&settings).await;
+                let (sdk, storage) = aws::provisioned_at(&settings, aws_endpoint.unwrap_or(aws::endpoint())).await;
                 let deps = Deps::with_storage(settings.clone(), storage).await.expect("connect to RabbitMQ");
                 (Some(sdk), deps)
             }

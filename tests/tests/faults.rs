@@ -221,3 +221,73 @@ async fn a_broker_gone_for_longer_than_the_bound_stops_the_fleet_with_an_error()
     let err = stopped.expect_err("it stops with an error").to_string();
     assert!(err.contains("reconnect") || err.contains("RabbitMQ"), "{err}");
 }
+
+#[tokio::test]
+async fn storage_failing_for_a_while_then_recovering_loses_nothing() {
+    let moto: std::net::SocketAddr = txpipe_tests::aws::endpoint().trim_start_matches("http://").parse().unwrap();
+    let proxy = txpipe_tests::proxy::Proxy::start(moto).await;
+    let fleet = TestFleet::spawn_aws_at(&format!("http://{}", proxy.addr), |s| {
+        // retries long enough to outlast the outage: 100 ms, 200 ms, ... about 12 s in all
+        s.retry_attempts = 8;
+        s.retry_initial_delay_ms = 100;
+        s.aws_operation_timeout_ms = 2000;
+    })
+    .await;
+    let mut tap = fleet.tap_notifications().await;
+    const FILES: usize = 8;
+    const ROWS: usize = 300;
+    let mut ids = Vec::new();
+    let mut refused = 0;
+    for i in 0..FILES {
+        if i == 3 {
+            // S3 and DynamoDB go away for 2.5 s while files are in flight
+            proxy.refuse(true);
+            proxy.cut();
+            let p = &proxy;
+            let outage = async {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                p.refuse(false);
+            };
+            let uploads = async {
+                let mut got = Vec::new();
+                for j in 0..2 {
+                    got.push(upload_retrying(&fleet, valid_csv(&format!("out{j}"), ROWS)).await);
+                }
+                got
+            };
+            let (_, got) = tokio::join!(outage, uploads);
+            for (id, r) in got {
+                ids.push(id);
+                refused += r;
+            }
+            continue;
+        }
+        let (id, r) = upload_retrying(&fleet, valid_csv(&format!("st{i}"), ROWS)).await;
+        ids.push(id);
+        refused += r;
+    }
+    let mut completed = 0;
+    let mut rows = 0;
+    for id in &ids {
+        let r = fleet
+            .wait_for_status(*id, &[FileStatus::Completed, FileStatus::ValidationFailed, FileStatus::ProcessingFailed])
+            .await;
+        assert_eq!(r.status, FileStatus::Completed, "{r:#?}");
+        completed += 1;
+        let stored = fleet.transactions(*id, 1000).await;
+        assert_eq!(stored.len(), ROWS);
+        rows += stored.len();
+    }
+    let notices = tap.drain(Duration::from_secs(2)).await;
+    let distinct: std::collections::HashSet<_> = notices.iter().map(|n| n.message_id.clone()).collect();
+    assert_eq!(distinct.len(), ids.len());
+    let dlq = fleet.dlq_count().await;
+    assert_eq!(dlq, 0);
+    eprintln!(
+        "chaos c (S3+DynamoDB unreachable 2.5 s): files pushed {}, completed {completed}, lost {}, rows {rows} (duplicates 0), \
+         uploads refused with 503 {refused}, DLQ {dlq}",
+        ids.len(),
+        ids.len() - completed
+    );
+    fleet.shutdown().await;
+}
