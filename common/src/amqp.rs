@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a publish waits for the broker's confirm.
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the DLQ keeps a message: 14 days, as the seed's SQS DLQ did.
 pub const DLQ_MESSAGE_TTL_MS: i64 = 14 * 24 * 60 * 60 * 1000;

@@ -141,6 +141,14 @@ pub struct StatusRecord {
     /// Why the file failed, for the `*_failed` statuses.
     #[serde(default)]
     pub reason: Option<String>,
+    /// False from the gateway's record until the broker has confirmed `file.uploaded`: the
+    /// validator does not start on an upload the gateway may still withdraw.
+    #[serde(default = "announced_by_default")]
+    pub announced: bool,
+}
+
+fn announced_by_default() -> bool {
+    true
 }
 
 /// What a status change also records.
@@ -169,6 +177,7 @@ impl StatusRecord {
             errors: Vec::new(),
             records_processed: None,
             reason: None,
+            announced: true,
         }
     }
 

@@ -135,17 +135,29 @@ async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Res
         return Err(GatewayError::EmptyBody);
     }
 
-    let record = StatusRecord::uploaded(file_id, key.clone(), size, chrono::Utc::now());
+    // recorded as not yet announced: no worker starts on it until the broker has confirmed
+    let mut record = StatusRecord::uploaded(file_id, key.clone(), size, chrono::Utc::now());
+    record.announced = false;
     if let Err(e) = deps.storage.statuses.create(&record).await {
         let _ = objects.delete(&key).await;
         return Err(GatewayError::from_storage("recording the upload", e));
     }
     let event = FileEvent::new(file_id, key.clone());
-    if let Err(e) = announce(&deps, &event).await {
-        // undo, so nothing claims an upload that no worker will ever see
-        let _ = deps.storage.statuses.delete(file_id).await;
+    let announced = match announce(&deps, &event).await {
+        Ok(()) => deps
+            .storage
+            .statuses
+            .mark_announced(file_id)
+            .await
+            .map_err(|e| GatewayError::from_storage("recording the announcement", e)),
+        Err(e) => Err(GatewayError::Unavailable(format!("announcing the upload failed: {e}"))),
+    };
+    if let Err(e) = announced {
+        // undo, so nothing claims an upload the client is told was refused: the object first,
+        // then the record, so a validator that got the message anyway finds neither
         let _ = objects.delete(&key).await;
-        return Err(GatewayError::Unavailable(format!("announcing the upload failed: {e}")));
+        let _ = deps.storage.statuses.withdraw(file_id).await;
+        return Err(e);
     }
     tracing::info!(%file_id, size_bytes = size, "upload accepted");
     let status_url = format!("/files/{file_id}");

@@ -106,8 +106,22 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
     let wins = results.iter().filter(|r| matches!(r.as_ref().unwrap(), Advance::Moved(_))).count();
     assert_eq!(wins, 1);
 
-    store.delete(id).await.unwrap();
-    assert_eq!(store.get(id).await.unwrap(), None);
+    // an announced file cannot be withdrawn; an unannounced one can, once
+    assert!(!store.withdraw(id).await.unwrap());
+    assert!(store.get(id).await.unwrap().is_some());
+    let mut pending = record(t);
+    pending.announced = false;
+    store.create(&pending).await.unwrap();
+    assert!(!store.get(pending.file_id).await.unwrap().unwrap().announced);
+    store.mark_announced(pending.file_id).await.unwrap();
+    assert!(store.get(pending.file_id).await.unwrap().unwrap().announced);
+    assert!(!store.withdraw(pending.file_id).await.unwrap(), "announced: kept");
+    let mut withdrawn = record(t);
+    withdrawn.announced = false;
+    store.create(&withdrawn).await.unwrap();
+    assert!(store.withdraw(withdrawn.file_id).await.unwrap());
+    assert_eq!(store.get(withdrawn.file_id).await.unwrap(), None);
+    assert!(!store.withdraw(withdrawn.file_id).await.unwrap(), "unknown: nothing to do");
 }
 
 fn tx(id: &str, file_id: FileId, amount: &str) -> Transaction {

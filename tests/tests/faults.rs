@@ -291,3 +291,30 @@ async fn storage_failing_for_a_while_then_recovering_loses_nothing() {
     );
     fleet.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upload_the_gateway_withdrew_is_dropped_even_if_its_message_got_through() {
+    let fleet = TestFleet::spawn().await;
+    // as the gateway leaves it when the confirm of file.uploaded is lost: recorded, not announced
+    let id = FileId::new();
+    let key = fleet.names.object_key(&id);
+    let body = valid_csv("w", 2);
+    let stream = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(body.clone()))]);
+    fleet.deps.storage.objects.put(&key, Box::pin(stream)).await.unwrap();
+    let mut rec = StatusRecord::uploaded(id, key.clone(), body.len() as u64, chrono::Utc::now());
+    rec.announced = false;
+    fleet.deps.storage.statuses.create(&rec).await.unwrap();
+    fleet.publish_raw("file.uploaded", &FileEvent::new(id, key.clone()).to_body()).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(fleet.status(id).await.status, FileStatus::Uploaded, "the validator waits for the gateway");
+    // the gateway gives up and undoes: object, then record
+    fleet.deps.storage.objects.delete(&key).await.unwrap();
+    assert!(fleet.deps.storage.statuses.withdraw(id).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(fleet.get_json(&format!("/files/{id}")).await.0, 404);
+    assert_eq!(fleet.dlq_count().await, 0, "a withdrawn upload is not an error");
+    // and an announced one goes through as usual
+    let ok = fleet.upload(valid_csv("ok", 2)).await.file_id;
+    fleet.wait_for_status(ok, &[FileStatus::Completed]).await;
+    fleet.shutdown().await;
+}

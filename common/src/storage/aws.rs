@@ -395,6 +395,39 @@ impl DynamoStore {
         }
     }
 
+    /// Changes a status record with optimistic concurrency: the write lands only if nobody
+    /// changed the item since it was read (a condition on its version), else it reads again.
+    async fn modify(
+        &self,
+        file_id: FileId,
+        change: impl Fn(&mut StatusRecord) -> bool,
+    ) -> Result<Advance, StorageError> {
+        for _ in 0..STATUS_CAS_ATTEMPTS {
+            let (mut record, version) =
+                self.read_status(file_id).await?.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?;
+            if !change(&mut record) {
+                return Ok(Advance::Refused(record));
+            }
+            let next: u64 = version.parse::<u64>().unwrap_or(0) + 1;
+            let result = self
+                .client
+                .put_item()
+                .table_name(&self.status_table)
+                .set_item(Some(Self::status_item(&record, next)))
+                .condition_expression("#v = :v")
+                .expression_attribute_names("#v", "version")
+                .expression_attribute_values(":v", AttributeValue::N(version))
+                .send()
+                .await;
+            match result {
+                Ok(_) => return Ok(Advance::Moved(record)),
+                Err(e) if is_code(&e, "ConditionalCheckFailedException") => continue,
+                Err(e) => return Err(classify("changing a status", e)),
+            }
+        }
+        Err(StorageError::Unavailable(format!("status of file {file_id} kept changing under us")))
+    }
+
     async fn describe(&self, table: &str) -> Result<(), StorageError> {
         match self.client.describe_table().table_name(table).send().await {
             Ok(_) => Ok(()),
@@ -437,42 +470,36 @@ impl StatusStore for DynamoStore {
         update: StatusUpdate,
         at: DateTime<Utc>,
     ) -> Result<Advance, StorageError> {
+        self.modify(file_id, |r| r.advance(to, update.clone(), at)).await
+    }
+
+    async fn mark_announced(&self, file_id: FileId) -> Result<(), StorageError> {
+        self.modify(file_id, |r| !std::mem::replace(&mut r.announced, true)).await.map(|_| ())
+    }
+
+    async fn withdraw(&self, file_id: FileId) -> Result<bool, StorageError> {
         for _ in 0..STATUS_CAS_ATTEMPTS {
-            let (mut record, version) =
-                self.read_status(file_id).await?.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?;
-            if !record.advance(to, update.clone(), at) {
-                return Ok(Advance::Refused(record));
+            let Some((record, version)) = self.read_status(file_id).await? else { return Ok(false) };
+            if record.announced {
+                return Ok(false);
             }
-            let next: u64 = version.parse::<u64>().unwrap_or(0) + 1;
-            // the write lands only if nobody changed the item since we read it
             let result = self
                 .client
-                .put_item()
+                .delete_item()
                 .table_name(&self.status_table)
-                .set_item(Some(Self::status_item(&record, next)))
+                .key("file_id", s(file_id.to_string()))
                 .condition_expression("#v = :v")
                 .expression_attribute_names("#v", "version")
                 .expression_attribute_values(":v", AttributeValue::N(version))
                 .send()
                 .await;
             match result {
-                Ok(_) => return Ok(Advance::Moved(record)),
+                Ok(_) => return Ok(true),
                 Err(e) if is_code(&e, "ConditionalCheckFailedException") => continue,
-                Err(e) => return Err(classify("changing a status", e)),
+                Err(e) => return Err(classify("withdrawing a file", e)),
             }
         }
         Err(StorageError::Unavailable(format!("status of file {file_id} kept changing under us")))
-    }
-
-    async fn delete(&self, file_id: FileId) -> Result<(), StorageError> {
-        self.client
-            .delete_item()
-            .table_name(&self.status_table)
-            .key("file_id", s(file_id.to_string()))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| classify("forgetting a file", e))
     }
 
     async fn check(&self) -> Result<(), StorageError> {

@@ -95,8 +95,12 @@ pub trait StatusStore: Send + Sync + 'static {
         update: StatusUpdate,
         at: DateTime<Utc>,
     ) -> Result<Advance, StorageError>;
-    /// Forgets a file (the gateway undoing an upload it could not announce).
-    async fn delete(&self, file_id: FileId) -> Result<(), StorageError>;
+    /// Marks the file's upload as announced (its `file.uploaded` was confirmed).
+    async fn mark_announced(&self, file_id: FileId) -> Result<(), StorageError>;
+    /// Forgets a file whose upload was never announced (the gateway undoing an upload it
+    /// could not announce), atomically; true if it was forgotten, false if it is announced
+    /// or unknown.
+    async fn withdraw(&self, file_id: FileId) -> Result<bool, StorageError>;
     async fn check(&self) -> Result<(), StorageError>;
 }
 

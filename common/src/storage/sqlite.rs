@@ -140,29 +140,30 @@ impl StatusStore for SqliteStore {
         update: StatusUpdate,
         at: DateTime<Utc>,
     ) -> Result<Advance, StorageError> {
+        self.modify(file_id, move |r| r.advance(to, update, at)).await
+    }
+
+    async fn mark_announced(&self, file_id: FileId) -> Result<(), StorageError> {
+        self.modify(file_id, |r| !std::mem::replace(&mut r.announced, true)).await.map(|_| ())
+    }
+
+    async fn withdraw(&self, file_id: FileId) -> Result<bool, StorageError> {
         let select = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
-        let write =
-            format!("UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1", self.status_table);
+        let delete = format!("DELETE FROM {} WHERE file_id = ?1", self.status_table);
         self.with(move |c| {
-            // IMMEDIATE takes the write lock up front: read-check-write is atomic across processes
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
             let json: Option<String> =
                 tx.query_row(&select, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
-            let mut record = from_json(&json.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?)?;
-            if !record.advance(to, update, at) {
-                return Ok(Advance::Refused(record));
+            match json.as_deref().map(from_json).transpose()? {
+                Some(record) if !record.announced => {
+                    tx.execute(&delete, params![file_id.to_string()]).map_err(db_err)?;
+                    tx.commit().map_err(db_err)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
             }
-            tx.execute(&write, params![file_id.to_string(), to.as_str(), at.to_rfc3339(), to_json(&record)])
-                .map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
-            Ok(Advance::Moved(record))
         })
         .await
-    }
-
-    async fn delete(&self, file_id: FileId) -> Result<(), StorageError> {
-        let sql = format!("DELETE FROM {} WHERE file_id = ?1", self.status_table);
-        self.with(move |c| c.execute(&sql, params![file_id.to_string()]).map(|_| ()).map_err(db_err)).await
     }
 
     async fn check(&self) -> Result<(), StorageError> {
@@ -258,6 +259,35 @@ impl TransactionStore for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Changes a status record atomically across processes: `change` says whether it changed it.
+    async fn modify(
+        &self,
+        file_id: FileId,
+        change: impl FnOnce(&mut StatusRecord) -> bool + Send + 'static,
+    ) -> Result<Advance, StorageError> {
+        let select = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
+        let write =
+            format!("UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1", self.status_table);
+        self.with(move |c| {
+            // IMMEDIATE takes the write lock up front: read-check-write is atomic across processes
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let json: Option<String> =
+                tx.query_row(&select, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
+            let mut record = from_json(&json.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?)?;
+            if !change(&mut record) {
+                return Ok(Advance::Refused(record));
+            }
+            tx.execute(
+                &write,
+                params![file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), to_json(&record)],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(Advance::Moved(record))
+        })
+        .await
+    }
+
     /// Drops both tables of the namespace (`txpipe teardown` for local storage).
     pub async fn drop_tables(&self) -> Result<(), StorageError> {
         let sql = format!("DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};", self.status_table, self.tx_table);

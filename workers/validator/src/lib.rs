@@ -11,6 +11,9 @@ use txpipe_common::storage::{open_blocking, Advance};
 use txpipe_common::worker::{read_failure, storage_failure, Handler, Incoming, Outcome};
 use txpipe_common::Deps;
 
+/// How long the validator waits for the gateway to confirm an upload it has recorded.
+pub const ANNOUNCE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The validator stage.
 pub struct Validator {
     deps: Deps,
@@ -37,8 +40,29 @@ impl Validator {
         }
     }
 
+    /// The file's record once the gateway has confirmed the upload. The gateway records an
+    /// upload before publishing and marks it announced after the broker's confirm; until then
+    /// it may still withdraw it (answering 503), so the validator waits for one or the other.
+    async fn announced_record(&self, msg: &Incoming) -> Result<StatusRecord, Outcome> {
+        let file_id = msg.event.file_id;
+        let deadline = tokio::time::Instant::now() + ANNOUNCE_GRACE;
+        loop {
+            match self.deps.storage.statuses.get(file_id).await {
+                Ok(Some(r)) if r.announced => return Ok(r),
+                Ok(Some(_)) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Outcome::DeadLetter(format!(
+                        "the gateway never confirmed the upload of file {file_id} within {ANNOUNCE_GRACE:?}"
+                    )))
+                }
+                Ok(Some(_)) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                Ok(None) => return Err(self.unknown_file(msg).await),
+                Err(e) => return Err(storage_failure("reading the file's status", &e)),
+            }
+        }
+    }
+
     /// A file.uploaded whose file has no status record. The gateway withdraws an upload it
-    /// could not announce (it deletes the record, then the object) and answers 503; if the
+    /// could not announce (it deletes the object, then the record) and answers 503; if the
     /// broker took the message but its confirm was lost, the message still arrives. With the
     /// object gone too, that is such a withdrawn upload: nothing to do. Anything else is an
     /// inconsistency for a person to look at in the DLQ.
@@ -79,10 +103,9 @@ impl Handler for Validator {
     async fn handle(&self, msg: &Incoming) -> Outcome {
         let statuses = &self.deps.storage.statuses;
         let file_id = msg.event.file_id;
-        let record = match statuses.get(file_id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return self.unknown_file(msg).await,
-            Err(e) => return storage_failure("reading the file's status", &e),
+        let record = match self.announced_record(msg).await {
+            Ok(r) => r,
+            Err(outcome) => return outcome,
         };
         // a validation_failed without row errors failed for a fault, not for its contents:
         // a replayed or retried message tries it again
