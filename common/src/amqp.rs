@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a publish waits for the broker's confirm.
+/// How long a publish waits for the broker's confirm (and a channel for the broker's answer).
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the DLQ keeps a message: 14 days, as the seed's SQS DLQ did.
@@ -176,7 +176,11 @@ impl Broker {
         if !conn.status().connected() {
             return Err(AmqpError::Disconnected);
         }
-        Ok(conn.create_channel().await?)
+        // a connection that is dying may never answer: do not wait for it forever
+        match tokio::time::timeout(CONFIRM_TIMEOUT, conn.create_channel()).await {
+            Ok(channel) => Ok(channel?),
+            Err(_) => Err(AmqpError::Disconnected),
+        }
     }
 
     /// A publisher with its own confirm-mode channel (renewed after a connection loss).
@@ -345,7 +349,9 @@ impl Publisher {
             return Ok(c.clone());
         }
         let c = self.broker.channel().await?;
-        c.confirm_select(ConfirmSelectOptions::default()).await?;
+        tokio::time::timeout(CONFIRM_TIMEOUT, c.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .map_err(|_| AmqpError::Disconnected)??;
         *held = Some(c.clone());
         Ok(c)
     }

@@ -189,6 +189,15 @@ async fn drain(stage: Stage, tasks: &mut JoinSet<()>) {
     }
 }
 
+/// Acks, nacks or rejects, giving up after a while on a connection that no longer answers
+/// (the broker then redelivers the message on the next connection).
+async fn settle(op: impl Future<Output = Result<bool, lapin::Error>>) -> Result<bool, String> {
+    match tokio::time::timeout(crate::amqp::CONFIRM_TIMEOUT, op).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer from RabbitMQ".into()),
+    }
+}
+
 fn header_u64(d: &Delivery, name: &str) -> Option<u64> {
     let headers = d.properties.headers().as_ref()?;
     match headers.inner().get(name)? {
@@ -231,7 +240,7 @@ impl Loop {
                 // a crash in the handler: give the message back (its delivery count grows, so a
                 // message that always crashes ends in the DLQ at the delivery limit)
                 tracing::error!(%stage, %file_id, "the handler panicked; returning the message to its queue");
-                if let Err(e) = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
+                if let Err(e) = settle(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await {
                     tracing::warn!(%stage, %file_id, error = %e, "nack failed; the message will be redelivered");
                 }
                 return;
@@ -239,7 +248,7 @@ impl Loop {
             let (class, reason) = match outcome {
                 Outcome::Done(out) => match self.publish_all(&out).await {
                     Ok(()) => {
-                        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                        if let Err(e) = settle(delivery.ack(BasicAckOptions::default())).await {
                             tracing::warn!(%stage, %file_id, error = %e, "ack failed; the message will be redelivered");
                         }
                         return;
@@ -296,10 +305,10 @@ impl Loop {
             ],
         };
         let settled = match self.publisher.publish(&copy).await {
-            Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+            Ok(()) => settle(delivery.ack(BasicAckOptions::default())).await,
             Err(e) => {
                 tracing::warn!(%stage, error = %e, "cannot copy to the dead-letter exchange; rejecting instead");
-                delivery.reject(BasicRejectOptions { requeue: false }).await
+                settle(delivery.reject(BasicRejectOptions { requeue: false })).await
             }
         };
         if let Err(e) = settled {

@@ -65,6 +65,10 @@ async fn a_message_that_crashes_its_worker_ends_in_the_dlq_at_the_delivery_limit
     };
     assert!(reason.contains("delivery_limit"), "{reason}");
     assert_eq!(FileEvent::from_body(&dead.delivery.data).unwrap().file_id, id);
+    assert_eq!(dead.message_count, 0, "the DLQ holds exactly the poison message");
+    eprintln!(
+        "chaos d (poison message, delivery limit 2): messages 1, dead-lettered 1 (delivery_limit), lost 0, DLQ 1"
+    );
 
     let record = deps.storage.statuses.get(id).await.unwrap().unwrap();
     assert_eq!(record.status, FileStatus::ValidationFailed);
