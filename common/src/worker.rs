@@ -81,6 +81,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 struct Loop {
+    broker: Broker,
     handler: Arc<dyn Handler>,
     publisher: Publisher,
     settings: Arc<Settings>,
@@ -100,6 +101,7 @@ pub async fn run(
 ) -> Result<(), AmqpError> {
     let stage = handler.stage();
     let ctx = Arc::new(Loop {
+        broker: broker.clone(),
         handler,
         publisher: broker.publisher().await?,
         settings: settings.clone(),
@@ -258,6 +260,12 @@ impl Loop {
                 Outcome::DeadLetter(reason) => (ErrorClass::Permanent, reason),
                 Outcome::Retry(reason) => (ErrorClass::RetriesExhausted, reason),
             };
+            // the connection went away under this message: it is not the message's fault, and
+            // the broker will deliver it again on the next connection
+            if delivery.acker.poisoned() || !self.broker.is_connected() {
+                tracing::warn!(%stage, %file_id, %reason, "broker connection lost mid-message; it will be redelivered");
+                return;
+            }
             if class == ErrorClass::RetriesExhausted {
                 if let Some(wait) = backoff.next() {
                     tracing::warn!(%stage, %file_id, %reason, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");

@@ -163,7 +163,18 @@ async fn cutting_the_broker_connection_during_a_batch_loses_nothing() {
     }
     let notices = tap.drain(Duration::from_secs(2)).await;
     let ids_notified: std::collections::HashSet<_> = notices.iter().map(|n| n.message_id.clone()).collect();
-    assert_eq!(ids_notified.len(), FILES, "one notification id per file (copies allowed, same id)");
+    if ids_notified.len() != FILES {
+        let seen: Vec<_> =
+            notices.iter().map(|n| (n.routing_key.clone(), n.message_id.clone(), n.body.status)).collect();
+        let mut statuses = Vec::new();
+        for n in &notices {
+            if !ids.contains(&n.body.file_id) {
+                statuses.push(fleet.get_json(&format!("/files/{}", n.body.file_id)).await);
+            }
+        }
+        let dead = txpipe_cli::dlq::list(&fleet.admin, &Default::default()).await.unwrap();
+        panic!("one notification id per file expected; ids {ids:?}\nnotices {seen:#?}\nunknown files {statuses:#?}\nDLQ {dead:#?}");
+    }
     let dlq = fleet.dlq_count().await;
     if dlq != 0 {
         let letters = txpipe_cli::dlq::list(&fleet.admin, &Default::default()).await.unwrap();
