@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long one connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a publish waits for the broker's confirm (and a channel for the broker's answer).
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -113,7 +116,7 @@ pub struct Outgoing {
 impl Broker {
     /// Connects to `settings.amqp_url` and starts watching the connection.
     pub async fn connect(settings: &Settings) -> Result<Self, AmqpError> {
-        let conn = Connection::connect(&settings.amqp_url, ConnectionProperties::default())
+        let conn = connect_within(&settings.amqp_url)
             .await
             .map_err(|source| AmqpError::Connect { url: redact(&settings.amqp_url), source })?;
         let (link, _) = tokio::sync::watch::channel(Link::Up(1));
@@ -273,6 +276,18 @@ impl Broker {
     }
 }
 
+/// Connects, giving up after [`CONNECT_TIMEOUT`] (an address that drops packets would
+/// otherwise hold the attempt for the whole TCP timeout).
+async fn connect_within(url: &str) -> Result<Connection, lapin::Error> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, ConnectionProperties::default())).await {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {CONNECT_TIMEOUT:?}"),
+        ))))),
+    }
+}
+
 /// Watches the connection of a broker and replaces it when it drops.
 async fn supervise(weak: std::sync::Weak<Inner>) {
     let mut count = 1u64;
@@ -299,7 +314,7 @@ async fn supervise(weak: std::sync::Weak<Inner>) {
             if inner.closing.load(Ordering::SeqCst) {
                 return;
             }
-            match Connection::connect(&inner.url, ConnectionProperties::default()).await {
+            match connect_within(&inner.url).await {
                 Ok(conn) => {
                     *inner.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
                     count += 1;
