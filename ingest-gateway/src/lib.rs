@@ -21,7 +21,8 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
 use txpipe_common::messages::{FileEvent, FileId, Stage, FILE_UPLOADED};
 use txpipe_common::status::StatusRecord;
 use txpipe_common::storage::StorageError;
@@ -45,7 +46,13 @@ pub fn router(deps: Deps) -> Router {
         .merge(txpipe_common::health::routes(deps))
         // the upload body is streamed and its size checked as it arrives
         .layer(DefaultBodyLimit::disable())
-        .layer(TraceLayer::new_for_http())
+        // the access log: one line per request at info, with method, path, status and latency
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves. Declares the queue uploads go
