@@ -129,6 +129,7 @@ impl Broker {
             link,
             closing: AtomicBool::new(false),
         });
+        metrics::gauge!("txpipe_broker_connected").set(1.0);
         tokio::spawn(supervise(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
@@ -301,6 +302,7 @@ async fn supervise(weak: std::sync::Weak<Inner>) {
             continue;
         }
         inner.link.send_replace(Link::Down);
+        metrics::gauge!("txpipe_broker_connected").set(0.0);
         tracing::warn!(url = %redact(&inner.url), "connection to RabbitMQ lost; reconnecting");
         let started = tokio::time::Instant::now();
         let mut backoff = backon::ExponentialBuilder::default()
@@ -319,6 +321,8 @@ async fn supervise(weak: std::sync::Weak<Inner>) {
                     *inner.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
                     count += 1;
                     inner.link.send_replace(Link::Up(count));
+                    metrics::gauge!("txpipe_broker_connected").set(1.0);
+                    metrics::counter!("txpipe_broker_reconnects_total").increment(1);
                     tracing::info!(after_ms = started.elapsed().as_millis() as u64, "reconnected to RabbitMQ");
                     break;
                 }

@@ -1,5 +1,6 @@
-//! `/healthz` (the process is up) and `/readyz` (broker connected, storage reachable), served
-//! by every binary; the gateway merges these routes into its own router.
+//! `/healthz` (the process is up), `/readyz` (broker connected, storage reachable) and
+//! `/metrics` (Prometheus), served by every binary; the gateway merges these routes into its
+//! own router.
 
 use crate::deps::Deps;
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
@@ -10,6 +11,12 @@ pub fn routes<S>(deps: Deps) -> Router<S> {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|| async {
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
+            }),
+        )
         .with_state(deps)
 }
 

@@ -10,6 +10,7 @@ pub mod currency;
 pub mod deps;
 pub mod health;
 pub mod messages;
+pub mod metrics;
 pub mod names;
 pub mod service;
 pub mod shutdown;

@@ -191,6 +191,20 @@ async fn drain(stage: Stage, tasks: &mut JoinSet<()>) {
     }
 }
 
+fn count(stage: Stage, outcome: &'static str) {
+    metrics::counter!("txpipe_messages_total", "stage" => stage.as_str(), "outcome" => outcome).increment(1);
+}
+
+/// Records how long a message took, however its handling ended.
+struct Timer(Stage, std::time::Instant);
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        metrics::histogram!("txpipe_message_seconds", "stage" => self.0.as_str())
+            .record(self.1.elapsed().as_secs_f64());
+    }
+}
+
 /// Acks, nacks or rejects, giving up after a while on a connection that no longer answers
 /// (the broker then redelivers the message on the next connection).
 async fn settle(op: impl Future<Output = Result<bool, lapin::Error>>) -> Result<bool, String> {
@@ -219,6 +233,7 @@ impl Loop {
             Err(reason) => {
                 tracing::warn!(%stage, %routing_key, %reason, "dead-lettering a message that cannot be parsed");
                 self.dead_letter(&delivery, ErrorClass::Malformed, &reason).await;
+                count(stage, "malformed");
                 return;
             }
         };
@@ -236,12 +251,15 @@ impl Loop {
             }
         }
         let mut backoff = self.settings.retry_policy().build();
+        let started = std::time::Instant::now();
+        let _timer = Timer(stage, started);
         loop {
             let handled = AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind().await;
             let Ok(outcome) = handled else {
                 // a crash in the handler: give the message back (its delivery count grows, so a
                 // message that always crashes ends in the DLQ at the delivery limit)
                 tracing::error!(%stage, %file_id, "the handler panicked; returning the message to its queue");
+                count(stage, "panicked");
                 if let Err(e) = settle(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await {
                     tracing::warn!(%stage, %file_id, error = %e, "nack failed; the message will be redelivered");
                 }
@@ -253,6 +271,7 @@ impl Loop {
                         if let Err(e) = settle(delivery.ack(BasicAckOptions::default())).await {
                             tracing::warn!(%stage, %file_id, error = %e, "ack failed; the message will be redelivered");
                         }
+                        count(stage, "done");
                         return;
                     }
                     Err(e) => (ErrorClass::RetriesExhausted, format!("publishing the next message failed: {e}")),
@@ -264,11 +283,13 @@ impl Loop {
             // the broker will deliver it again on the next connection
             if delivery.acker.poisoned() || !self.broker.is_connected() {
                 tracing::warn!(%stage, %file_id, %reason, "broker connection lost mid-message; it will be redelivered");
+                count(stage, "abandoned");
                 return;
             }
             if class == ErrorClass::RetriesExhausted {
                 if let Some(wait) = backoff.next() {
                     tracing::warn!(%stage, %file_id, %reason, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+                    count(stage, "retried");
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -276,6 +297,7 @@ impl Loop {
             tracing::error!(%stage, %file_id, class = class.as_str(), %reason, "dead-lettering");
             self.handler.on_dead_letter(&msg, &reason).await;
             self.dead_letter(&delivery, class, &reason).await;
+            count(stage, "dead_lettered");
             return;
         }
     }
@@ -291,6 +313,8 @@ impl Loop {
     /// If that copy cannot be made, rejects it so RabbitMQ dead-letters it itself.
     async fn dead_letter(&self, delivery: &Delivery, class: ErrorClass, reason: &str) {
         let stage = self.handler.stage();
+        metrics::counter!("txpipe_dead_letters_total", "stage" => stage.as_str(), "class" => class.as_str())
+            .increment(1);
         let message_id = delivery
             .properties
             .message_id()

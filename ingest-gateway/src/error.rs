@@ -37,6 +37,11 @@ impl GatewayError {
         }
     }
 
+    /// The short code of the error, as in the response body's `error` field.
+    pub fn code(&self) -> &'static str {
+        self.parts().1
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             GatewayError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),

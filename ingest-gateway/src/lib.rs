@@ -97,6 +97,16 @@ fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
 }
 
 async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Result<Response, GatewayError> {
+    let result = accept(deps, headers, body).await;
+    let label = match &result {
+        Ok(_) => "accepted",
+        Err(e) => e.code(),
+    };
+    metrics::counter!("txpipe_uploads_total", "result" => label).increment(1);
+    result
+}
+
+async fn accept(deps: Deps, headers: HeaderMap, body: Body) -> Result<Response, GatewayError> {
     content_type_ok(&headers)?;
     let limit = deps.settings.max_upload_bytes;
     let declared =
@@ -167,6 +177,7 @@ async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Res
         return Err(e);
     }
     tracing::info!(%file_id, size_bytes = size, "upload accepted");
+    metrics::counter!("txpipe_upload_bytes_total").increment(size);
     let status_url = format!("/files/{file_id}");
     let body = json!({"file_id": file_id, "status": "uploaded", "status_url": status_url, "size_bytes": size});
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())

@@ -189,3 +189,37 @@ fn each_broker_user_may_do_what_its_service_does_and_no_more() {
     .unwrap()
     .is_match(&n.pipeline_exchange()));
 }
+
+#[test]
+fn prometheus_scrapes_every_service_and_alerts_only_on_metrics_txpipe_records() {
+    let c = compose();
+    assert!(c["services"].get("prometheus").is_some(), "a prometheus service");
+    let text = std::fs::read_to_string(format!("{ROOT}/compose/prometheus/prometheus.yml")).unwrap();
+    let prom: Value = serde_yaml_ng::from_str(&text).expect("prometheus.yml is valid YAML");
+    let jobs: Vec<String> =
+        prom["scrape_configs"].as_sequence().unwrap().iter().map(|j| serde_yaml_ng::to_string(j).unwrap()).collect();
+    for (service, port) in [("gateway", 8080), ("validator", 9101), ("transformer", 9102), ("notifier", 9103)] {
+        assert!(
+            jobs.iter().any(|j| j.contains(service) && j.contains(&port.to_string())),
+            "{service}:{port} is scraped"
+        );
+        let addr = env_of(&c["services"][service])["TXPIPE_HTTP_ADDR"].clone();
+        assert!(addr.ends_with(&format!(":{port}")), "{service} serves /metrics on {port}: {addr}");
+    }
+    let text = std::fs::read_to_string(format!("{ROOT}/compose/prometheus/alerts.yml")).unwrap();
+    let alerts: Value = serde_yaml_ng::from_str(&text).expect("alerts.yml is valid YAML");
+    let metric = Regex::new(r"txpipe_[a-z_]+").unwrap();
+    let mut rules = 0;
+    for group in alerts["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            rules += 1;
+            let expr = rule["expr"].as_str().expect("each rule has an expr");
+            for m in metric.find_iter(expr) {
+                let name = m.as_str();
+                // job names like txpipe-gateway are not metrics; label values are not either
+                assert!(txpipe_common::metrics::NAMES.contains(&name), "alert uses unknown metric {name}");
+            }
+        }
+    }
+    assert!(rules >= 3);
+}

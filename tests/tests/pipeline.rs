@@ -328,3 +328,31 @@ async fn a_file_whose_object_vanished_fails_its_stage_and_is_announced() {
     assert_eq!(dead.headers["x-txpipe-error-class"], "permanent");
     fleet.shutdown().await;
 }
+
+#[tokio::test]
+async fn metrics_count_uploads_messages_and_rows() {
+    let fleet = TestFleet::spawn().await;
+    let ok = fleet.upload(valid_csv("m", 7)).await.file_id;
+    let bad = fleet.upload(format!("{HEADER}t1,x,USD,2024-01-15T10:30:00Z,m,completed\n")).await.file_id;
+    fleet.wait_for_status(ok, &[FileStatus::Completed]).await;
+    fleet.wait_for_status(bad, &[FileStatus::ValidationFailed]).await;
+    let _ = fleet.post_upload("", "text/csv").await;
+    let text = fleet.http.get(format!("{}/metrics", fleet.base_url)).send().await.unwrap().text().await.unwrap();
+    // one recorder per test process: other tests add to the same counters, so look for at least
+    let value = |needle: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{needle} missing from /metrics:\n{text}"))
+    };
+    assert!(value("txpipe_uploads_total{result=\"accepted\"}") >= 2.0);
+    assert!(value("txpipe_uploads_total{result=\"empty_body\"}") >= 1.0);
+    assert!(value("txpipe_messages_total{stage=\"validator\",outcome=\"done\"}") >= 2.0);
+    assert!(value("txpipe_messages_total{stage=\"notifier\",outcome=\"done\"}") >= 2.0);
+    assert!(value("txpipe_rows_stored_total") >= 7.0);
+    assert!(value("txpipe_files_rejected_total") >= 1.0);
+    assert!(value("txpipe_broker_connected") >= 1.0);
+    assert!(text.contains("txpipe_message_seconds_bucket{stage=\"transformer\""));
+    fleet.shutdown().await;
+}

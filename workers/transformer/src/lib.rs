@@ -139,6 +139,7 @@ impl Handler for Transformer {
             Err(outcome) => return outcome,
         };
         tracing::info!(%file_id, rows = written, "transactions stored");
+        metrics::counter!("txpipe_rows_stored_total").increment(written);
         let update = StatusUpdate { records_processed: Some(written), ..Default::default() };
         match statuses.advance(file_id, FileStatus::Processed, update, chrono::Utc::now()).await {
             Ok(Advance::Moved(r) | Advance::Refused(r)) => Outcome::Done(self.follow_up(&r)),

@@ -142,6 +142,10 @@ impl Handler for Validator {
             (FileStatus::ValidationFailed, update)
         };
         tracing::info!(%file_id, rows = report.row_count, errors = report.error_count, status = %to, "validated");
+        metrics::counter!("txpipe_rows_validated_total").increment(report.row_count);
+        if to == FileStatus::ValidationFailed {
+            metrics::counter!("txpipe_files_rejected_total").increment(1);
+        }
         match statuses.advance(file_id, to, update, chrono::Utc::now()).await {
             Ok(Advance::Moved(r) | Advance::Refused(r)) => Outcome::Done(self.follow_up(&r)),
             Err(e) => storage_failure("recording the validation result", &e),
