@@ -395,6 +395,12 @@ impl Publisher {
         for (k, v) in &msg.headers {
             headers.insert(s(k), long(v.clone()));
         }
+        // what is published while handling a traced message continues its trace
+        if !msg.headers.iter().any(|(k, _)| k == crate::trace::HEADER) {
+            if let Some(t) = crate::trace::current() {
+                headers.insert(s(crate::trace::HEADER), long(t.child().header()));
+            }
+        }
         let props = BasicProperties::default()
             .with_content_type(s("application/json"))
             .with_delivery_mode(2)

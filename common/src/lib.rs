@@ -17,6 +17,7 @@ pub mod shutdown;
 pub mod status;
 pub mod storage;
 pub mod telemetry;
+pub mod trace;
 pub mod worker;
 
 pub use config::Settings;

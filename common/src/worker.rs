@@ -224,8 +224,24 @@ fn header_u64(d: &Delivery, name: &str) -> Option<u64> {
     }
 }
 
+fn header_text(d: &Delivery, name: &str) -> Option<String> {
+    match d.properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(v) => Some(v.to_string()),
+        AMQPValue::ShortString(v) => Some(v.to_string()),
+        _ => None,
+    }
+}
+
 impl Loop {
+    /// Handles one delivery in the trace it carries (or a new one).
     async fn process(&self, delivery: Delivery) {
+        let trace = header_text(&delivery, crate::trace::HEADER)
+            .and_then(|v| crate::trace::TraceContext::parse(&v))
+            .unwrap_or_else(crate::trace::TraceContext::start);
+        trace.scope(self.handler.stage().as_str(), self.process_traced(delivery)).await
+    }
+
+    async fn process_traced(&self, delivery: Delivery) {
         let stage = self.handler.stage();
         let routing_key = delivery.routing_key.to_string();
         let event = match FileEvent::from_body(&delivery.data) {

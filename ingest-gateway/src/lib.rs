@@ -97,7 +97,18 @@ fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
 }
 
 async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Result<Response, GatewayError> {
-    let result = accept(deps, headers, body).await;
+    // continue the client's trace, or start one; every message about this file carries it
+    let trace = headers
+        .get(txpipe_common::trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(txpipe_common::trace::TraceContext::parse)
+        .unwrap_or_else(txpipe_common::trace::TraceContext::start);
+    let result = trace.scope("upload", accept(deps, headers, body)).await.map(|mut resp| {
+        if let Ok(v) = trace.header().parse() {
+            resp.headers_mut().insert(txpipe_common::trace::HEADER, v);
+        }
+        resp
+    });
     let label = match &result {
         Ok(_) => "accepted",
         Err(e) => e.code(),

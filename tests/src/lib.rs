@@ -385,6 +385,8 @@ pub struct NotificationTap {
 pub struct Received {
     pub routing_key: String,
     pub message_id: String,
+    /// The W3C trace context the notification carries.
+    pub traceparent: Option<String>,
     pub body: Notification,
 }
 
@@ -395,6 +397,10 @@ impl NotificationTap {
         Some(Received {
             routing_key: d.routing_key.to_string(),
             message_id: d.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
+            traceparent: d.properties.headers().as_ref().and_then(|h| match h.inner().get("traceparent") {
+                Some(AMQPValue::LongString(v)) => Some(v.to_string()),
+                _ => None,
+            }),
             body: serde_json::from_slice(&d.data).expect("notification body is JSON"),
         })
     }

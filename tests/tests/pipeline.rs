@@ -356,3 +356,32 @@ async fn metrics_count_uploads_messages_and_rows() {
     assert!(text.contains("txpipe_message_seconds_bucket{stage=\"transformer\""));
     fleet.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_clients_trace_follows_the_file_to_its_notification() {
+    let fleet = TestFleet::spawn().await;
+    let mut tap = fleet.tap_notifications().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = fleet
+        .http
+        .post(format!("{}/upload", fleet.base_url))
+        .header("content-type", "text/csv")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .body(valid_csv("tr", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    assert!(resp.headers()["traceparent"].to_str().unwrap().contains(trace));
+    let id: FileId = resp.json::<serde_json::Value>().await.unwrap()["file_id"].as_str().unwrap().parse().unwrap();
+    fleet.wait_for_status(id, &[FileStatus::Completed]).await;
+    let n = tap.next(Duration::from_secs(10)).await.unwrap();
+    let carried = n.traceparent.expect("the notification carries the trace");
+    assert!(carried.starts_with(&format!("00-{trace}-")), "{carried}");
+    assert!(!carried.contains("00f067aa0ba902b7"), "with a span of its own");
+
+    // without a trace from the client, the gateway starts one
+    let untraced = fleet.post_upload(valid_csv("nt", 1), "text/csv").await;
+    assert!(untraced.headers()["traceparent"].to_str().unwrap().starts_with("00-"));
+    fleet.shutdown().await;
+}

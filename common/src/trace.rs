@@ -1,0 +1,105 @@
+//! Trace context carried in message headers (W3C `traceparent`), so one upload's log lines can
+//! be followed across the gateway and every worker: the gateway takes the client's
+//! `traceparent` or starts a trace, each worker continues the one its message carries, and
+//! every message published while handling it carries the same trace id.
+
+use std::future::Future;
+use tracing::Instrument;
+
+/// The header (and AMQP header) name.
+pub const HEADER: &str = "traceparent";
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+/// A trace id and the id of the span that is the parent of what comes next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: u128,
+    span_id: u64,
+}
+
+fn random_u128() -> u128 {
+    u128::from_be_bytes(*uuid::Uuid::new_v4().as_bytes())
+}
+
+impl TraceContext {
+    /// A new trace.
+    pub fn start() -> Self {
+        let r = random_u128();
+        Self { trace_id: random_u128().max(1), span_id: (r as u64).max(1) }
+    }
+
+    /// Parses `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`; None if malformed or all zero.
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex =
+            |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if parts.next().is_some()
+            || !hex(version, 2)
+            || version == "ff"
+            || !hex(trace, 32)
+            || !hex(span, 16)
+            || !hex(flags, 2)
+        {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok()?;
+        let span_id = u64::from_str_radix(span, 16).ok()?;
+        (trace_id != 0 && span_id != 0).then_some(Self { trace_id, span_id })
+    }
+
+    /// The same trace, with a new span (for a message about to be published).
+    pub fn child(&self) -> Self {
+        Self { trace_id: self.trace_id, span_id: (random_u128() as u64).max(1) }
+    }
+
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The `traceparent` value.
+    pub fn header(&self) -> String {
+        format!("00-{:032x}-{:016x}-01", self.trace_id, self.span_id)
+    }
+
+    /// Runs `f` in this trace: its log lines carry the trace id, and what it publishes the context.
+    pub async fn scope<F: Future>(self, name: &'static str, f: F) -> F::Output {
+        let span = tracing::info_span!("trace", trace_id = %self.trace_id(), op = name);
+        CURRENT.scope(self, f.instrument(span)).await
+    }
+}
+
+/// The trace of the task running now, if it runs in one.
+pub fn current() -> Option<TraceContext> {
+    CURRENT.try_with(|c| *c).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_bad_values_are_refused() {
+        let t = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(t.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.header(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(t.child().trace_id(), t.trace_id());
+        assert_ne!(t.child().header(), t.header());
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+        ] {
+            assert!(TraceContext::parse(bad).is_none(), "{bad:?}");
+        }
+        let fresh = TraceContext::start();
+        assert_eq!(TraceContext::parse(&fresh.header()), Some(fresh));
+    }
+}
