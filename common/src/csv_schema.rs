@@ -12,6 +12,8 @@ use rust_decimal::Decimal;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The columns every file must have.
 pub const REQUIRED_COLUMNS: [&str; 6] = ["transaction_id", "amount", "currency", "timestamp", "merchant", "status"];
@@ -187,10 +189,63 @@ fn parse_amount(s: &str) -> Result<Decimal, String> {
 
 /// A streaming reader of one CSV file: the header first, then one record at a time.
 pub struct Scanner<R: Read> {
-    reader: csv::Reader<R>,
+    reader: csv::Reader<Bounded<R>>,
     columns: Columns,
     record: csv::ByteRecord,
     row: u64,
+    /// Where the last whole record ended, in bytes: the reader refuses to run far past it.
+    boundary: Arc<AtomicU64>,
+    too_long: Option<RowError>,
+}
+
+/// The longest record (row) accepted. A longer one is almost always a quote left open, which
+/// would otherwise make the rest of the file one field held in memory.
+pub const MAX_RECORD_BYTES: u64 = 1024 * 1024;
+const READ_BUFFER: usize = 256 * 1024;
+
+#[derive(Debug)]
+struct RecordTooLong;
+
+impl std::fmt::Display for RecordTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a record longer than {MAX_RECORD_BYTES} bytes")
+    }
+}
+
+impl std::error::Error for RecordTooLong {}
+
+/// A reader that fails once it has read more than a record's worth past the last record end.
+struct Bounded<R> {
+    inner: R,
+    read: u64,
+    boundary: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // the csv reader reads ahead by up to its buffer, so allow that much slack
+        if self.read.saturating_sub(self.boundary.load(Ordering::Relaxed)) > MAX_RECORD_BYTES + READ_BUFFER as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, RecordTooLong));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+fn is_too_long(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<RecordTooLong>())
+}
+
+fn too_long_error(row: u64) -> RowError {
+    RowError::new(
+        row,
+        None,
+        format!(
+            "the row is longer than {} MiB; is a quote left open? (everything after an unclosed quote is one field)",
+            MAX_RECORD_BYTES / (1024 * 1024)
+        ),
+    )
 }
 
 /// Why a file cannot be read at all: it is unreadable (retry), or its header is unusable.
@@ -212,10 +267,20 @@ fn csv_io(e: csv::Error) -> io::Error {
 impl<R: Read> Scanner<R> {
     /// Reads the header and locates the required columns.
     pub fn new(source: R) -> Result<Self, ScanError> {
-        let mut reader =
-            csv::ReaderBuilder::new().has_headers(false).flexible(true).buffer_capacity(256 * 1024).from_reader(source);
+        let boundary = Arc::new(AtomicU64::new(0));
+        let bounded = Bounded { inner: source, read: 0, boundary: boundary.clone() };
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .buffer_capacity(READ_BUFFER)
+            .from_reader(bounded);
         let mut header = csv::ByteRecord::new();
-        if !reader.read_byte_record(&mut header).map_err(csv_io)? {
+        let more = match reader.read_byte_record(&mut header).map_err(csv_io) {
+            Err(e) if is_too_long(&e) => return Err(ScanError::Header(vec![too_long_error(0)])),
+            other => other?,
+        };
+        boundary.store(reader.position().byte(), Ordering::Relaxed);
+        if !more {
             return Err(ScanError::Header(vec![RowError::new(
                 0,
                 None,
@@ -223,16 +288,29 @@ impl<R: Read> Scanner<R> {
             )]));
         }
         let columns = Columns::from_header(&header).map_err(ScanError::Header)?;
-        Ok(Self { reader, columns, record: csv::ByteRecord::new(), row: 0 })
+        Ok(Self { reader, columns, record: csv::ByteRecord::new(), row: 0, boundary, too_long: None })
     }
 
-    /// Moves to the next data row; false at the end of the file.
+    /// Moves to the next data row; false at the end of the file, or at a row too long to
+    /// read (see [`Scanner::too_long`]).
     pub fn advance(&mut self) -> io::Result<bool> {
-        let more = self.reader.read_byte_record(&mut self.record).map_err(csv_io)?;
+        let more = match self.reader.read_byte_record(&mut self.record).map_err(csv_io) {
+            Err(e) if is_too_long(&e) => {
+                self.too_long = Some(too_long_error(self.row + 1));
+                return Ok(false);
+            }
+            other => other?,
+        };
         if more {
             self.row += 1;
+            self.boundary.store(self.reader.position().byte(), Ordering::Relaxed);
         }
         Ok(more)
+    }
+
+    /// The error for a row too long to read, if scanning stopped at one.
+    pub fn too_long(&self) -> Option<&RowError> {
+        self.too_long.as_ref()
     }
 
     /// The number of the current data row (1 for the first).
@@ -380,9 +458,12 @@ pub fn validate<R: Read>(mut open: impl FnMut() -> io::Result<R>, max_errors: us
             }
         }
     }
+    if let Some(e) = scanner.too_long() {
+        log.push(e.clone());
+    }
     let row_count = scanner.row();
     drop(seen);
-    if row_count == 0 {
+    if row_count == 0 && scanner.too_long().is_none() {
         log.push(RowError::new(0, None, "the file has a header but no data rows".into()));
     }
     let (mut errors, mut error_count) = log.into_parts();

@@ -101,6 +101,10 @@ async fn unusual_and_bad_files_end_where_they_should() {
     for i in 0..3000 {
         thousands.push_str(&format!("t{i},not-money,USD,2024-01-15T10:30:00Z,m,completed\n"));
     }
+    let mut unclosed = format!("{HEADER}t0,1,USD,2024-01-15T10:30:00Z,\"open,completed\n");
+    for i in 0..60_000 {
+        unclosed.push_str(&format!("t{i},1,USD,2024-01-15T10:30:00Z,m,completed\n"));
+    }
     let garbage: Vec<u8> = (0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
     let mut bad_utf8 = HEADER.as_bytes().to_vec();
     bad_utf8.extend_from_slice(b"t1,1,USD,2024-01-15T10:30:00Z,caf\xe9\xff,completed\n");
@@ -124,6 +128,7 @@ async fn unusual_and_bad_files_end_where_they_should() {
         ("binary garbage", garbage, FileStatus::ValidationFailed, "lacks required column"),
         ("nan amount", format!("{HEADER}t1,NaN,USD,2024-01-15T10:30:00Z,m,completed\n").into_bytes(), FileStatus::ValidationFailed, "not a decimal"),
         ("thousands of bad rows", thousands.into_bytes(), FileStatus::ValidationFailed, "3000 problem(s)"),
+        ("an unclosed quote in a large file", unclosed.into_bytes(), FileStatus::ValidationFailed, "quote left open"),
     ];
     let mut uploaded = Vec::new();
     for (name, body, want, reason) in cases {

@@ -198,3 +198,25 @@ fn whitespace_around_values_is_ignored() {
     let r = check_str(&format!("{HEADER} t1 , 10.50 , USD , 2024-01-15T10:30:00Z , Acme , completed \n"));
     assert!(r.is_valid(), "{:?}", messages(&r));
 }
+
+#[test]
+fn an_unclosed_quote_in_a_large_file_is_a_clear_error_not_a_memory_blowup() {
+    let mut body = String::from(HEADER);
+    body.push_str("t1,1,USD,2024-01-15T10:30:00Z,\"never closed,completed\n");
+    for i in 0..100_000 {
+        body.push_str(&format!("t{i},1,USD,2024-01-15T10:30:00Z,m,completed\n"));
+    }
+    assert!(body.len() as u64 > 3 * MAX_RECORD_BYTES);
+    let r = check_str(&body);
+    let e = one_error(&r);
+    assert_eq!(e.row, 1);
+    assert!(e.message.contains("quote left open"), "{}", e.message);
+}
+
+#[test]
+fn long_but_reasonable_rows_are_fine() {
+    let merchant = "m".repeat(200_000);
+    let body = format!("{HEADER}t1,1,USD,2024-01-15T10:30:00Z,{merchant},completed\nt2,1,USD,2024-01-15T10:30:00Z,{merchant},completed\n");
+    let r = check_str(&body);
+    assert!(r.is_valid(), "{:?}", messages(&r));
+}

@@ -75,6 +75,9 @@ impl Transformer {
                     return Ok(()); // the writer stopped; its error is the one to report
                 }
             }
+            if let Some(e) = scanner.too_long() {
+                return Err(ReadError::Invalid(format!("row {} no longer passes: {}", e.row, e.message)));
+            }
             if !batch.is_empty() {
                 let _ = tx.blocking_send(batch);
             }
