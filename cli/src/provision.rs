@@ -13,11 +13,18 @@ pub enum ProvisionError {
     Amqp(#[from] AmqpError),
 }
 
-async fn sdk(settings: &Settings, given: Option<&aws_config::SdkConfig>) -> aws_config::SdkConfig {
-    match given {
+/// The S3 store and DynamoDB client for `settings`, from `given` or the SDK's own settings.
+async fn aws_clients(
+    settings: &Settings,
+    given: Option<&aws_config::SdkConfig>,
+) -> (aws_config::SdkConfig, aws::S3ObjectStore, aws_sdk_dynamodb::Client) {
+    let sdk = match given {
         Some(c) => c.clone(),
         None => aws::load_sdk_config(settings).await,
-    }
+    };
+    let s3 = aws::S3ObjectStore::new(&sdk, settings);
+    let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+    (sdk, s3, ddb)
 }
 
 /// Creates the namespace's storage and topology. `sdk` overrides the AWS SDK's own settings.
@@ -39,9 +46,7 @@ pub async fn provision(
             )]
         }
         StorageKind::Aws => {
-            let sdk = sdk(settings, sdk_config).await;
-            let s3 = aws::S3ObjectStore::new(&sdk, settings);
-            let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+            let (sdk, s3, ddb) = aws_clients(settings, sdk_config).await;
             aws_provision::provision(&s3, &ddb, &names, sdk.region().map(|r| r.as_ref())).await?
         }
     };
@@ -79,9 +84,7 @@ pub async fn teardown(
             ]
         }
         StorageKind::Aws => {
-            let sdk = sdk(settings, sdk_config).await;
-            let s3 = aws::S3ObjectStore::new(&sdk, settings);
-            let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+            let (_, s3, ddb) = aws_clients(settings, sdk_config).await;
             aws_provision::teardown(&s3, &ddb, &names).await?
         }
     };

@@ -7,6 +7,7 @@
 
 use crate::amqp::{AmqpError, Broker, Outgoing, Publisher};
 use crate::config::Settings;
+use crate::deps::Deps;
 use crate::messages::{FileEvent, Stage};
 use async_trait::async_trait;
 use backon::BackoffBuilder;
@@ -71,17 +72,17 @@ pub enum Outcome {
 pub trait Handler: Send + Sync + 'static {
     fn stage(&self) -> Stage;
     async fn handle(&self, msg: &Incoming) -> Outcome;
-    /// Called once before a parsed message is dead-lettered, to record the failure
-    /// (e.g. move the file to this stage's `*_failed` status). Best effort.
-    async fn on_dead_letter(&self, _msg: &Incoming, _reason: &str) {}
-    /// Called before handling the last delivery RabbitMQ allows a message (its delivery limit):
-    /// if this one also crashes the worker, the broker dead-letters it with reason
-    /// `delivery_limit`, and this is the last chance to record why. Best effort.
-    async fn on_final_delivery(&self, _msg: &Incoming, _reason: &str) {}
+    /// Whether a failure of this message is the file's failure in this stage. If so, the loop
+    /// records the stage's `*_failed` status before dead-lettering the message (and publishes
+    /// `file.failed`), and on the last delivery RabbitMQ allows it (its delivery limit) records
+    /// `delivery_limit` first, since a crash then leaves no other chance. Best effort.
+    fn tracks_status(&self, _msg: &Incoming) -> bool {
+        true
+    }
 }
 
 struct Loop {
-    broker: Broker,
+    deps: Deps,
     handler: Arc<dyn Handler>,
     publisher: Publisher,
     settings: Arc<Settings>,
@@ -93,15 +94,11 @@ struct Loop {
 /// [`Broker`] to reconnect, then declares its queues, sets QoS and consumes again (messages in
 /// flight on the old connection are redelivered by the broker). Returns an error only when
 /// reconnecting was given up.
-pub async fn run(
-    broker: &Broker,
-    handler: Arc<dyn Handler>,
-    settings: Arc<Settings>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AmqpError> {
+pub async fn run(deps: &Deps, handler: Arc<dyn Handler>, shutdown: impl Future<Output = ()>) -> Result<(), AmqpError> {
     let stage = handler.stage();
+    let (broker, settings) = (&deps.broker, deps.settings.clone());
     let ctx = Arc::new(Loop {
-        broker: broker.clone(),
+        deps: deps.clone(),
         handler,
         publisher: broker.publisher().await?,
         settings: settings.clone(),
@@ -263,7 +260,9 @@ impl Loop {
                      if this last attempt fails too, RabbitMQ dead-letters it",
                     n + 1
                 );
-                self.handler.on_final_delivery(&msg, &reason).await;
+                if self.handler.tracks_status(&msg) {
+                    self.deps.record_failure(stage, file_id, &reason, false).await;
+                }
             }
         }
         let mut backoff = self.settings.retry_policy().build();
@@ -297,7 +296,7 @@ impl Loop {
             };
             // the connection went away under this message: it is not the message's fault, and
             // the broker will deliver it again on the next connection
-            if delivery.acker.poisoned() || !self.broker.is_connected() {
+            if delivery.acker.poisoned() || !self.deps.broker.is_connected() {
                 tracing::warn!(%stage, %file_id, %reason, "broker connection lost mid-message; it will be redelivered");
                 count(stage, "abandoned");
                 return;
@@ -311,7 +310,9 @@ impl Loop {
                 }
             }
             tracing::error!(%stage, %file_id, class = class.as_str(), %reason, "dead-lettering");
-            self.handler.on_dead_letter(&msg, &reason).await;
+            if self.handler.tracks_status(&msg) {
+                self.deps.mark_failed(stage, file_id, &reason).await;
+            }
             self.dead_letter(&delivery, class, &reason).await;
             count(stage, "dead_lettered");
             return;
@@ -372,6 +373,16 @@ pub fn storage_failure(what: &str, e: &crate::storage::StorageError) -> Outcome 
         Outcome::Retry(reason)
     } else {
         Outcome::DeadLetter(reason)
+    }
+}
+
+/// The file's status record, or the outcome for a message about a file that cannot be read:
+/// retried if storage is unavailable, dead-lettered if the file is unknown.
+pub async fn status_of(deps: &Deps, file_id: crate::messages::FileId) -> Result<crate::status::StatusRecord, Outcome> {
+    match deps.storage.statuses.get(file_id).await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(Outcome::DeadLetter(format!("no status record for file {file_id}"))),
+        Err(e) => Err(storage_failure("reading the file's status", &e)),
     }
 }
 

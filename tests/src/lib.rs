@@ -204,7 +204,14 @@ impl TestFleet {
     pub async fn wait_for_status(&self, file_id: FileId, wanted: &[FileStatus]) -> StatusRecord {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let record = self.status(file_id).await;
+            // a 503 (storage briefly unreachable) is the gateway's "ask again", as for any client
+            let (code, body) = self.get_json(&format!("/files/{file_id}")).await;
+            if code == 503 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                continue;
+            }
+            assert_eq!(code, 200, "{body}");
+            let record: StatusRecord = serde_json::from_value(body).expect("status record");
             if wanted.contains(&record.status) {
                 return record;
             }

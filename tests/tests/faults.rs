@@ -9,8 +9,8 @@ use txpipe_common::worker::{Handler, Incoming, Outcome};
 use txpipe_common::Deps;
 use txpipe_tests::{valid_csv, TestFleet};
 
-/// The real validator, except that handling crashes: a poison message for it.
-struct Crashing(txpipe_validator::Validator);
+/// A validator whose handling crashes: a poison message for it.
+struct Crashing;
 
 #[async_trait]
 impl Handler for Crashing {
@@ -19,9 +19,6 @@ impl Handler for Crashing {
     }
     async fn handle(&self, _msg: &Incoming) -> Outcome {
         panic!("simulated crash while handling");
-    }
-    async fn on_final_delivery(&self, msg: &Incoming, reason: &str) {
-        self.0.on_final_delivery(msg, reason).await
     }
 }
 
@@ -34,12 +31,10 @@ async fn a_message_that_crashes_its_worker_ends_in_the_dlq_at_the_delivery_limit
     deps.broker.declare_all().await.unwrap();
     let names = settings.names();
     let stop = tokio_util::sync::CancellationToken::new();
-    let crashing = Arc::new(Crashing(txpipe_validator::Validator::new(deps.clone())));
+    let crashing = Arc::new(Crashing);
     let worker = tokio::spawn({
         let (deps, stop) = (deps.clone(), stop.clone());
-        async move {
-            txpipe_common::worker::run(&deps.broker, crashing, deps.settings.clone(), stop.cancelled_owned()).await
-        }
+        async move { txpipe_common::worker::run(&deps, crashing, stop.cancelled_owned()).await }
     });
 
     let id = FileId::new();

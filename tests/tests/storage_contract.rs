@@ -43,46 +43,51 @@ async fn two_processes_worth_of_connections_share_one_database() {
     let _: Arc<dyn txpipe_common::storage::StatusStore> = b.statuses;
 }
 
-/// The same suites against S3 and DynamoDB on moto (started by the harness if needed).
-async fn on_moto() -> (tempfile::TempDir, txpipe_common::Settings, aws_config::SdkConfig, Storage) {
-    let dir = tempfile::tempdir().unwrap();
+/// Settings for the aws backend with a fresh namespace.
+fn aws_settings(dir: &tempfile::TempDir) -> txpipe_common::Settings {
     let mut settings = txpipe_tests::test_settings(dir.path());
     settings.storage = txpipe_common::config::StorageKind::Aws;
     // small parts, so the large-object case goes through a real multipart upload
     settings.s3_multipart_threshold_bytes = 5 * 1024 * 1024;
     settings.s3_part_size_bytes = 5 * 1024 * 1024;
+    settings
+}
+
+/// The same suites against S3 and DynamoDB on moto (started by the harness if needed).
+async fn on_moto(
+    tweak: impl FnOnce(&mut txpipe_common::Settings),
+) -> (tempfile::TempDir, txpipe_common::Settings, aws_config::SdkConfig, Storage) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = aws_settings(&dir);
+    tweak(&mut settings);
     let (sdk, storage) = txpipe_tests::aws::provisioned(&settings).await;
     (dir, settings, sdk, storage)
 }
 
 #[tokio::test]
 async fn s3_object_store_meets_the_contract() {
-    let (_dir, settings, sdk, s) = on_moto().await;
+    let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
     contract::object_store(s.objects).await;
     txpipe_tests::aws::teardown(&settings, &sdk).await;
 }
 
 #[tokio::test]
 async fn s3_with_server_side_encryption_meets_the_contract() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = txpipe_tests::test_settings(dir.path());
-    settings.storage = txpipe_common::config::StorageKind::Aws;
-    settings.s3_sse = Some("AES256".into());
-    let (sdk, s) = txpipe_tests::aws::provisioned(&settings).await;
+    let (_dir, settings, sdk, s) = on_moto(|s| s.s3_sse = Some("AES256".into())).await;
     contract::object_store(s.objects).await;
     txpipe_tests::aws::teardown(&settings, &sdk).await;
 }
 
 #[tokio::test]
 async fn dynamodb_status_store_meets_the_contract() {
-    let (_dir, settings, sdk, s) = on_moto().await;
+    let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
     contract::status_store(s.statuses).await;
     txpipe_tests::aws::teardown(&settings, &sdk).await;
 }
 
 #[tokio::test]
 async fn dynamodb_transaction_store_meets_the_contract() {
-    let (_dir, settings, sdk, s) = on_moto().await;
+    let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
     contract::transaction_store(s.transactions).await;
     txpipe_tests::aws::teardown(&settings, &sdk).await;
 }
@@ -90,8 +95,7 @@ async fn dynamodb_transaction_store_meets_the_contract() {
 #[tokio::test]
 async fn a_missing_bucket_or_table_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = txpipe_tests::test_settings(dir.path());
-    settings.storage = txpipe_common::config::StorageKind::Aws;
+    let settings = aws_settings(&dir);
     let sdk = txpipe_tests::aws::sdk_config(&settings).await;
     let storage = Storage::aws(&sdk, &settings);
     let err = storage.check().await.unwrap_err().to_string();
@@ -104,8 +108,7 @@ async fn a_missing_bucket_or_table_is_a_clear_startup_error() {
 #[tokio::test]
 async fn wrong_credentials_are_a_clear_startup_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = txpipe_tests::test_settings(dir.path());
-    settings.storage = txpipe_common::config::StorageKind::Aws;
+    let settings = aws_settings(&dir);
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(txpipe_tests::aws::auth_endpoint())
         .region(aws_sdk_s3::config::Region::new("us-east-1"))

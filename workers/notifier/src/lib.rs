@@ -8,7 +8,7 @@ use std::sync::Arc;
 use txpipe_common::messages::{Stage, FILE_PROCESSED, FILE_REJECTED, NOTIFY_COMPLETED, NOTIFY_REJECTED};
 use txpipe_common::status::{FileStatus, StatusUpdate};
 use txpipe_common::storage::Advance;
-use txpipe_common::worker::{storage_failure, Handler, Incoming, Outcome};
+use txpipe_common::worker::{status_of, storage_failure, Handler, Incoming, Outcome};
 use txpipe_common::Deps;
 
 /// The notifier stage.
@@ -24,10 +24,9 @@ impl Notifier {
     async fn completed(&self, msg: &Incoming) -> Outcome {
         let statuses = &self.deps.storage.statuses;
         let file_id = msg.event.file_id;
-        let record = match statuses.get(file_id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Outcome::DeadLetter(format!("no status record for file {file_id}")),
-            Err(e) => return storage_failure("reading the file's status", &e),
+        let record = match status_of(&self.deps, file_id).await {
+            Ok(r) => r,
+            Err(outcome) => return outcome,
         };
         match record.status {
             // notification_failed: a replayed or retried message tries again
@@ -59,10 +58,9 @@ impl Notifier {
 
     async fn rejected(&self, msg: &Incoming) -> Outcome {
         let file_id = msg.event.file_id;
-        let record = match self.deps.storage.statuses.get(file_id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Outcome::DeadLetter(format!("no status record for file {file_id}")),
-            Err(e) => return storage_failure("reading the file's status", &e),
+        let record = match status_of(&self.deps, file_id).await {
+            Ok(r) => r,
+            Err(outcome) => return outcome,
         };
         if record.status != FileStatus::ValidationFailed {
             return Outcome::DeadLetter(format!(
@@ -87,23 +85,16 @@ impl Handler for Notifier {
         Stage::Notifier
     }
 
+    /// A rejection's status stays validation_failed; only a completion can fail here.
+    fn tracks_status(&self, msg: &Incoming) -> bool {
+        msg.routing_key == FILE_PROCESSED
+    }
+
     async fn handle(&self, msg: &Incoming) -> Outcome {
         match msg.routing_key.as_str() {
             FILE_PROCESSED => self.completed(msg).await,
             FILE_REJECTED => self.rejected(msg).await,
             other => Outcome::DeadLetter(format!("the notifier does not handle routing key {other:?}")),
-        }
-    }
-
-    async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
-        if msg.routing_key == FILE_PROCESSED {
-            self.deps.mark_failed(Stage::Notifier, msg.event.file_id, reason).await;
-        }
-    }
-
-    async fn on_final_delivery(&self, msg: &Incoming, reason: &str) {
-        if msg.routing_key == FILE_PROCESSED {
-            self.deps.record_failure(Stage::Notifier, msg.event.file_id, reason, false).await;
         }
     }
 }
@@ -114,5 +105,5 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), txpipe_common::amqp::AmqpError> {
     let handler = Arc::new(Notifier::new(deps.clone()));
-    txpipe_common::worker::run(&deps.broker, handler, deps.settings.clone(), shutdown).await
+    txpipe_common::worker::run(&deps, handler, shutdown).await
 }

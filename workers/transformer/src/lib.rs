@@ -10,7 +10,7 @@ use txpipe_common::csv_schema::{ErrorLog, ScanError, Scanner};
 use txpipe_common::messages::{FileEvent, FileId, Stage, FILE_PROCESSED};
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_blocking, Advance, Transaction};
-use txpipe_common::worker::{read_failure, storage_failure, Handler, Incoming, Outcome};
+use txpipe_common::worker::{read_failure, status_of, storage_failure, Handler, Incoming, Outcome};
 use txpipe_common::Deps;
 
 /// The transformer stage.
@@ -116,10 +116,9 @@ impl Handler for Transformer {
     async fn handle(&self, msg: &Incoming) -> Outcome {
         let statuses = &self.deps.storage.statuses;
         let file_id = msg.event.file_id;
-        let record = match statuses.get(file_id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Outcome::DeadLetter(format!("no status record for file {file_id}")),
-            Err(e) => return storage_failure("reading the file's status", &e),
+        let record = match status_of(&self.deps, file_id).await {
+            Ok(r) => r,
+            Err(outcome) => return outcome,
         };
         match record.status {
             // processing_failed: a replayed or retried message tries again
@@ -149,14 +148,6 @@ impl Handler for Transformer {
             Err(e) => storage_failure("recording status processed", &e),
         }
     }
-
-    async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
-        self.deps.mark_failed(Stage::Transformer, msg.event.file_id, reason).await;
-    }
-
-    async fn on_final_delivery(&self, msg: &Incoming, reason: &str) {
-        self.deps.record_failure(Stage::Transformer, msg.event.file_id, reason, false).await;
-    }
 }
 
 /// Runs the transformer until `shutdown`: declares its queues, then consumes.
@@ -165,5 +156,5 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), txpipe_common::amqp::AmqpError> {
     let handler = Arc::new(Transformer::new(deps.clone()));
-    txpipe_common::worker::run(&deps.broker, handler, deps.settings.clone(), shutdown).await
+    txpipe_common::worker::run(&deps, handler, shutdown).await
 }

@@ -151,14 +151,6 @@ impl Handler for Validator {
             Err(e) => storage_failure("recording the validation result", &e),
         }
     }
-
-    async fn on_dead_letter(&self, msg: &Incoming, reason: &str) {
-        self.deps.mark_failed(Stage::Validator, msg.event.file_id, reason).await;
-    }
-
-    async fn on_final_delivery(&self, msg: &Incoming, reason: &str) {
-        self.deps.record_failure(Stage::Validator, msg.event.file_id, reason, false).await;
-    }
 }
 
 /// Runs the validator until `shutdown`: declares its queues, then consumes.
@@ -167,5 +159,5 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), txpipe_common::amqp::AmqpError> {
     let handler = Arc::new(Validator::new(deps.clone()));
-    txpipe_common::worker::run(&deps.broker, handler, deps.settings.clone(), shutdown).await
+    txpipe_common::worker::run(&deps, handler, shutdown).await
 }
