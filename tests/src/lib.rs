@@ -193,6 +193,21 @@ impl TestFleet {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// GET that asks again while the gateway answers 503 (storage or broker briefly away), as
+    /// any client should, up to [`WAIT`]; then the answer must be 200.
+    pub async fn get_ok(&self, path: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (code, body) = self.get_json(path).await;
+            if code == 503 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                continue;
+            }
+            assert_eq!(code, 200, "{body}");
+            return body;
+        }
+    }
+
     /// The file's status record (panics unless the gateway answers 200).
     pub async fn status(&self, file_id: FileId) -> StatusRecord {
         let (code, body) = self.get_json(&format!("/files/{file_id}")).await;
@@ -204,13 +219,7 @@ impl TestFleet {
     pub async fn wait_for_status(&self, file_id: FileId, wanted: &[FileStatus]) -> StatusRecord {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            // a 503 (storage briefly unreachable) is the gateway's "ask again", as for any client
-            let (code, body) = self.get_json(&format!("/files/{file_id}")).await;
-            if code == 503 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(25)).await;
-                continue;
-            }
-            assert_eq!(code, 200, "{body}");
+            let body = self.get_ok(&format!("/files/{file_id}")).await;
             let record: StatusRecord = serde_json::from_value(body).expect("status record");
             if wanted.contains(&record.status) {
                 return record;
@@ -231,8 +240,7 @@ impl TestFleet {
             if let Some(c) = &cursor {
                 path.push_str(&format!("&cursor={c}"));
             }
-            let (code, body) = self.get_json(&path).await;
-            assert_eq!(code, 200, "{body}");
+            let body = self.get_ok(&path).await;
             let items: Vec<Transaction> = serde_json::from_value(body["items"].clone()).unwrap();
             assert!(items.len() <= limit);
             all.extend(items);

@@ -240,7 +240,8 @@ async fn storage_failing_for_a_while_then_recovering_loses_nothing() {
         // retries long enough to outlast the outage: 100 ms, 200 ms, ... about 12 s in all
         s.retry_attempts = 8;
         s.retry_initial_delay_ms = 100;
-        s.aws_operation_timeout_ms = 2000;
+        // short enough that calls during the outage fail fast, long enough for a busy moto
+        s.aws_operation_timeout_ms = 5000;
     })
     .await;
     let mut tap = fleet.tap_notifications().await;
