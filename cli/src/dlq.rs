@@ -6,17 +6,17 @@
 //! waits for the confirm, and only then removes it from the DLQ.
 
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions, QueuePurgeOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::types::FieldTable;
+use lapin::Channel;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use txpipe_common::amqp::{AmqpError, Broker};
-use txpipe_common::messages::{FileEvent, FileId, Stage, FILE_PROCESSED, FILE_UPLOADED, FILE_VALIDATED};
-use txpipe_common::status::FileStatus;
-use txpipe_common::Deps;
+use txpipe_common::dead_letter::DeadLetterInfo;
+use txpipe_common::headers::Headers;
+use txpipe_common::messages::{file_id_of, Outgoing, StageMessage};
+use txpipe_common::stage::{RoutingKey, Stage};
+use txpipe_common::{Deps, FileId, Names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
@@ -66,49 +66,24 @@ impl Filter {
     }
 }
 
-fn text(v: &AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        AMQPValue::Timestamp(t) => {
-            Some(chrono::DateTime::from_timestamp(*t as i64, 0).map(|d| d.to_rfc3339()).unwrap_or_default())
-        }
-        AMQPValue::LongLongInt(n) => Some(n.to_string()),
-        AMQPValue::LongInt(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn describe(index: usize, d: &Delivery, ns: &str) -> DeadLetter {
-    let mut headers = BTreeMap::new();
-    let mut death: Option<&FieldTable> = None;
-    if let Some(h) = d.properties.headers() {
-        for (k, v) in h.inner() {
-            if let Some(t) = text(v) {
-                headers.insert(k.to_string(), t);
-            }
-            if k.as_str() == "x-death" {
-                if let AMQPValue::FieldArray(a) = v {
-                    if let Some(AMQPValue::FieldTable(t)) = a.as_slice().first() {
-                        death = Some(t);
-                    }
-                }
-            }
-        }
-    }
-    let field = |t: &FieldTable, k: &str| t.inner().get(k).and_then(text);
-    let from_queue = death.and_then(|t| field(t, "queue"));
-    let stage = headers.get("x-txpipe-stage").cloned().or_else(|| {
-        from_queue
-            .as_deref()
-            .and_then(|q| q.strip_prefix(&format!("{ns}.")))
-            .map(str::to_owned)
-            .or_else(|| Stage::consuming(d.routing_key.as_str()).map(|s| s.as_str().to_owned()))
-    });
-    let (class, reason) = match headers.get("x-txpipe-error-class") {
-        Some(c) => (c.clone(), headers.get("x-txpipe-reason").cloned().unwrap_or_default()),
+fn describe(index: usize, d: &Delivery, names: &Names) -> DeadLetter {
+    let h = Headers::of(d);
+    let headers: BTreeMap<String, String> = h.texts().collect();
+    let death = h.last_death();
+    let routing_key = d.routing_key.to_string();
+    let (stage, class, reason, exchange, routing_key, dead_lettered_at) = match DeadLetterInfo::decode(&h) {
+        // txpipe's own dead letter says everything itself
+        Some(info) => (
+            Some(info.stage),
+            info.class.as_str().to_owned(),
+            info.reason,
+            info.original_exchange,
+            info.original_routing_key,
+            Some(info.dead_lettered_at.to_rfc3339()),
+        ),
+        // one RabbitMQ dead-lettered (delivery limit, a reject): its x-death headers tell
         None => {
-            let r = headers.get("x-first-death-reason").cloned().unwrap_or_else(|| "unknown".into());
+            let r = h.text("x-first-death-reason").unwrap_or_else(|| "unknown".into());
             let why = match r.as_str() {
                 "delivery_limit" => "delivered more times than the queue's delivery limit without being settled (it kept crashing its worker?)",
                 "rejected" => "rejected by a consumer without requeue",
@@ -116,34 +91,22 @@ fn describe(index: usize, d: &Delivery, ns: &str) -> DeadLetter {
                 "maxlen" => "the queue was full",
                 _ => "dead-lettered by RabbitMQ",
             };
-            (r, why.to_owned())
+            let stage = death
+                .and_then(|t| t.text("queue"))
+                .and_then(|q| names.stage_of_queue(&q))
+                .or_else(|| RoutingKey::parse(&routing_key).map(RoutingKey::consumer));
+            let exchange = h.text("x-first-death-exchange").unwrap_or_else(|| names.pipeline_exchange());
+            (stage, r, why.to_owned(), exchange, routing_key, death.and_then(|t| t.text("time")))
         }
     };
-    let count = death
-        .and_then(|t| t.inner().get("count"))
-        .and_then(|v| match v {
-            AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-            AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-            _ => None,
-        })
-        .unwrap_or(1);
-    let exchange = headers
-        .get("x-txpipe-original-exchange")
-        .or_else(|| headers.get("x-first-death-exchange"))
-        .cloned()
-        .unwrap_or_else(|| format!("{ns}.pipeline"));
-    let routing_key =
-        headers.get("x-txpipe-original-routing-key").cloned().unwrap_or_else(|| d.routing_key.to_string());
-    let dead_lettered_at =
-        headers.get("x-txpipe-dead-lettered-at").cloned().or_else(|| death.and_then(|t| field(t, "time")));
     DeadLetter {
         index,
-        stage,
+        stage: stage.map(|s| s.as_str().to_owned()),
         class,
         reason,
-        file_id: FileEvent::from_body(&d.data).ok().map(|e| e.file_id),
+        file_id: file_id_of(&d.data),
         dead_lettered_at,
-        count,
+        count: death.and_then(|t| t.u64("count")).unwrap_or(1),
         exchange,
         routing_key,
         message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
@@ -171,7 +134,7 @@ async fn take_all(broker: &Broker) -> Result<Held, DlqError> {
     let mut items = Vec::new();
     for i in 0..q.message_count() as usize {
         match channel.basic_get(names.dead_letter_queue().as_str().into(), BasicGetOptions { no_ack: false }).await? {
-            Some(m) => items.push((describe(i + 1, &m.delivery, names.namespace()), m.delivery)),
+            Some(m) => items.push((describe(i + 1, &m.delivery, names), m.delivery)),
             None => break,
         }
     }
@@ -204,8 +167,7 @@ pub async fn list(broker: &Broker, filter: &Filter) -> Result<Vec<DeadLetter>, D
 /// Sends the matching dead letters back to where they came from and removes them from the
 /// DLQ (each only after its publish is confirmed); with `dry_run`, only says which.
 pub async fn replay(broker: &Broker, filter: &Filter, dry_run: bool) -> Result<Vec<DeadLetter>, DlqError> {
-    let confirm = broker.channel().await?;
-    confirm.confirm_select(Default::default()).await?;
+    let publisher = broker.publisher().await?;
     let held = take_all(broker).await?;
     let mut replayed = Vec::new();
     let mut failure = None;
@@ -217,22 +179,7 @@ pub async fn replay(broker: &Broker, filter: &Filter, dry_run: bool) -> Result<V
             held.give_back(delivery).await?;
             continue;
         }
-        // drop the dead-letter bookkeeping; keep the id so consumers can still deduplicate
-        let mut headers = FieldTable::default();
-        if let Some(h) = delivery.properties.headers() {
-            for (k, v) in h.inner() {
-                if !(k.as_str().starts_with("x-death")
-                    || k.as_str().starts_with("x-first-death")
-                    || k.as_str().starts_with("x-last-death")
-                    || k.as_str().starts_with("x-txpipe-"))
-                {
-                    headers.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        let props = delivery.properties.clone().with_headers(headers);
-        let sent = publish(&confirm, &d.exchange, &d.routing_key, &delivery.data, props).await;
-        match sent {
+        match publisher.publish(&replay_of(d, delivery)).await {
             Ok(()) => {
                 held.channel.basic_ack(delivery.delivery_tag, BasicAckOptions::default()).await?;
                 replayed.push(d.clone());
@@ -244,7 +191,6 @@ pub async fn replay(broker: &Broker, filter: &Filter, dry_run: bool) -> Result<V
         }
     }
     held.close().await;
-    let _ = confirm.close(200, "done".into()).await;
     match failure {
         Some(e) => Err(DlqError::Refused(format!(
             "replayed {} message(s), then a publish failed and the rest were left in the DLQ: {e}",
@@ -254,19 +200,19 @@ pub async fn replay(broker: &Broker, filter: &Filter, dry_run: bool) -> Result<V
     }
 }
 
-/// Publishes on a confirm-mode channel and waits for the broker to take the message.
-async fn publish(
-    confirm: &Channel,
-    exchange: &str,
-    key: &str,
-    body: &[u8],
-    props: BasicProperties,
-) -> Result<(), DlqError> {
-    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-    match confirm.basic_publish(exchange.into(), key.into(), options, body, props).await?.await? {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(DlqError::Refused(format!("no queue is bound to {exchange} for {key}"))),
-        Confirmation::Nack(_) => Err(DlqError::Refused("RabbitMQ refused the message".into())),
+/// The message a replay publishes: the dead letter as it was first sent, without the
+/// dead-letter bookkeeping, and with its id, so consumers can still deduplicate.
+fn replay_of(d: &DeadLetter, delivery: &Delivery) -> Outgoing {
+    Outgoing {
+        exchange: d.exchange.clone(),
+        routing_key: d.routing_key.clone(),
+        body: delivery.data.clone(),
+        message_id: d.message_id.clone().unwrap_or_else(|| match StageMessage::parse(&d.routing_key, &delivery.data) {
+            Ok(m) => m.message_id(),
+            Err(_) => format!("replay:{}:{}", d.routing_key, d.index),
+        }),
+        mandatory: true,
+        headers: Headers::of(delivery).texts().filter(|(k, _)| !DeadLetterInfo::is_bookkeeping(k)).collect(),
     }
 }
 
@@ -295,7 +241,7 @@ pub async fn count(broker: &Broker) -> Result<u32, DlqError> {
 
 /// Re-drives a failed file from its stored object: publishes the message its failed stage
 /// consumes. Returns the routing key published.
-pub async fn retry(deps: &Deps, file_id: FileId) -> Result<&'static str, DlqError> {
+pub async fn retry(deps: &Deps, file_id: FileId) -> Result<RoutingKey, DlqError> {
     let record = deps
         .storage
         .statuses
@@ -303,23 +249,19 @@ pub async fn retry(deps: &Deps, file_id: FileId) -> Result<&'static str, DlqErro
         .await
         .map_err(|e| DlqError::Refused(e.to_string()))?
         .ok_or_else(|| DlqError::Refused(format!("no file with id {file_id}")))?;
-    let key = match record.status {
-        FileStatus::ValidationFailed if record.error_count.is_some() => {
-            return Err(DlqError::Refused(format!(
-                "file {file_id} was rejected for its contents ({} problem(s)): upload a corrected file instead",
-                record.error_count.unwrap_or(0)
-            )))
-        }
-        FileStatus::ValidationFailed => FILE_UPLOADED,
-        FileStatus::ProcessingFailed => FILE_VALIDATED,
-        FileStatus::NotificationFailed => FILE_PROCESSED,
-        other => {
-            return Err(DlqError::Refused(format!("file {file_id} is {other}; only a failed file can be retried")))
-        }
+    if record.is_rejected() {
+        return Err(DlqError::Refused(format!(
+            "file {file_id} was rejected for its contents ({} problem(s)): upload a corrected file instead",
+            record.error_count.unwrap_or(0)
+        )));
+    }
+    let Some(stage) = Stage::failed_in(record.status) else {
+        return Err(DlqError::Refused(format!(
+            "file {file_id} is {}; only a failed file can be retried",
+            record.status
+        )));
     };
-    let mut event = FileEvent::new(file_id, record.object_key.clone());
-    event.row_count = record.row_count;
-    event.records_processed = record.records_processed;
-    deps.publisher.publish(&deps.stage_message(key, &event)).await?;
-    Ok(key)
+    let msg = StageMessage::from_record(stage.spec().advances_on, &record);
+    deps.publisher.publish(&msg.outgoing(&deps.names)).await?;
+    Ok(msg.routing_key())
 }

@@ -1,8 +1,11 @@
 //! The whole fleet in one process: the gateway and one of each worker, sharing one broker
 //! connection and one storage, for a single machine (`txpipe up`) and for tests.
 
+use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use txpipe_common::stage::Stage;
+use txpipe_common::worker::Handler;
 use txpipe_common::Deps;
 
 /// Why the fleet stopped before it was asked to.
@@ -11,9 +14,20 @@ pub enum FleetError {
     #[error("gateway: {0}")]
     Gateway(#[from] txpipe_ingest_gateway::GatewayError),
     #[error("{0}: {1}")]
-    Worker(&'static str, txpipe_common::amqp::AmqpError),
+    Worker(Stage, txpipe_common::amqp::AmqpError),
     #[error("declaring the topology: {0}")]
     Topology(txpipe_common::amqp::AmqpError),
+    #[error("a fleet task failed: {0}")]
+    Task(String),
+}
+
+/// Each stage's handler.
+pub fn handlers(deps: &Deps) -> [Arc<dyn Handler>; 3] {
+    [
+        Arc::new(txpipe_validator::Validator::new(deps.clone())),
+        Arc::new(txpipe_transformer::Transformer::new(deps.clone())),
+        Arc::new(txpipe_notifier::Notifier::new(deps.clone())),
+    ]
 }
 
 /// Runs the gateway on `listener` and the three workers until `shutdown` resolves or one of
@@ -30,18 +44,13 @@ pub async fn run(
     tasks.spawn(async move {
         txpipe_ingest_gateway::run(listener, d, s.cancelled_owned()).await.map_err(FleetError::Gateway)
     });
-    let (d, s) = (deps.clone(), stop.clone());
-    tasks.spawn(async move {
-        txpipe_validator::run(d, s.cancelled_owned()).await.map_err(|e| FleetError::Worker("validator", e))
-    });
-    let (d, s) = (deps.clone(), stop.clone());
-    tasks.spawn(async move {
-        txpipe_transformer::run(d, s.cancelled_owned()).await.map_err(|e| FleetError::Worker("transformer", e))
-    });
-    let (d, s) = (deps.clone(), stop.clone());
-    tasks.spawn(async move {
-        txpipe_notifier::run(d, s.cancelled_owned()).await.map_err(|e| FleetError::Worker("notifier", e))
-    });
+    for handler in handlers(&deps) {
+        let (d, s) = (deps.clone(), stop.clone());
+        tasks.spawn(async move {
+            let stage = handler.stage();
+            txpipe_common::worker::run(&d, handler, s.cancelled_owned()).await.map_err(|e| FleetError::Worker(stage, e))
+        });
+    }
 
     let mut first_error = None;
     tokio::select! {
@@ -50,7 +59,7 @@ pub async fn run(
             first_error = match done {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
-                Err(e) => Some(FleetError::Gateway(txpipe_ingest_gateway::GatewayError::Internal(format!("task failed: {e}")))),
+                Err(e) => Some(FleetError::Task(e.to_string())),
             };
         }
     }

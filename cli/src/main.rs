@@ -5,7 +5,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use txpipe_cli::dlq;
-use txpipe_common::{amqp::Broker, shutdown::shutdown_signal, telemetry, Deps, Settings};
+use txpipe_common::stage::Service;
+use txpipe_common::{amqp::Broker, Deps, Settings};
 
 #[derive(Parser)]
 #[command(name = "txpipe", version, about = "Ingest CSV files of financial transactions over RabbitMQ")]
@@ -122,8 +123,11 @@ enum Bench {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match run(cli).await {
+    let command = match Cli::parse().command {
+        Command::Up => return up().await,
+        other => other,
+    };
+    match run(command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("txpipe: {e:#}");
@@ -132,9 +136,10 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Up => up().await,
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        // it has the life of a service, so `main` runs it
+        Command::Up => bail!("txpipe up is run by main"),
         Command::Topology { action } => topology(&action).await,
         Command::Provision => {
             for line in txpipe_cli::provision::provision(&Settings::load()?, None).await? {
@@ -165,21 +170,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up() -> anyhow::Result<()> {
-    let settings = Settings::load()?;
-    telemetry::init("txpipe", settings.log_format);
-    let addr = settings.http_addr_or("127.0.0.1:8080");
-    let data_dir = settings.data_dir.clone();
-    let deps = Deps::connect(settings).await?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (set TXPIPE_HTTP_ADDR)"))?;
-    let local = listener.local_addr()?;
-    tracing::info!(addr = %local, data_dir = %data_dir.display(), "txpipe is up");
-    println!("txpipe is up: gateway on http://{local} (upload with: curl -H 'Content-Type: text/csv' --data-binary @file.csv http://{local}/upload)");
-    let result = txpipe_cli::fleet::run(listener, deps.clone(), shutdown_signal()).await;
-    deps.broker.close().await;
-    Ok(result?)
+/// `txpipe up`: the whole fleet in this process, with the life every service has.
+async fn up() -> std::process::ExitCode {
+    txpipe_common::service::main("txpipe", Service::Gateway.default_http_addr(), |listener, deps, shutdown| {
+        if let Ok(local) = listener.local_addr() {
+            tracing::info!(addr = %local, data_dir = %deps.settings.data_dir.display(), "txpipe is up");
+            println!("txpipe is up: gateway on http://{local} (upload with: curl -H 'Content-Type: text/csv' --data-binary @file.csv http://{local}/upload)");
+        }
+        txpipe_cli::fleet::run(listener, deps, shutdown)
+    })
+    .await
 }
 
 async fn dlq_command(command: DlqCommand) -> anyhow::Result<()> {

@@ -53,14 +53,13 @@ pub async fn provision(
     let broker = Broker::connect(settings).await?;
     broker.declare_all().await?;
     broker.close().await;
+    let queues: Vec<String> = txpipe_common::stage::Stage::ALL.iter().map(|s| names.queue(*s)).collect();
     done.push(format!(
-        "declared exchanges {}, {}, {} and queues {}.validator, {}.transformer, {}.notifier, {}",
+        "declared exchanges {}, {}, {} and queues {}, {}",
         names.pipeline_exchange(),
         names.notifications_exchange(),
         names.dead_letter_exchange(),
-        names.namespace(),
-        names.namespace(),
-        names.namespace(),
+        queues.join(", "),
         names.dead_letter_queue()
     ));
     Ok(done)

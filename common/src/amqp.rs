@@ -5,8 +5,9 @@
 //! of a queue). Queues are quorum queues with a delivery limit and a dead-letter exchange.
 
 use crate::config::Settings;
-use crate::messages::Stage;
+use crate::messages::Outgoing;
 use crate::names::Names;
+use crate::stage::{Service, Stage};
 use backon::BackoffBuilder;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -98,19 +99,6 @@ fn s(v: &str) -> ShortString {
 
 fn long(v: impl Into<String>) -> AMQPValue {
     AMQPValue::LongString(v.into().into())
-}
-
-/// One message to publish.
-#[derive(Clone, Debug)]
-pub struct Outgoing {
-    pub exchange: String,
-    pub routing_key: String,
-    pub body: Vec<u8>,
-    /// The same for every copy of the same message, so consumers can drop duplicates.
-    pub message_id: String,
-    /// Fail unless a queue receives it (pipeline messages); notifications may have no subscriber.
-    pub mandatory: bool,
-    pub headers: Vec<(String, String)>,
 }
 
 impl Broker {
@@ -212,14 +200,15 @@ impl Broker {
         args
     }
 
-    /// Declares what `stage` uses: exchanges, DLQ, its own queue and the next stage's queue.
-    pub async fn declare_for(&self, stage: Stage) -> Result<(), AmqpError> {
-        self.declare(declared_queues(stage)).await
+    /// Declares what `service` uses: exchanges, DLQ, its own queue and the queues its
+    /// messages go to.
+    pub async fn declare_for(&self, service: Service) -> Result<(), AmqpError> {
+        self.declare(&service.declared_queues()).await
     }
 
     /// Declares the whole topology (the CLI's `topology up` and `txpipe up`).
     pub async fn declare_all(&self) -> Result<(), AmqpError> {
-        self.declare(&[Stage::Validator, Stage::Transformer, Stage::Notifier]).await
+        self.declare(&Stage::ALL).await
     }
 
     async fn declare(&self, queues: &[Stage]) -> Result<(), AmqpError> {
@@ -246,11 +235,11 @@ impl Broker {
         .await?;
         for &stage in queues {
             ch.queue_declare(s(&n.queue(stage)), qopts, self.worker_queue_args()).await?;
-            for key in stage.bindings() {
+            for key in stage.spec().inputs() {
                 ch.queue_bind(
                     s(&n.queue(stage)),
                     s(&n.pipeline_exchange()),
-                    s(key),
+                    s(key.as_str()),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
@@ -265,7 +254,7 @@ impl Broker {
     pub async fn teardown(&self) -> Result<(), AmqpError> {
         let ch = self.channel().await?;
         let n = &self.inner.names;
-        for stage in [Stage::Validator, Stage::Transformer, Stage::Notifier] {
+        for stage in Stage::ALL {
             ch.queue_delete(s(&n.queue(stage)), QueueDeleteOptions::default()).await?;
         }
         ch.queue_delete(s(&n.dead_letter_queue()), QueueDeleteOptions::default()).await?;
@@ -338,17 +327,6 @@ async fn supervise(weak: std::sync::Weak<Inner>) {
                 }
             }
         }
-    }
-}
-
-/// The worker queues a service declares: its input and the queue its output goes to, so a
-/// message published before the next stage ever started waits for it.
-pub fn declared_queues(stage: Stage) -> &'static [Stage] {
-    match stage {
-        Stage::Gateway => &[Stage::Validator],
-        Stage::Validator => &[Stage::Validator, Stage::Transformer],
-        Stage::Transformer => &[Stage::Transformer, Stage::Notifier],
-        Stage::Notifier => &[Stage::Notifier],
     }
 }
 

@@ -1,138 +1,199 @@
-//! The messages on the broker, typed: stage events on `{ns}.pipeline` and notifications on
-//! `{ns}.notifications`. Bodies are parsed into these types at the edge; a body that does not
-//! parse is dead-lettered at once.
+//! The messages on the broker, typed: one struct per stage routing key on `{ns}.pipeline`,
+//! the notification on `{ns}.notifications`, and [`Outgoing`], the envelope every publish
+//! takes. Bodies are parsed into these types once, at the edge, by their routing key; a body
+//! that does not parse is dead-lettered at once. Messages are built here too, from a file's
+//! status record, so what a stage publishes and what `txpipe retry` re-publishes are the same.
 
+use crate::file_id::FileId;
+use crate::names::Names;
+use crate::stage::{NotificationKey, RoutingKey};
+use crate::status::{FileStatus, StatusRecord};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
-/// Routing key of the event the gateway publishes after storing an upload.
-pub const FILE_UPLOADED: &str = "file.uploaded";
-/// Routing key of the event the validator publishes for a valid file.
-pub const FILE_VALIDATED: &str = "file.validated";
-/// Routing key of the event the validator publishes for an invalid file.
-pub const FILE_REJECTED: &str = "file.rejected";
-/// Routing key of the event the transformer publishes after storing every row.
-pub const FILE_PROCESSED: &str = "file.processed";
-/// Notification routing key: a file went through the whole pipeline.
-pub const NOTIFY_COMPLETED: &str = "file.completed";
-/// Notification routing key: a file failed validation.
-pub const NOTIFY_REJECTED: &str = "file.rejected";
-/// Notification routing key: a file failed in a stage after validation.
-pub const NOTIFY_FAILED: &str = "file.failed";
-
-/// A worker stage; its name is also its queue's suffix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    Gateway,
-    Validator,
-    Transformer,
-    Notifier,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Gateway => "gateway",
-            Stage::Validator => "validator",
-            Stage::Transformer => "transformer",
-            Stage::Notifier => "notifier",
-        }
-    }
-
-    /// The routing keys a worker stage's queue is bound to.
-    pub fn bindings(self) -> &'static [&'static str] {
-        match self {
-            Stage::Gateway => &[],
-            Stage::Validator => &[FILE_UPLOADED],
-            Stage::Transformer => &[FILE_VALIDATED],
-            Stage::Notifier => &[FILE_PROCESSED, FILE_REJECTED],
-        }
-    }
-
-    /// The stage whose queue receives messages published with `routing_key`.
-    pub fn consuming(routing_key: &str) -> Option<Stage> {
-        [Stage::Validator, Stage::Transformer, Stage::Notifier]
-            .into_iter()
-            .find(|s| s.bindings().contains(&routing_key))
-    }
-}
-
-impl fmt::Display for Stage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A file's id: a UUID the gateway assigns (v7, so ids sort by upload time).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct FileId(uuid::Uuid);
-
-impl FileId {
-    pub fn new() -> Self {
-        Self(uuid::Uuid::now_v7())
-    }
-}
-
-impl Default for FileId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl std::str::FromStr for FileId {
-    type Err = uuid::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        uuid::Uuid::parse_str(s).map(Self)
-    }
-}
-
-impl fmt::Display for FileId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
-    }
-}
-
-/// The body of every stage message: a claim check that points at the stored object.
+/// `file.uploaded`: the gateway stored an upload (a claim check for its object).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEvent {
+pub struct FileUploaded {
     pub file_id: FileId,
     /// Key of the CSV object in the bucket.
     pub object_key: String,
-    /// Data rows in the file (file.validated, file.processed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub row_count: Option<u64>,
-    /// Row errors found (file.rejected).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_count: Option<u64>,
-    /// Rows written to the transactions table (file.processed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub records_processed: Option<u64>,
     /// When the event was first produced.
     pub at: DateTime<Utc>,
 }
 
-impl FileEvent {
-    pub fn new(file_id: FileId, object_key: String) -> Self {
-        Self { file_id, object_key, row_count: None, error_count: None, records_processed: None, at: Utc::now() }
+/// `file.validated`: every row passed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileValidated {
+    pub file_id: FileId,
+    pub object_key: String,
+    /// Data rows in the file.
+    pub row_count: u64,
+    pub at: DateTime<Utc>,
+}
+
+/// `file.rejected`: the file was refused for its contents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRejected {
+    pub file_id: FileId,
+    pub object_key: String,
+    pub row_count: u64,
+    /// Row errors found.
+    pub error_count: u64,
+    pub at: DateTime<Utc>,
+}
+
+/// `file.processed`: every row is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileProcessed {
+    pub file_id: FileId,
+    pub object_key: String,
+    pub row_count: u64,
+    /// Rows written to the transactions table.
+    pub records_processed: u64,
+    pub at: DateTime<Utc>,
+}
+
+/// A stage message: the type follows from the routing key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StageMessage {
+    Uploaded(FileUploaded),
+    Validated(FileValidated),
+    Rejected(FileRejected),
+    Processed(FileProcessed),
+}
+
+/// A body that is not the message its routing key says.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed file event ({routing_key}): {why}")]
+pub struct MalformedMessage {
+    pub routing_key: String,
+    pub why: String,
+}
+
+impl StageMessage {
+    /// Parses a body published with `routing_key`.
+    pub fn parse(routing_key: &str, body: &[u8]) -> Result<Self, MalformedMessage> {
+        let fail = |why: String| MalformedMessage { routing_key: routing_key.to_owned(), why };
+        let key = RoutingKey::parse(routing_key).ok_or_else(|| fail("not a txpipe routing key".into()))?;
+        let parsed = match key {
+            RoutingKey::FileUploaded => serde_json::from_slice(body).map(Self::Uploaded),
+            RoutingKey::FileValidated => serde_json::from_slice(body).map(Self::Validated),
+            RoutingKey::FileRejected => serde_json::from_slice(body).map(Self::Rejected),
+            RoutingKey::FileProcessed => serde_json::from_slice(body).map(Self::Processed),
+        };
+        parsed.map_err(|e| fail(e.to_string()))
     }
 
-    /// Parses a body; the error says what is wrong with it.
-    pub fn from_body(body: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(body).map_err(|e| format!("malformed file event: {e}"))
+    /// A new `file.uploaded` for an object the gateway stored.
+    pub fn uploaded(file_id: FileId, object_key: String) -> Self {
+        Self::Uploaded(FileUploaded { file_id, object_key, at: Utc::now() })
+    }
+
+    /// The message on `key` about the file `record` describes (what a stage publishes when it
+    /// is done, and what `txpipe retry` publishes to re-drive a stage).
+    pub fn from_record(key: RoutingKey, record: &StatusRecord) -> Self {
+        let (file_id, object_key, at) = (record.file_id, record.object_key.clone(), Utc::now());
+        let row_count = record.row_count.unwrap_or(0);
+        match key {
+            RoutingKey::FileUploaded => Self::Uploaded(FileUploaded { file_id, object_key, at }),
+            RoutingKey::FileValidated => Self::Validated(FileValidated { file_id, object_key, row_count, at }),
+            RoutingKey::FileRejected => Self::Rejected(FileRejected {
+                file_id,
+                object_key,
+                row_count,
+                error_count: record.error_count.unwrap_or(0),
+                at,
+            }),
+            RoutingKey::FileProcessed => Self::Processed(FileProcessed {
+                file_id,
+                object_key,
+                row_count,
+                records_processed: record.records_processed.unwrap_or(0),
+                at,
+            }),
+        }
+    }
+
+    /// The message that announces where the file now stands, if its status has one.
+    pub fn announcing(record: &StatusRecord) -> Option<Self> {
+        let key = match record.status {
+            FileStatus::Validated => RoutingKey::FileValidated,
+            FileStatus::ValidationFailed if record.is_rejected() => RoutingKey::FileRejected,
+            FileStatus::Processed => RoutingKey::FileProcessed,
+            _ => return None,
+        };
+        Some(Self::from_record(key, record))
+    }
+
+    pub fn routing_key(&self) -> RoutingKey {
+        match self {
+            Self::Uploaded(_) => RoutingKey::FileUploaded,
+            Self::Validated(_) => RoutingKey::FileValidated,
+            Self::Rejected(_) => RoutingKey::FileRejected,
+            Self::Processed(_) => RoutingKey::FileProcessed,
+        }
+    }
+
+    pub fn file_id(&self) -> FileId {
+        match self {
+            Self::Uploaded(m) => m.file_id,
+            Self::Validated(m) => m.file_id,
+            Self::Rejected(m) => m.file_id,
+            Self::Processed(m) => m.file_id,
+        }
+    }
+
+    pub fn object_key(&self) -> &str {
+        match self {
+            Self::Uploaded(m) => &m.object_key,
+            Self::Validated(m) => &m.object_key,
+            Self::Rejected(m) => &m.object_key,
+            Self::Processed(m) => &m.object_key,
+        }
     }
 
     pub fn to_body(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a file event always serializes")
+        let body = match self {
+            Self::Uploaded(m) => serde_json::to_vec(m),
+            Self::Validated(m) => serde_json::to_vec(m),
+            Self::Rejected(m) => serde_json::to_vec(m),
+            Self::Processed(m) => serde_json::to_vec(m),
+        };
+        body.expect("a stage message always serializes")
     }
 
-    /// The AMQP message id of this event on `routing_key`: the same for every copy, so a
-    /// consumer can tell a redelivered or republished message from a new one.
-    pub fn message_id(&self, routing_key: &str) -> String {
-        format!("{}:{routing_key}", self.file_id)
+    /// The same for every copy of this message, so a consumer can tell a redelivered or
+    /// republished message from a new one.
+    pub fn message_id(&self) -> String {
+        message_id(self.file_id(), self.routing_key().as_str())
     }
+
+    /// The message for the pipeline exchange. Mandatory: a stage message no queue takes is an
+    /// error, never silently dropped.
+    pub fn outgoing(&self, names: &Names) -> Outgoing {
+        Outgoing {
+            exchange: names.pipeline_exchange(),
+            routing_key: self.routing_key().as_str().to_owned(),
+            body: self.to_body(),
+            message_id: self.message_id(),
+            mandatory: true,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// The file id of a body that looks like a stage message, whatever its routing key (for the
+/// DLQ tooling, which shows what it can of any message).
+pub fn file_id_of(body: &[u8]) -> Option<FileId> {
+    #[derive(Deserialize)]
+    struct AnyFile {
+        file_id: FileId,
+    }
+    serde_json::from_slice::<AnyFile>(body).ok().map(|m| m.file_id)
+}
+
+fn message_id(file_id: FileId, routing_key: &str) -> String {
+    format!("{file_id}:{routing_key}")
 }
 
 /// The JSON body published to `{ns}.notifications`.
@@ -140,11 +201,53 @@ impl FileEvent {
 pub struct Notification {
     pub file_id: FileId,
     /// `completed`, `validation_failed`, ...: the file's final status.
-    pub status: crate::status::FileStatus,
+    pub status: FileStatus,
     pub records_processed: u64,
     pub error_count: u64,
     pub row_count: u64,
     pub timestamp: DateTime<Utc>,
+}
+
+impl Notification {
+    /// The notification about `record` (as it is, or as it will be once the notification is
+    /// confirmed: the notifier announces `completed` before recording it).
+    pub fn of(record: &StatusRecord, status: FileStatus) -> Self {
+        Self {
+            file_id: record.file_id,
+            status,
+            records_processed: record.records_processed.unwrap_or(0),
+            error_count: record.error_count.unwrap_or(0),
+            row_count: record.row_count.unwrap_or(0),
+            timestamp: Utc::now(),
+        }
+    }
+
+    /// The message for the notifications exchange. Its id is the same for every copy
+    /// (`{file_id}:{routing_key}`), so subscribers can drop duplicates.
+    pub fn outgoing(&self, key: NotificationKey, names: &Names) -> Outgoing {
+        Outgoing {
+            exchange: names.notifications_exchange(),
+            routing_key: key.as_str().to_owned(),
+            body: serde_json::to_vec(self).expect("a notification always serializes"),
+            message_id: message_id(self.file_id, key.as_str()),
+            // like an SNS topic, a notification with no subscriber is not an error
+            mandatory: false,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// One message to publish.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    /// The same for every copy of the same message, so consumers can drop duplicates.
+    pub message_id: String,
+    /// Fail unless a queue receives it (pipeline messages); notifications may have no subscriber.
+    pub mandatory: bool,
+    pub headers: Vec<(String, String)>,
 }
 
 #[cfg(test)]
@@ -152,19 +255,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn events_round_trip_and_garbage_is_refused() {
-        let e = FileEvent::new(FileId::new(), "uploads/x.csv".into());
-        assert_eq!(FileEvent::from_body(&e.to_body()).unwrap(), e);
-        assert!(FileEvent::from_body(b"not json").unwrap_err().contains("malformed"));
-        assert!(FileEvent::from_body(br#"{"file_id":"nope","object_key":"k","at":"2024-01-01T00:00:00Z"}"#).is_err());
+    fn messages_round_trip_by_routing_key_and_garbage_is_refused() {
+        let mut r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 1, Utc::now());
+        r.row_count = Some(3);
+        r.records_processed = Some(3);
+        r.error_count = Some(1);
+        for key in RoutingKey::ALL {
+            let m = StageMessage::from_record(key, &r);
+            assert_eq!(m.routing_key(), key);
+            assert_eq!(StageMessage::parse(key.as_str(), &m.to_body()).unwrap(), m);
+            assert_eq!(m.message_id(), format!("{}:{key}", r.file_id));
+            assert_eq!(file_id_of(&m.to_body()), Some(r.file_id));
+        }
+        assert!(StageMessage::parse("file.uploaded", b"not json").unwrap_err().to_string().contains("malformed"));
+        assert!(StageMessage::parse("other", &StageMessage::uploaded(r.file_id, "k".into()).to_body()).is_err());
+        let no_id = br#"{"file_id":"nope","object_key":"k","at":"2024-01-01T00:00:00Z"}"#;
+        assert!(StageMessage::parse("file.uploaded", no_id).is_err());
+        let no_count =
+            br#"{"file_id":"0190a4b6-0000-7000-8000-000000000000","object_key":"k","at":"2024-01-01T00:00:00Z"}"#;
+        assert!(StageMessage::parse("file.uploaded", no_count).is_ok());
+        assert!(StageMessage::parse("file.validated", no_count).is_err(), "file.validated carries its row count");
     }
 
     #[test]
-    fn routing_keys_map_to_stages() {
-        assert_eq!(Stage::consuming(FILE_UPLOADED), Some(Stage::Validator));
-        assert_eq!(Stage::consuming(FILE_VALIDATED), Some(Stage::Transformer));
-        assert_eq!(Stage::consuming(FILE_REJECTED), Some(Stage::Notifier));
-        assert_eq!(Stage::consuming(FILE_PROCESSED), Some(Stage::Notifier));
-        assert_eq!(Stage::consuming("other"), None);
+    fn a_status_is_announced_by_the_message_of_the_stage_that_reached_it() {
+        let mut r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 1, Utc::now());
+        let key = |r: &StatusRecord| StageMessage::announcing(r).map(|m| m.routing_key());
+        assert_eq!(key(&r), None);
+        r.status = FileStatus::Validated;
+        assert_eq!(key(&r), Some(RoutingKey::FileValidated));
+        r.status = FileStatus::ValidationFailed;
+        assert_eq!(key(&r), None, "a failure for a fault is not a rejection");
+        r.error_count = Some(2);
+        assert_eq!(key(&r), Some(RoutingKey::FileRejected));
+        r.status = FileStatus::Processed;
+        assert_eq!(key(&r), Some(RoutingKey::FileProcessed));
+        r.status = FileStatus::Completed;
+        assert_eq!(key(&r), None);
     }
 }

@@ -3,7 +3,8 @@
 //! These names are an interface: users bind their own queues to the notifications exchange
 //! and point their tools at the tables, so they follow DESIGN.md exactly.
 
-use crate::messages::Stage;
+use crate::file_id::FileId;
+use crate::stage::Stage;
 
 /// All resource names for one namespace (`txpipe` by default; tests use a fresh one each).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +61,11 @@ impl Names {
         format!("{}.{}", self.ns, stage.as_str())
     }
 
+    /// The stage whose input queue is `queue`, if it is one of this namespace's.
+    pub fn stage_of_queue(&self, queue: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| self.queue(*s) == queue)
+    }
+
     /// `{ns}-transactions`, keyed by transaction_id.
     pub fn transactions_table(&self) -> String {
         format!("{}-transactions", self.ns)
@@ -76,7 +82,7 @@ impl Names {
     }
 
     /// `uploads/{file_id}.csv`.
-    pub fn object_key(&self, file_id: &crate::messages::FileId) -> String {
+    pub fn object_key(&self, file_id: &FileId) -> String {
         format!("uploads/{file_id}.csv")
     }
 }
@@ -98,6 +104,8 @@ mod tests {
         assert_eq!(n.transactions_table(), "txpipe-transactions");
         assert_eq!(n.status_table(), "txpipe-processing-status");
         assert_eq!(n.bucket(), "txpipe-csv-files");
+        assert_eq!(n.stage_of_queue("txpipe.notifier"), Some(Stage::Notifier));
+        assert_eq!(n.stage_of_queue("other.notifier"), None);
     }
 
     #[test]

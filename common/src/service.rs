@@ -1,19 +1,27 @@
-//! The life of a worker process, shared by the `validator`, `transformer` and `notifier`
-//! binaries: load settings, start logging, connect, serve health, consume until shutdown.
+//! The life of every txpipe process, written once: load settings, start logging, connect to
+//! storage and the broker, bind the HTTP listener, run until SIGTERM or Ctrl-C, close the
+//! broker link, and exit with a status that says how it went. Each binary's `main` names
+//! itself and passes the one thing it runs.
 
-use crate::amqp::AmqpError;
 use crate::config::Settings;
 use crate::deps::Deps;
+use crate::stage::{Service, Stage};
+use crate::worker::Handler;
+use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
-use tokio_util::sync::CancellationToken;
+use std::sync::Arc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-/// Runs one worker process to the end. `run` consumes until the future it is given resolves.
-/// Exits non-zero, with the reason logged, when startup fails or the broker is lost.
-pub async fn worker_main<F, Fut>(service: &'static str, default_addr: &str, run: F) -> ExitCode
+/// Runs one process to the end. `run` gets the bound listener, the dependencies and a future
+/// that resolves on shutdown; it returns when the service has stopped. Exits 2 on unusable
+/// settings, 1 when startup fails or the service stops on an error (the reason logged and
+/// printed), 0 after a clean shutdown.
+pub async fn main<F, Fut, E>(service: &'static str, default_addr: &str, run: F) -> ExitCode
 where
-    F: FnOnce(Deps, tokio_util::sync::WaitForCancellationFutureOwned) -> Fut,
-    Fut: Future<Output = Result<(), AmqpError>>,
+    F: FnOnce(tokio::net::TcpListener, Deps, WaitForCancellationFutureOwned) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
 {
     let settings = match Settings::load() {
         Ok(s) => s,
@@ -26,39 +34,58 @@ where
     let addr = settings.http_addr_or(default_addr);
     let deps = match Deps::connect(settings).await {
         Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return failed(service, "cannot start", e),
     };
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%addr, error = %e, "cannot listen for health checks (set TXPIPE_HTTP_ADDR)");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return failed(service, &format!("cannot listen on {addr} (set TXPIPE_HTTP_ADDR)"), e),
     };
-    let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string());
-    tracing::info!(addr = %bound, "health endpoints on /healthz and /readyz");
     let stop = CancellationToken::new();
-    let health = tokio::spawn(crate::health::serve(listener, deps.clone(), stop.clone().cancelled_owned()));
     let signal = stop.clone();
     tokio::spawn(async move {
         crate::shutdown::shutdown_signal().await;
         signal.cancel();
     });
-    let result = run(deps.clone(), stop.clone().cancelled_owned()).await;
-    stop.cancel();
-    let _ = health.await;
+    let result = run(listener, deps.clone(), stop.cancelled_owned()).await;
     deps.broker.close().await;
     match result {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            tracing::error!(error = %e, "stopped on a broker failure");
-            ExitCode::FAILURE
-        }
+        Err(e) => failed(service, "stopped", e),
     }
+}
+
+fn failed(service: &str, what: &str, e: impl Display) -> ExitCode {
+    tracing::error!(error = %e, "{what}");
+    eprintln!("{service}: {what}: {e}");
+    ExitCode::FAILURE
+}
+
+/// A worker binary's whole `main`: health and metrics on its listener, the stage's loop with
+/// the handler `make` builds, until shutdown (or until the broker is given up).
+pub async fn worker_main(stage: Stage, make: impl FnOnce(Deps) -> Arc<dyn Handler>) -> ExitCode {
+    let service = Service::Worker(stage);
+    main(service.name(), service.default_http_addr(), |listener, deps, shutdown| {
+        let handler = make(deps.clone());
+        run_worker(listener, deps, handler, shutdown)
+    })
+    .await
+}
+
+async fn run_worker(
+    listener: tokio::net::TcpListener,
+    deps: Deps,
+    handler: Arc<dyn Handler>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), crate::amqp::AmqpError> {
+    let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(addr = %bound, "health endpoints on /healthz and /readyz, metrics on /metrics");
+    let stop = CancellationToken::new();
+    let health = tokio::spawn(crate::health::serve(listener, deps.clone(), stop.clone().cancelled_owned()));
+    let result = crate::worker::run(&deps, handler, shutdown).await;
+    stop.cancel();
+    let _ = health.await;
+    result
 }

@@ -4,7 +4,7 @@
 //! change is kept with its time so the history can be shown.
 
 use crate::csv_schema::RowError;
-use crate::messages::FileId;
+use crate::file_id::FileId;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -179,6 +179,12 @@ impl StatusRecord {
             reason: None,
             announced: true,
         }
+    }
+
+    /// True when the validator rejected the file for its contents: a verdict, not a failure,
+    /// so it is never retried (a failure for a fault has no error count).
+    pub fn is_rejected(&self) -> bool {
+        self.status == FileStatus::ValidationFailed && self.error_count.is_some()
     }
 
     /// Moves to `to` if that is forward; returns false (and changes nothing) otherwise.

@@ -1,14 +1,23 @@
-//! The consume → handle → publish → ack loop, written once for every worker.
+//! The consume → admit → work → publish → ack loop, written once for every worker.
 //!
-//! A worker is a [`Handler`]: given a parsed message it returns an [`Outcome`]. The loop
-//! parses bodies at the edge (a body that does not parse is dead-lettered at once), retries
-//! transient failures with backoff, publishes the handler's messages with confirms, and acks
-//! only after that, so a crash at any point means a redelivery, never a loss.
+//! A worker is a [`Handler`]: it does its stage's own work on a file and says how it ended.
+//! Everything else is here, driven by the stage table ([`crate::stage::STAGES`]): parsing each
+//! body into its message type at the edge (a body that does not parse is dead-lettered at
+//! once), reading the file's status and deciding whether the stage works on it, passes on
+//! what it already produced, or refuses it; moving the file to the stage's working and done
+//! statuses; retrying transient failures with backoff; recording a failure as the stage's
+//! `*_failed` status with a `file.failed` notification; publishing the next message with
+//! confirms; and acking only after all that, so a crash at any point means a redelivery,
+//! never a loss.
 
-use crate::amqp::{AmqpError, Broker, Outgoing, Publisher};
-use crate::config::Settings;
+use crate::amqp::{AmqpError, Broker, Publisher};
+use crate::dead_letter::{DeadLetterInfo, ErrorClass};
 use crate::deps::Deps;
-use crate::messages::{FileEvent, Stage};
+use crate::headers::Headers;
+use crate::messages::{Notification, Outgoing, StageMessage};
+use crate::stage::{Admission, NotificationKey, Stage, StageSpec};
+use crate::status::{FileStatus, StatusRecord, StatusUpdate};
+use crate::storage::{Advance, StorageError};
 use async_trait::async_trait;
 use backon::BackoffBuilder;
 use futures::{FutureExt, StreamExt};
@@ -16,7 +25,7 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -26,90 +35,87 @@ use tokio::task::JoinSet;
 /// How long in-flight messages may run on after shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// A message as a handler sees it: already parsed.
-#[derive(Clone, Debug)]
-pub struct Incoming {
-    pub routing_key: String,
-    pub event: FileEvent,
-    /// The broker says this message was delivered before.
-    pub redelivered: bool,
-}
-
-/// Why a message is dead-lettered, recorded in its `x-txpipe-error-class` header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// The body is not a message txpipe understands.
-    Malformed,
-    /// Processing can never succeed (e.g. the object is gone).
-    Permanent,
-    /// A transient fault outlasted every retry.
-    RetriesExhausted,
-}
-
-impl ErrorClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::Malformed => "malformed",
-            ErrorClass::Permanent => "permanent",
-            ErrorClass::RetriesExhausted => "retries_exhausted",
-        }
-    }
-}
-
-/// What the loop should do with a message.
+/// Why a handler's work did not succeed, and so what the loop does with the message.
 #[derive(Debug)]
-pub enum Outcome {
-    /// Done: publish these (each confirmed), then ack.
-    Done(Vec<Outgoing>),
-    /// Will never succeed: dead-letter it now.
+pub enum Failure {
+    /// Can never succeed: dead-letter it now.
     DeadLetter(String),
     /// Failed for now: try again after a backoff, dead-letter when retries run out.
     Retry(String),
 }
 
-/// One worker stage's logic.
-#[async_trait]
-pub trait Handler: Send + Sync + 'static {
-    fn stage(&self) -> Stage;
-    async fn handle(&self, msg: &Incoming) -> Outcome;
-    /// Whether a failure of this message is the file's failure in this stage. If so, the loop
-    /// records the stage's `*_failed` status before dead-lettering the message (and publishes
-    /// `file.failed`), and on the last delivery RabbitMQ allows it (its delivery limit) records
-    /// `delivery_limit` first, since a crash then leaves no other chance. Best effort.
-    fn tracks_status(&self, _msg: &Incoming) -> bool {
-        true
+impl Failure {
+    /// A storage failure: retry what may pass, dead-letter what cannot.
+    pub fn storage(what: &str, e: &StorageError) -> Self {
+        let reason = format!("{what}: {e}");
+        if e.is_transient() {
+            Failure::Retry(reason)
+        } else {
+            Failure::DeadLetter(reason)
+        }
+    }
+
+    /// An I/O error while streaming an object on the blocking pool.
+    pub fn read(what: &str, e: &std::io::Error) -> Self {
+        let reason = format!("{what}: {e}");
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Failure::DeadLetter(reason)
+        } else {
+            Failure::Retry(reason)
+        }
     }
 }
 
-struct Loop {
-    deps: Deps,
-    handler: Arc<dyn Handler>,
-    publisher: Publisher,
-    settings: Arc<Settings>,
-    dlx: String,
+/// How a stage's work on a file ended.
+#[derive(Debug)]
+pub enum Step {
+    /// Move the file to this status, recording the update; the loop then publishes the
+    /// message that announces the new status, if it has one.
+    Advance(FileStatus, StatusUpdate),
+    /// Leave the status as it is (an observed message).
+    Stay,
 }
 
-/// Consumes the stage's queue until `shutdown` resolves, then lets in-flight messages finish
-/// (up to [`SHUTDOWN_GRACE`]). When the broker connection drops, it waits for the
+/// One worker stage's own work. The loop has parsed the message, checked that it is one of
+/// the stage's inputs, read the file's record and admitted it (see
+/// [`StageSpec::admit`]), and moved the file to the stage's working status.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    fn stage(&self) -> Stage;
+
+    /// The file's record when a message arrives; `Ok(None)`: nothing to do (the message is
+    /// acked). By default the status table's record, and a message about an unknown file is
+    /// dead-lettered.
+    async fn record(&self, deps: &Deps, msg: &StageMessage) -> Result<Option<StatusRecord>, Failure> {
+        let file_id = msg.file_id();
+        match deps.storage.statuses.get(file_id).await {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => Err(Failure::DeadLetter(format!("no status record for file {file_id}"))),
+            Err(e) => Err(Failure::storage("reading the file's status", &e)),
+        }
+    }
+
+    /// Does the stage's work on an admitted file.
+    async fn work(&self, msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure>;
+}
+
+/// Consumes the handler's stage queue until `shutdown` resolves, then lets in-flight messages
+/// finish (up to [`SHUTDOWN_GRACE`]). When the broker connection drops, it waits for the
 /// [`Broker`] to reconnect, then declares its queues, sets QoS and consumes again (messages in
 /// flight on the old connection are redelivered by the broker). Returns an error only when
 /// reconnecting was given up.
 pub async fn run(deps: &Deps, handler: Arc<dyn Handler>, shutdown: impl Future<Output = ()>) -> Result<(), AmqpError> {
     let stage = handler.stage();
-    let (broker, settings) = (&deps.broker, deps.settings.clone());
-    let ctx = Arc::new(Loop {
-        deps: deps.clone(),
-        handler,
-        publisher: broker.publisher().await?,
-        settings: settings.clone(),
-        dlx: broker.names().dead_letter_exchange(),
-    });
+    let broker = &deps.broker;
+    // a confirm channel of its own, so its publishes do not queue behind the service's others
+    let publisher = broker.publisher().await?;
+    let ctx = Arc::new(Loop { deps: deps.clone(), spec: stage.spec(), handler, publisher });
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     let result = loop {
         let subscribed = tokio::select! {
             _ = &mut shutdown => break Ok(()),
-            s = subscribe(broker, stage, &settings) => s,
+            s = subscribe(broker, stage, deps.settings.prefetch) => s,
         };
         let (channel, tag, mut consumer) = match subscribed {
             Ok(s) => s,
@@ -157,12 +163,12 @@ pub async fn run(deps: &Deps, handler: Arc<dyn Handler>, shutdown: impl Future<O
 async fn subscribe(
     broker: &Broker,
     stage: Stage,
-    settings: &Settings,
+    prefetch: u16,
 ) -> Result<(lapin::Channel, String, lapin::Consumer), AmqpError> {
-    broker.declare_for(stage).await?;
+    broker.declare_for(crate::stage::Service::Worker(stage)).await?;
     let queue = broker.names().queue(stage);
     let channel = broker.channel().await?;
-    channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let tag = format!("{}-{}", stage, uuid::Uuid::new_v4().simple());
     let consumer = channel
         .basic_consume(
@@ -172,7 +178,7 @@ async fn subscribe(
             FieldTable::default(),
         )
         .await?;
-    tracing::info!(%stage, %queue, prefetch = settings.prefetch, "consuming");
+    tracing::info!(%stage, %queue, prefetch, "consuming");
     Ok((channel, tag, consumer))
 }
 
@@ -211,66 +217,67 @@ async fn settle(op: impl Future<Output = Result<bool, lapin::Error>>) -> Result<
     }
 }
 
-fn header_u64(d: &Delivery, name: &str) -> Option<u64> {
-    let headers = d.properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
-        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::LongUInt(v) => Some((*v).into()),
-        _ => None,
-    }
-}
-
-fn header_text(d: &Delivery, name: &str) -> Option<String> {
-    match d.properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(v) => Some(v.to_string()),
-        AMQPValue::ShortString(v) => Some(v.to_string()),
-        _ => None,
-    }
+struct Loop {
+    deps: Deps,
+    spec: &'static StageSpec,
+    handler: Arc<dyn Handler>,
+    publisher: Publisher,
 }
 
 impl Loop {
+    fn stage(&self) -> Stage {
+        self.spec.stage
+    }
+
     /// Handles one delivery in the trace it carries (or a new one).
     async fn process(&self, delivery: Delivery) {
-        let trace = header_text(&delivery, crate::trace::HEADER)
+        let trace = Headers::of(&delivery)
+            .text(crate::trace::HEADER)
             .and_then(|v| crate::trace::TraceContext::parse(&v))
             .unwrap_or_else(crate::trace::TraceContext::start);
-        trace.scope(self.handler.stage().as_str(), self.process_traced(delivery)).await
+        trace.scope(self.stage().as_str(), self.process_traced(delivery)).await
     }
 
     async fn process_traced(&self, delivery: Delivery) {
-        let stage = self.handler.stage();
-        let routing_key = delivery.routing_key.to_string();
-        let event = match FileEvent::from_body(&delivery.data) {
-            Ok(e) => e,
-            Err(reason) => {
+        let stage = self.stage();
+        let routing_key = delivery.routing_key.as_str();
+        let msg = match StageMessage::parse(routing_key, &delivery.data) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = e.to_string();
                 tracing::warn!(%stage, %routing_key, %reason, "dead-lettering a message that cannot be parsed");
                 self.dead_letter(&delivery, ErrorClass::Malformed, &reason).await;
                 count(stage, "malformed");
                 return;
             }
         };
-        let msg = Incoming { routing_key, event, redelivered: delivery.redelivered };
-        let file_id = msg.event.file_id;
-        if let Some(n) = header_u64(&delivery, "x-delivery-count") {
+        let key = msg.routing_key();
+        if !self.spec.inputs().any(|k| k == key) {
+            let reason = format!("the {stage} does not handle routing key {key}");
+            tracing::warn!(%stage, %reason, "dead-lettering");
+            self.dead_letter(&delivery, ErrorClass::Permanent, &reason).await;
+            count(stage, "dead_lettered");
+            return;
+        }
+        let file_id = msg.file_id();
+        let tracks_status = self.spec.tracks_status(key);
+        if let Some(n) = Headers::of(&delivery).u64("x-delivery-count") {
             tracing::info!(%stage, %file_id, deliveries = n + 1, "redelivered message");
-            if n >= u64::from(self.settings.delivery_limit) {
+            if n >= u64::from(self.deps.settings.delivery_limit) && tracks_status {
+                // a crash on this last delivery leaves no other chance to say why
                 let reason = format!(
                     "delivery_limit: the message was delivered {} times without being settled (did it crash the worker?); \
                      if this last attempt fails too, RabbitMQ dead-letters it",
                     n + 1
                 );
-                if self.handler.tracks_status(&msg) {
-                    self.deps.record_failure(stage, file_id, &reason, false).await;
-                }
+                self.record_failure(&msg, &reason, false).await;
             }
         }
-        let mut backoff = self.settings.retry_policy().build();
-        let started = std::time::Instant::now();
-        let _timer = Timer(stage, started);
+        let mut backoff = self.deps.settings.retry_policy().build();
+        let _timer = Timer(stage, std::time::Instant::now());
         loop {
-            let handled = AssertUnwindSafe(self.handler.handle(&msg)).catch_unwind().await;
-            let Ok(outcome) = handled else {
+            let attempt = AssertUnwindSafe(self.attempt(&msg)).catch_unwind().await;
+            let Ok(result) = attempt else {
                 // a crash in the handler: give the message back (its delivery count grows, so a
                 // message that always crashes ends in the DLQ at the delivery limit)
                 tracing::error!(%stage, %file_id, "the handler panicked; returning the message to its queue");
@@ -280,8 +287,8 @@ impl Loop {
                 }
                 return;
             };
-            let (class, reason) = match outcome {
-                Outcome::Done(out) => match self.publish_all(&out).await {
+            let (class, reason) = match result {
+                Ok(out) => match self.publish_all(&out).await {
                     Ok(()) => {
                         if let Err(e) = settle(delivery.ack(BasicAckOptions::default())).await {
                             tracing::warn!(%stage, %file_id, error = %e, "ack failed; the message will be redelivered");
@@ -291,8 +298,8 @@ impl Loop {
                     }
                     Err(e) => (ErrorClass::RetriesExhausted, format!("publishing the next message failed: {e}")),
                 },
-                Outcome::DeadLetter(reason) => (ErrorClass::Permanent, reason),
-                Outcome::Retry(reason) => (ErrorClass::RetriesExhausted, reason),
+                Err(Failure::DeadLetter(reason)) => (ErrorClass::Permanent, reason),
+                Err(Failure::Retry(reason)) => (ErrorClass::RetriesExhausted, reason),
             };
             // the connection went away under this message: it is not the message's fault, and
             // the broker will deliver it again on the next connection
@@ -310,13 +317,60 @@ impl Loop {
                 }
             }
             tracing::error!(%stage, %file_id, class = class.as_str(), %reason, "dead-lettering");
-            if self.handler.tracks_status(&msg) {
-                self.deps.mark_failed(stage, file_id, &reason).await;
+            if tracks_status {
+                self.record_failure(&msg, &reason, true).await;
             }
             self.dead_letter(&delivery, class, &reason).await;
             count(stage, "dead_lettered");
             return;
         }
+    }
+
+    /// One try at a message: admit it by the file's status, move the file through the stage,
+    /// and return what to publish before the ack.
+    async fn attempt(&self, msg: &StageMessage) -> Result<Vec<Outgoing>, Failure> {
+        let (stage, file_id) = (self.stage(), msg.file_id());
+        let Some(record) = self.handler.record(&self.deps, msg).await? else {
+            return Ok(Vec::new());
+        };
+        let step = match self.spec.admit(msg.routing_key(), &record) {
+            Admission::Refuse(why) => return Err(Failure::DeadLetter(why)),
+            Admission::PassOn => {
+                tracing::info!(%stage, %file_id, status = %record.status, "already past this stage; passing on its result");
+                return Ok(self.announcing(&record));
+            }
+            Admission::Observe => self.handler.work(msg, &record).await?,
+            Admission::Work => {
+                let record = self.advance(file_id, self.spec.working, StatusUpdate::default()).await?;
+                self.handler.work(msg, &record).await?
+            }
+        };
+        match step {
+            Step::Stay => Ok(Vec::new()),
+            Step::Advance(to, update) => Ok(self.announcing(&self.advance(file_id, to, update).await?)),
+        }
+    }
+
+    /// Moves the file forward; a refused move (another copy got there first) is not an error.
+    async fn advance(
+        &self,
+        file_id: crate::FileId,
+        to: FileStatus,
+        update: StatusUpdate,
+    ) -> Result<StatusRecord, Failure> {
+        match self.deps.storage.statuses.advance(file_id, to, update, chrono::Utc::now()).await {
+            Ok(Advance::Moved(r) | Advance::Refused(r)) => Ok(r),
+            Err(e) => Err(Failure::storage(&format!("recording status {to}"), &e)),
+        }
+    }
+
+    /// The message this stage publishes about where the file now stands, if any.
+    fn announcing(&self, record: &StatusRecord) -> Vec<Outgoing> {
+        StageMessage::announcing(record)
+            .filter(|m| self.spec.publishes.contains(&m.routing_key()))
+            .map(|m| m.outgoing(&self.deps.names))
+            .into_iter()
+            .collect()
     }
 
     async fn publish_all(&self, out: &[Outgoing]) -> Result<(), AmqpError> {
@@ -326,10 +380,35 @@ impl Loop {
         Ok(())
     }
 
+    /// Records that the stage failed on the file (its `*_failed` status with the reason) and,
+    /// if `notify`, tells subscribers (`file.failed`). Best effort: called on the way to the
+    /// DLQ, which keeps the message whatever happens here.
+    async fn record_failure(&self, msg: &StageMessage, reason: &str, notify: bool) {
+        let (stage, file_id) = (self.stage(), msg.file_id());
+        let update = StatusUpdate { reason: Some(format!("{stage}: {reason}")), ..Default::default() };
+        match self.deps.storage.statuses.advance(file_id, self.spec.failed, update, chrono::Utc::now()).await {
+            Ok(Advance::Moved(record)) if !notify => {
+                tracing::info!(%file_id, status = %record.status, "failure recorded")
+            }
+            Ok(Advance::Moved(record)) => {
+                let note = Notification::of(&record, record.status).outgoing(NotificationKey::Failed, &self.deps.names);
+                if let Err(e) = self.publisher.publish(&note).await {
+                    tracing::warn!(%file_id, error = %e, "cannot publish the file.failed notification");
+                }
+            }
+            Ok(Advance::Refused(record)) => {
+                tracing::info!(%file_id, status = %record.status, "file already past this stage; status left as is")
+            }
+            Err(e) => {
+                tracing::warn!(%file_id, error = %e, "cannot record the failure in the status table")
+            }
+        }
+    }
+
     /// Copies the message to the dead-letter exchange with headers saying why, then acks it.
     /// If that copy cannot be made, rejects it so RabbitMQ dead-letters it itself.
     async fn dead_letter(&self, delivery: &Delivery, class: ErrorClass, reason: &str) {
-        let stage = self.handler.stage();
+        let stage = self.stage();
         metrics::counter!("txpipe_dead_letters_total", "stage" => stage.as_str(), "class" => class.as_str())
             .increment(1);
         let message_id = delivery
@@ -338,20 +417,21 @@ impl Loop {
             .as_ref()
             .map(|m| m.to_string())
             .unwrap_or_else(|| format!("dead-letter:{}", uuid::Uuid::new_v4()));
+        let info = DeadLetterInfo {
+            stage,
+            class,
+            reason: reason.to_owned(),
+            original_exchange: delivery.exchange.to_string(),
+            original_routing_key: delivery.routing_key.to_string(),
+            dead_lettered_at: chrono::Utc::now(),
+        };
         let copy = Outgoing {
-            exchange: self.dlx.clone(),
+            exchange: self.deps.names.dead_letter_exchange(),
             routing_key: delivery.routing_key.to_string(),
             body: delivery.data.clone(),
             message_id,
             mandatory: true,
-            headers: vec![
-                ("x-txpipe-stage".into(), stage.as_str().into()),
-                ("x-txpipe-error-class".into(), class.as_str().into()),
-                ("x-txpipe-reason".into(), reason.chars().take(1000).collect()),
-                ("x-txpipe-original-exchange".into(), delivery.exchange.to_string()),
-                ("x-txpipe-original-routing-key".into(), delivery.routing_key.to_string()),
-                ("x-txpipe-dead-lettered-at".into(), chrono::Utc::now().to_rfc3339()),
-            ],
+            headers: info.encode(),
         };
         let settled = match self.publisher.publish(&copy).await {
             Ok(()) => settle(delivery.ack(BasicAckOptions::default())).await,
@@ -363,35 +443,5 @@ impl Loop {
         if let Err(e) = settled {
             tracing::warn!(%stage, error = %e, "settling a dead-lettered message failed; it will be redelivered");
         }
-    }
-}
-
-/// The outcome for a storage failure: retry what may pass, dead-letter what cannot.
-pub fn storage_failure(what: &str, e: &crate::storage::StorageError) -> Outcome {
-    let reason = format!("{what}: {e}");
-    if e.is_transient() {
-        Outcome::Retry(reason)
-    } else {
-        Outcome::DeadLetter(reason)
-    }
-}
-
-/// The file's status record, or the outcome for a message about a file that cannot be read:
-/// retried if storage is unavailable, dead-lettered if the file is unknown.
-pub async fn status_of(deps: &Deps, file_id: crate::messages::FileId) -> Result<crate::status::StatusRecord, Outcome> {
-    match deps.storage.statuses.get(file_id).await {
-        Ok(Some(r)) => Ok(r),
-        Ok(None) => Err(Outcome::DeadLetter(format!("no status record for file {file_id}"))),
-        Err(e) => Err(storage_failure("reading the file's status", &e)),
-    }
-}
-
-/// The outcome for an I/O error while streaming an object on the blocking pool.
-pub fn read_failure(what: &str, e: &std::io::Error) -> Outcome {
-    let reason = format!("{what}: {e}");
-    if e.kind() == std::io::ErrorKind::NotFound {
-        Outcome::DeadLetter(reason)
-    } else {
-        Outcome::Retry(reason)
     }
 }

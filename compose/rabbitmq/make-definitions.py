@@ -20,8 +20,9 @@ PERMISSIONS = {
                        r"^txpipe\.(pipeline|dlq|validator)$",
                        r"^txpipe\.(pipeline|dlx)$"),
     # consumes its queue; publishes the next message, dead-letter copies and file.failed notices
-    "txpipe-validator": (r"^txpipe\.(pipeline|notifications|dlx|dlq|validator|transformer)$",
-                         r"^txpipe\.(pipeline|notifications|dlx|dlq|validator|transformer)$",
+    # (it declares the notifier's queue too: file.rejected goes there)
+    "txpipe-validator": (r"^txpipe\.(pipeline|notifications|dlx|dlq|validator|transformer|notifier)$",
+                         r"^txpipe\.(pipeline|notifications|dlx|dlq|validator|transformer|notifier)$",
                          r"^txpipe\.(pipeline|dlx|validator)$"),
     "txpipe-transformer": (r"^txpipe\.(pipeline|notifications|dlx|dlq|transformer|notifier)$",
                            r"^txpipe\.(pipeline|notifications|dlx|dlq|transformer|notifier)$",

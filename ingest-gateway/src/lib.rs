@@ -23,10 +23,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
-use txpipe_common::messages::{FileEvent, FileId, Stage, FILE_UPLOADED};
+use txpipe_common::messages::StageMessage;
+use txpipe_common::stage::Service;
 use txpipe_common::status::StatusRecord;
 use txpipe_common::storage::StorageError;
-use txpipe_common::Deps;
+use txpipe_common::{Deps, FileId};
 
 /// Content types accepted on `POST /upload`.
 const ACCEPTED_TYPES: [&str; 4] = ["text/csv", "application/csv", "text/plain", "application/octet-stream"];
@@ -64,7 +65,7 @@ pub async fn run(
     deps: Deps,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
-    deps.broker.declare_for(Stage::Gateway).await.map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+    deps.broker.declare_for(Service::Gateway).await.map_err(|e| GatewayError::Unavailable(e.to_string()))?;
     let broker = deps.broker.clone();
     let lost = Arc::new(AtomicBool::new(false));
     let flag = lost.clone();
@@ -170,7 +171,7 @@ async fn accept(deps: Deps, headers: HeaderMap, body: Body) -> Result<Response, 
         let _ = objects.delete(&key).await;
         return Err(GatewayError::from_storage("recording the upload", e));
     }
-    let event = FileEvent::new(file_id, key.clone());
+    let event = StageMessage::uploaded(file_id, key.clone());
     let announced = match announce(&deps, &event).await {
         Ok(()) => deps
             .storage
@@ -196,12 +197,12 @@ async fn accept(deps: Deps, headers: HeaderMap, body: Body) -> Result<Response, 
 
 /// Publishes file.uploaded. If the broker link is down, waits a little for it to come back
 /// and sends again with the same message id (a copy is harmless), before giving up.
-async fn announce(deps: &Deps, event: &FileEvent) -> Result<(), txpipe_common::amqp::AmqpError> {
+async fn announce(deps: &Deps, event: &StageMessage) -> Result<(), txpipe_common::amqp::AmqpError> {
     use txpipe_common::amqp::AmqpError;
-    let msg = deps.stage_message(FILE_UPLOADED, event);
+    let msg = event.outgoing(&deps.names);
     match deps.publisher.publish(&msg).await {
         Err(e @ (AmqpError::Broker(_) | AmqpError::Disconnected | AmqpError::ConfirmTimeout)) => {
-            tracing::warn!(file_id = %event.file_id, error = %e, "publish failed; waiting briefly for the broker");
+            tracing::warn!(file_id = %event.file_id(), error = %e, "publish failed; waiting briefly for the broker");
             // let the supervisor notice the loss before asking whether the link is up
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             match tokio::time::timeout(ANNOUNCE_WAIT, deps.broker.wait_up()).await {

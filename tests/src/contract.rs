@@ -9,9 +9,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use txpipe_common::csv_schema::TxStatus;
-use txpipe_common::messages::FileId;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{Advance, ObjectStore, StatusStore, StorageError, Transaction, TransactionStore};
+use txpipe_common::FileId;
 
 fn stream(chunks: Vec<std::io::Result<&'static [u8]>>) -> txpipe_common::storage::ByteStream {
     futures::stream::iter(chunks.into_iter().map(|c| c.map(Bytes::from_static))).boxed()

@@ -14,10 +14,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use txpipe_common::messages::{FileId, Notification};
+use txpipe_common::messages::{Notification, StageMessage};
+use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::{FileStatus, StatusRecord};
 use txpipe_common::storage::Transaction;
-use txpipe_common::{Deps, Names, Settings};
+use txpipe_common::{Deps, FileId, Names, Settings};
 
 /// How long `wait_for_status` waits before failing the test.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -454,4 +455,10 @@ pub fn valid_csv(prefix: &str, rows: usize) -> String {
         ));
     }
     s
+}
+
+/// A message on `key` about a file nobody uploaded (its object does not exist either).
+pub fn ghost(key: RoutingKey) -> StageMessage {
+    let record = StatusRecord::uploaded(FileId::new(), "uploads/ghost.csv".into(), 1, chrono::Utc::now());
+    StageMessage::from_record(key, &record)
 }

@@ -7,8 +7,7 @@ use regex::Regex;
 use serde_json::Value as Json;
 use serde_yaml_ng::Value;
 use std::collections::BTreeMap;
-use txpipe_common::amqp::declared_queues;
-use txpipe_common::messages::Stage;
+use txpipe_common::stage::{Service, Stage};
 use txpipe_common::{Names, Settings};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -111,10 +110,10 @@ fn every_setting_given_is_one_txpipe_reads_and_accepts() {
     }
 }
 
-/// What a service does on the broker, from the code: (configure, write, read) resources.
-fn needs(stage: Stage, n: &Names) -> (Vec<String>, Vec<String>, Vec<String>) {
+/// What a service does on the broker, from the stage table: (configure, write, read) resources.
+fn needs(service: Service, n: &Names) -> (Vec<String>, Vec<String>, Vec<String>) {
     let exchanges = vec![n.pipeline_exchange(), n.notifications_exchange(), n.dead_letter_exchange()];
-    let queues: Vec<String> = declared_queues(stage).iter().map(|s| n.queue(*s)).collect();
+    let queues: Vec<String> = service.declared_queues().iter().map(|s| n.queue(*s)).collect();
     let mut configure = exchanges;
     configure.push(n.dead_letter_queue());
     configure.extend(queues.clone());
@@ -122,16 +121,13 @@ fn needs(stage: Stage, n: &Names) -> (Vec<String>, Vec<String>, Vec<String>) {
     let mut write = queues;
     write.push(n.dead_letter_queue());
     let mut read = vec![n.pipeline_exchange(), n.dead_letter_exchange()];
-    match stage {
-        Stage::Gateway => write.push(n.pipeline_exchange()),
-        Stage::Validator | Stage::Transformer => {
-            write.extend([n.pipeline_exchange(), n.dead_letter_exchange(), n.notifications_exchange()]);
-            read.push(n.queue(stage));
-        }
-        Stage::Notifier => {
-            write.extend([n.notifications_exchange(), n.dead_letter_exchange()]);
-            read.push(n.queue(stage));
-        }
+    if !service.publishes().is_empty() {
+        write.push(n.pipeline_exchange());
+    }
+    if let Some(stage) = service.consumes() {
+        // every worker may dead-letter a message and announce a file's failure
+        write.extend([n.dead_letter_exchange(), n.notifications_exchange()]);
+        read.push(n.queue(stage));
     }
     (configure, write, read)
 }
@@ -142,12 +138,8 @@ fn each_broker_user_may_do_what_its_service_does_and_no_more() {
     let defs: Json = serde_json::from_str(&text).expect("definitions.json is valid JSON");
     let n = Names::new("txpipe").unwrap();
     let c = compose();
-    for (service, stage) in [
-        ("gateway", Stage::Gateway),
-        ("validator", Stage::Validator),
-        ("transformer", Stage::Transformer),
-        ("notifier", Stage::Notifier),
-    ] {
+    for svc in Service::ALL {
+        let service = svc.name();
         let user = format!("txpipe-{service}");
         assert!(
             defs["users"]
@@ -162,7 +154,7 @@ fn each_broker_user_may_do_what_its_service_does_and_no_more() {
         let perm =
             defs["permissions"].as_array().unwrap().iter().find(|p| p["user"] == user.as_str()).expect("permissions");
         let re = |k: &str| Regex::new(perm[k].as_str().unwrap()).unwrap();
-        let (configure, write, read) = needs(stage, &n);
+        let (configure, write, read) = needs(svc, &n);
         for (kind, wanted) in [("configure", &configure), ("write", &write), ("read", &read)] {
             let r = re(kind);
             for name in wanted.iter() {
@@ -170,14 +162,14 @@ fn each_broker_user_may_do_what_its_service_does_and_no_more() {
             }
             // nothing of another namespace, and nothing beyond what the service uses
             assert!(!r.is_match("other.pipeline"), "{user}: {kind} reaches outside namespace txpipe");
-            for q in [Stage::Validator, Stage::Transformer, Stage::Notifier].map(|s| n.queue(s)) {
+            for q in Stage::ALL.map(|s| n.queue(s)) {
                 if !wanted.contains(&q) {
                     assert!(!r.is_match(&q), "{user} must not have {kind} on {q}");
                 }
             }
         }
         assert!(
-            stage == Stage::Gateway || !re("read").is_match(&n.dead_letter_queue()),
+            svc == Service::Gateway || !re("read").is_match(&n.dead_letter_queue()),
             "{user} must not consume the DLQ"
         );
     }

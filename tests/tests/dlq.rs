@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 use txpipe_cli::dlq::{self, Filter};
-use txpipe_common::messages::{FileEvent, FileId};
+use txpipe_common::messages::StageMessage;
+use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::{FileStatus, StatusRecord};
-use txpipe_tests::{valid_csv, TestFleet};
+use txpipe_common::FileId;
+use txpipe_tests::{ghost, valid_csv, TestFleet};
 
 /// Records a file whose object is not (yet) stored, and announces it: the validator fails it.
 async fn file_without_object(fleet: &TestFleet) -> (FileId, String) {
@@ -12,7 +14,7 @@ async fn file_without_object(fleet: &TestFleet) -> (FileId, String) {
     let key = fleet.names.object_key(&id);
     let rec = StatusRecord::uploaded(id, key.clone(), 10, chrono::Utc::now());
     fleet.deps.storage.statuses.create(&rec).await.unwrap();
-    fleet.publish_raw("file.uploaded", &FileEvent::new(id, key.clone()).to_body()).await;
+    fleet.publish_raw("file.uploaded", &StageMessage::uploaded(id, key.clone()).to_body()).await;
     (id, key)
 }
 
@@ -47,7 +49,7 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
     let fleet = TestFleet::spawn_local().await;
     fleet.publish_raw("file.uploaded", b"not json").await;
     let (a, a_key) = file_without_object(&fleet).await;
-    let ghost = FileEvent::new(FileId::new(), "uploads/ghost.csv".into());
+    let ghost = ghost(RoutingKey::FileValidated);
     fleet.publish_raw("file.validated", &ghost.to_body()).await;
     wait_dlq(&fleet, 3).await;
     let broker = &fleet.deps.broker;
@@ -61,7 +63,7 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
     assert!(by_file(a).reason.contains("not found"), "{}", by_file(a).reason);
     assert_eq!(by_file(a).routing_key, "file.uploaded");
     assert_eq!(by_file(a).exchange, fleet.names.pipeline_exchange());
-    assert_eq!(by_file(ghost.file_id).stage.as_deref(), Some("transformer"));
+    assert_eq!(by_file(ghost.file_id()).stage.as_deref(), Some("transformer"));
     let malformed: Vec<_> = all.iter().filter(|d| d.class == "malformed").collect();
     assert_eq!((malformed.len(), malformed[0].file_id), (1, None));
     assert!(all.iter().all(|d| d.dead_lettered_at.is_some()));
@@ -107,7 +109,7 @@ async fn a_failed_file_can_be_retried_from_its_stored_object() {
     let (b, b_key) = file_without_object(&fleet).await;
     fleet.wait_for_status(b, &[FileStatus::ValidationFailed]).await;
     store(&fleet, &b_key, valid_csv("b", 4)).await;
-    assert_eq!(dlq::retry(&fleet.deps, b).await.unwrap(), "file.uploaded");
+    assert_eq!(dlq::retry(&fleet.deps, b).await.unwrap(), RoutingKey::FileUploaded);
     let done = fleet.wait_for_status(b, &[FileStatus::Completed]).await;
     assert_eq!(done.records_processed, Some(4));
 

@@ -3,10 +3,12 @@
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
-use txpipe_common::messages::{FileEvent, FileId, Stage};
+use txpipe_common::messages::StageMessage;
+use txpipe_common::stage::Stage;
 use txpipe_common::status::{FileStatus, StatusRecord};
-use txpipe_common::worker::{Handler, Incoming, Outcome};
+use txpipe_common::worker::{Failure, Handler, Step};
 use txpipe_common::Deps;
+use txpipe_common::FileId;
 use txpipe_tests::{valid_csv, TestFleet};
 
 /// A validator whose handling crashes: a poison message for it.
@@ -17,7 +19,7 @@ impl Handler for Crashing {
     fn stage(&self) -> Stage {
         Stage::Validator
     }
-    async fn handle(&self, _msg: &Incoming) -> Outcome {
+    async fn work(&self, _msg: &StageMessage, _record: &StatusRecord) -> Result<Step, Failure> {
         panic!("simulated crash while handling");
     }
 }
@@ -40,8 +42,7 @@ async fn a_message_that_crashes_its_worker_ends_in_the_dlq_at_the_delivery_limit
     let id = FileId::new();
     let key = names.object_key(&id);
     deps.storage.statuses.create(&StatusRecord::uploaded(id, key.clone(), 1, chrono::Utc::now())).await.unwrap();
-    let event = FileEvent::new(id, key);
-    deps.publisher.publish(&deps.stage_message("file.uploaded", &event)).await.unwrap();
+    deps.publisher.publish(&StageMessage::uploaded(id, key).outgoing(&names)).await.unwrap();
 
     // the broker gives up after the limit and dead-letters it, saying why
     let ch = deps.broker.channel().await.unwrap();
@@ -59,7 +60,7 @@ async fn a_message_that_crashes_its_worker_ends_in_the_dlq_at_the_delivery_limit
         other => panic!("no x-first-death-reason: {other:?}"),
     };
     assert!(reason.contains("delivery_limit"), "{reason}");
-    assert_eq!(FileEvent::from_body(&dead.delivery.data).unwrap().file_id, id);
+    assert_eq!(StageMessage::parse("file.uploaded", &dead.delivery.data).unwrap().file_id(), id);
     assert_eq!(dead.message_count, 0, "the DLQ holds exactly the poison message");
     eprintln!(
         "chaos d (poison message, delivery limit 2): messages 1, dead-lettered 1 (delivery_limit), lost 0, DLQ 1"
@@ -83,7 +84,7 @@ async fn a_file_that_failed_for_a_fault_is_processed_when_its_message_is_replaye
     let body = valid_csv("late", 3);
     let rec = StatusRecord::uploaded(id, key.clone(), body.len() as u64, chrono::Utc::now());
     fleet.deps.storage.statuses.create(&rec).await.unwrap();
-    fleet.publish_raw("file.uploaded", &FileEvent::new(id, key.clone()).to_body()).await;
+    fleet.publish_raw("file.uploaded", &StageMessage::uploaded(id, key.clone()).to_body()).await;
     let failed = fleet.wait_for_status(id, &[FileStatus::ValidationFailed]).await;
     assert!(failed.errors.is_empty(), "a fault, not bad contents");
     let dead = fleet.dlq_take().await.unwrap();
@@ -315,7 +316,7 @@ async fn an_upload_the_gateway_withdrew_is_dropped_even_if_its_message_got_throu
     let mut rec = StatusRecord::uploaded(id, key.clone(), body.len() as u64, chrono::Utc::now());
     rec.announced = false;
     fleet.deps.storage.statuses.create(&rec).await.unwrap();
-    fleet.publish_raw("file.uploaded", &FileEvent::new(id, key.clone()).to_body()).await;
+    fleet.publish_raw("file.uploaded", &StageMessage::uploaded(id, key.clone()).to_body()).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(fleet.status(id).await.status, FileStatus::Uploaded, "the validator waits for the gateway");
     // the gateway gives up and undoes: object, then record

@@ -2,9 +2,11 @@
 //! in over HTTP and come out as statuses, stored rows, notifications and an empty DLQ.
 
 use std::time::Duration;
-use txpipe_common::messages::FileId;
+use txpipe_common::messages::StageMessage;
+use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::FileStatus;
-use txpipe_tests::{valid_csv, TestFleet};
+use txpipe_common::FileId;
+use txpipe_tests::{ghost, valid_csv, TestFleet};
 
 const HEADER: &str = "transaction_id,amount,currency,timestamp,merchant,status\n";
 const QUIET: Duration = Duration::from_millis(500);
@@ -202,9 +204,9 @@ async fn when_the_broker_cannot_take_an_upload_the_client_gets_503_and_nothing_i
     let settings = txpipe_tests::test_settings(dir.path());
     let names = settings.names();
     let deps = txpipe_common::Deps::connect(settings).await.unwrap();
-    deps.broker.declare_for(txpipe_common::messages::Stage::Gateway).await.unwrap();
+    deps.broker.declare_for(txpipe_common::stage::Service::Gateway).await.unwrap();
     let ch = deps.broker.channel().await.unwrap();
-    ch.queue_delete(names.queue(txpipe_common::messages::Stage::Validator).as_str().into(), Default::default())
+    ch.queue_delete(names.queue(txpipe_common::stage::Stage::Validator).as_str().into(), Default::default())
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -255,11 +257,8 @@ async fn redelivery_never_moves_back(fleet: TestFleet) {
     let done = fleet.wait_for_status(accepted.file_id, &[FileStatus::Completed]).await;
     assert_eq!(tap.drain(QUIET).await.len(), 1);
     // every stage message for this file, again, as a broker redelivery would bring them
-    let mut event = txpipe_common::messages::FileEvent::new(accepted.file_id, done.object_key.clone());
-    event.row_count = Some(4);
-    event.records_processed = Some(4);
-    for key in ["file.uploaded", "file.validated", "file.processed"] {
-        fleet.publish_raw(key, &event.to_body()).await;
+    for key in [RoutingKey::FileUploaded, RoutingKey::FileValidated, RoutingKey::FileProcessed] {
+        fleet.publish_raw(key.as_str(), &StageMessage::from_record(key, &done).to_body()).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = fleet.status(accepted.file_id).await;
@@ -282,8 +281,7 @@ async fn a_repeated_rejection_notice_keeps_its_message_id() {
     let id = fleet.upload(format!("{HEADER}t1,x,USD,2024-01-15T10:30:00Z,m,completed\n")).await.file_id;
     let rec = fleet.wait_for_status(id, &[FileStatus::ValidationFailed]).await;
     let first = tap.next(Duration::from_secs(10)).await.unwrap();
-    let mut event = txpipe_common::messages::FileEvent::new(id, rec.object_key);
-    event.error_count = Some(1);
+    let event = StageMessage::from_record(RoutingKey::FileRejected, &rec);
     fleet.publish_raw("file.rejected", &event.to_body()).await;
     let second = tap.next(Duration::from_secs(10)).await.expect("the duplicate is delivered");
     assert_eq!(first.message_id, second.message_id, "a subscriber can drop the copy by its id");
@@ -304,7 +302,7 @@ async fn a_broken_message_goes_to_the_dlq_at_once_and_the_worker_carries_on() {
     assert_eq!(dead.headers["x-txpipe-original-exchange"], fleet.names.pipeline_exchange());
 
     // a message for a file nobody uploaded can never succeed either
-    let ghost = txpipe_common::messages::FileEvent::new(FileId::new(), "uploads/ghost.csv".into());
+    let ghost = ghost(RoutingKey::FileValidated);
     fleet.publish_raw("file.validated", &ghost.to_body()).await;
     let dead = fleet.dlq_take().await.expect("the ghost is dead-lettered");
     assert_eq!(dead.headers["x-txpipe-stage"], "transformer");
@@ -324,7 +322,7 @@ async fn a_file_whose_object_vanished_fails_its_stage_and_is_announced() {
     let key = fleet.names.object_key(&id);
     let rec = txpipe_common::status::StatusRecord::uploaded(id, key.clone(), 10, chrono::Utc::now());
     fleet.deps.storage.statuses.create(&rec).await.unwrap();
-    fleet.publish_raw("file.uploaded", &txpipe_common::messages::FileEvent::new(id, key).to_body()).await;
+    fleet.publish_raw("file.uploaded", &StageMessage::uploaded(id, key).to_body()).await;
     let r = fleet.wait_for_status(id, &[FileStatus::ValidationFailed]).await;
     assert!(r.reason.unwrap().contains("not found"));
     let n = tap.next(Duration::from_secs(10)).await.unwrap();

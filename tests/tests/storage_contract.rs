@@ -36,7 +36,7 @@ async fn two_processes_worth_of_connections_share_one_database() {
     let settings = txpipe_tests::test_settings(dir.path());
     let a = Storage::open(&settings).await.unwrap();
     let b = Storage::open(&settings).await.unwrap();
-    let id = txpipe_common::messages::FileId::new();
+    let id = txpipe_common::FileId::new();
     let rec = txpipe_common::status::StatusRecord::uploaded(id, "k".into(), 1, chrono::Utc::now());
     a.statuses.create(&rec).await.unwrap();
     assert_eq!(b.statuses.get(id).await.unwrap(), Some(rec));

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::config::Settings;
 use crate::csv_schema::TxStatus;
-use crate::messages::FileId;
+use crate::file_id::FileId;
 use crate::names::Names;
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;

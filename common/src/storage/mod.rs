@@ -10,7 +10,7 @@ pub mod sqlite;
 
 use crate::config::{Settings, StorageKind};
 use crate::csv_schema::{Row, TxStatus};
-use crate::messages::FileId;
+use crate::file_id::FileId;
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;
 use bytes::Bytes;

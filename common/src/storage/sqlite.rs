@@ -6,7 +6,7 @@ use super::{
     decode_cursor, encode_cursor, Advance, StatusStore, StorageError, Transaction, TransactionPage, TransactionStore,
 };
 use crate::csv_schema::TxStatus;
-use crate::messages::FileId;
+use crate::file_id::FileId;
 use crate::names::Names;
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;

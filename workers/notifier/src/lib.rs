@@ -4,11 +4,10 @@
 //! message id, so subscribers can drop the duplicates that at-least-once delivery allows.
 
 use async_trait::async_trait;
-use std::sync::Arc;
-use txpipe_common::messages::{Stage, FILE_PROCESSED, FILE_REJECTED, NOTIFY_COMPLETED, NOTIFY_REJECTED};
-use txpipe_common::status::{FileStatus, StatusUpdate};
-use txpipe_common::storage::Advance;
-use txpipe_common::worker::{status_of, storage_failure, Handler, Incoming, Outcome};
+use txpipe_common::messages::{Notification, StageMessage};
+use txpipe_common::stage::{NotificationKey, Stage};
+use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
+use txpipe_common::worker::{Failure, Handler, Step};
 use txpipe_common::Deps;
 
 /// The notifier stage.
@@ -21,61 +20,13 @@ impl Notifier {
         Self { deps }
     }
 
-    async fn completed(&self, msg: &Incoming) -> Outcome {
-        let statuses = &self.deps.storage.statuses;
-        let file_id = msg.event.file_id;
-        let record = match status_of(&self.deps, file_id).await {
-            Ok(r) => r,
-            Err(outcome) => return outcome,
-        };
-        match record.status {
-            // notification_failed: a replayed or retried message tries again
-            FileStatus::Processed | FileStatus::Notifying | FileStatus::NotificationFailed => {}
-            // completed only after the notification was confirmed: nothing left to do
-            s if s.is_at_or_past(FileStatus::Completed) || s.is_final() => return Outcome::Done(Vec::new()),
-            s => {
-                return Outcome::DeadLetter(format!("file {file_id} is {s}, not processed: no completion to announce"))
-            }
-        }
-        let record =
-            match statuses.advance(file_id, FileStatus::Notifying, StatusUpdate::default(), chrono::Utc::now()).await {
-                Ok(Advance::Moved(r) | Advance::Refused(r)) => r,
-                Err(e) => return storage_failure("recording status notifying", &e),
-            };
-        let mut final_view = record.clone();
-        final_view.status = FileStatus::Completed;
-        if let Err(e) = self.deps.publisher.publish(&self.deps.notification(NOTIFY_COMPLETED, &final_view)).await {
-            return Outcome::Retry(format!("publishing the notification failed: {e}"));
-        }
-        match statuses.advance(file_id, FileStatus::Completed, StatusUpdate::default(), chrono::Utc::now()).await {
-            Ok(_) => {
-                tracing::info!(%file_id, "completed");
-                Outcome::Done(Vec::new())
-            }
-            Err(e) => storage_failure("recording status completed", &e),
-        }
-    }
-
-    async fn rejected(&self, msg: &Incoming) -> Outcome {
-        let file_id = msg.event.file_id;
-        let record = match status_of(&self.deps, file_id).await {
-            Ok(r) => r,
-            Err(outcome) => return outcome,
-        };
-        if record.status != FileStatus::ValidationFailed {
-            return Outcome::DeadLetter(format!(
-                "file {file_id} is {}, not validation_failed: no rejection to announce",
-                record.status
-            ));
-        }
-        // the status stays validation_failed: the rejection is the file's final word
-        match self.deps.publisher.publish(&self.deps.notification(NOTIFY_REJECTED, &record)).await {
-            Ok(()) => {
-                tracing::info!(%file_id, "rejection announced");
-                Outcome::Done(Vec::new())
-            }
-            Err(e) => Outcome::Retry(format!("publishing the notification failed: {e}")),
-        }
+    async fn announce(&self, key: NotificationKey, note: Notification) -> Result<(), Failure> {
+        let msg = note.outgoing(key, &self.deps.names);
+        self.deps
+            .publisher
+            .publish(&msg)
+            .await
+            .map_err(|e| Failure::Retry(format!("publishing the notification failed: {e}")))
     }
 }
 
@@ -85,25 +36,22 @@ impl Handler for Notifier {
         Stage::Notifier
     }
 
-    /// A rejection's status stays validation_failed; only a completion can fail here.
-    fn tracks_status(&self, msg: &Incoming) -> bool {
-        msg.routing_key == FILE_PROCESSED
-    }
-
-    async fn handle(&self, msg: &Incoming) -> Outcome {
-        match msg.routing_key.as_str() {
-            FILE_PROCESSED => self.completed(msg).await,
-            FILE_REJECTED => self.rejected(msg).await,
-            other => Outcome::DeadLetter(format!("the notifier does not handle routing key {other:?}")),
+    async fn work(&self, msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
+        let file_id = record.file_id;
+        match msg {
+            // announced as completed before it is recorded: a file is completed only once its
+            // subscribers can know it
+            StageMessage::Processed(_) => {
+                self.announce(NotificationKey::Completed, Notification::of(record, FileStatus::Completed)).await?;
+                tracing::info!(%file_id, "completed");
+                Ok(Step::Advance(FileStatus::Completed, StatusUpdate::default()))
+            }
+            // the status stays validation_failed: the rejection is the file's final word
+            _ => {
+                self.announce(NotificationKey::Rejected, Notification::of(record, record.status)).await?;
+                tracing::info!(%file_id, "rejection announced");
+                Ok(Step::Stay)
+            }
         }
     }
-}
-
-/// Runs the notifier until `shutdown`: declares its queues, then consumes.
-pub async fn run(
-    deps: Deps,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), txpipe_common::amqp::AmqpError> {
-    let handler = Arc::new(Notifier::new(deps.clone()));
-    txpipe_common::worker::run(&deps, handler, shutdown).await
 }

@@ -1,6 +1,9 @@
-//! The `notifier` binary: one notifier worker process (health on `TXPIPE_HTTP_ADDR`, default 127.0.0.1:9103).
+//! The `notifier` binary: one notifier worker process (health and metrics on `TXPIPE_HTTP_ADDR`).
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    txpipe_common::service::worker_main("notifier", "127.0.0.1:9103", txpipe_notifier::run).await
+    txpipe_common::service::worker_main(txpipe_common::stage::Stage::Notifier, |deps| {
+        std::sync::Arc::new(txpipe_notifier::Notifier::new(deps))
+    })
+    .await
 }

@@ -1,17 +1,17 @@
 //! The transformer: consumes `file.validated`, streams the object again and writes every row
 //! to the transactions table in batches (keyed by transaction_id, so a repeat overwrites the
-//! same rows), then records `processed` and publishes `file.processed`.
+//! same rows); the loop in `txpipe_common::worker` then records `processed` and publishes
+//! `file.processed`.
 
 use async_trait::async_trait;
-use std::sync::Arc;
 use tokio::sync::mpsc;
-use txpipe_common::amqp::Outgoing;
 use txpipe_common::csv_schema::{ErrorLog, ScanError, Scanner};
-use txpipe_common::messages::{FileEvent, FileId, Stage, FILE_PROCESSED};
+use txpipe_common::messages::StageMessage;
+use txpipe_common::stage::Stage;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
-use txpipe_common::storage::{open_blocking, Advance, Transaction};
-use txpipe_common::worker::{read_failure, status_of, storage_failure, Handler, Incoming, Outcome};
-use txpipe_common::Deps;
+use txpipe_common::storage::{open_blocking, Transaction};
+use txpipe_common::worker::{Failure, Handler, Step};
+use txpipe_common::{Deps, FileId};
 
 /// The transformer stage.
 pub struct Transformer {
@@ -30,18 +30,8 @@ impl Transformer {
         Self { deps }
     }
 
-    fn follow_up(&self, record: &StatusRecord) -> Vec<Outgoing> {
-        if record.status != FileStatus::Processed {
-            return Vec::new();
-        }
-        let mut event = FileEvent::new(record.file_id, record.object_key.clone());
-        event.row_count = record.row_count;
-        event.records_processed = record.records_processed;
-        vec![self.deps.stage_message(FILE_PROCESSED, &event)]
-    }
-
     /// Streams the object on the blocking pool, sending batches to this task, which writes them.
-    async fn store_rows(&self, file_id: FileId, key: &str) -> Result<u64, Outcome> {
+    async fn store_rows(&self, file_id: FileId, key: &str) -> Result<u64, Failure> {
         let (tx, mut rx) = mpsc::channel::<Vec<Transaction>>(2);
         let objects = self.deps.storage.objects.clone();
         let key = key.to_owned();
@@ -93,15 +83,15 @@ impl Transformer {
             written += batch.len() as u64;
         }
         drop(rx);
-        let read = reader.await.map_err(|e| Outcome::Retry(format!("reading task failed: {e}")))?;
+        let read = reader.await.map_err(|e| Failure::Retry(format!("reading task failed: {e}")))?;
         if let Some(e) = write_error {
-            return Err(storage_failure("writing transactions", &e));
+            return Err(Failure::storage("writing transactions", &e));
         }
         match read {
             Ok(()) => Ok(written),
-            Err(ReadError::Io(e)) => Err(read_failure("reading the validated file", &e)),
+            Err(ReadError::Io(e)) => Err(Failure::read("reading the validated file", &e)),
             Err(ReadError::Invalid(why)) => {
-                Err(Outcome::DeadLetter(format!("the stored file changed after validation: {why}")))
+                Err(Failure::DeadLetter(format!("the stored file changed after validation: {why}")))
             }
         }
     }
@@ -113,48 +103,12 @@ impl Handler for Transformer {
         Stage::Transformer
     }
 
-    async fn handle(&self, msg: &Incoming) -> Outcome {
-        let statuses = &self.deps.storage.statuses;
-        let file_id = msg.event.file_id;
-        let record = match status_of(&self.deps, file_id).await {
-            Ok(r) => r,
-            Err(outcome) => return outcome,
-        };
-        match record.status {
-            // processing_failed: a replayed or retried message tries again
-            FileStatus::Validated | FileStatus::Processing | FileStatus::ProcessingFailed => {}
-            s if s.is_at_or_past(FileStatus::Processed) || s.is_final() => {
-                tracing::info!(%file_id, status = %s, "already processed; passing on its result");
-                return Outcome::Done(self.follow_up(&record));
-            }
-            s => {
-                return Outcome::DeadLetter(format!("file {file_id} is {s}, not validated: refusing to store its rows"))
-            }
-        }
-        if let Err(e) =
-            statuses.advance(file_id, FileStatus::Processing, StatusUpdate::default(), chrono::Utc::now()).await
-        {
-            return storage_failure("recording status processing", &e);
-        }
-        let written = match self.store_rows(file_id, &record.object_key).await {
-            Ok(n) => n,
-            Err(outcome) => return outcome,
-        };
+    async fn work(&self, _msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
+        let file_id = record.file_id;
+        let written = self.store_rows(file_id, &record.object_key).await?;
         tracing::info!(%file_id, rows = written, "transactions stored");
         metrics::counter!("txpipe_rows_stored_total").increment(written);
         let update = StatusUpdate { records_processed: Some(written), ..Default::default() };
-        match statuses.advance(file_id, FileStatus::Processed, update, chrono::Utc::now()).await {
-            Ok(Advance::Moved(r) | Advance::Refused(r)) => Outcome::Done(self.follow_up(&r)),
-            Err(e) => storage_failure("recording status processed", &e),
-        }
+        Ok(Step::Advance(FileStatus::Processed, update))
     }
-}
-
-/// Runs the transformer until `shutdown`: declares its queues, then consumes.
-pub async fn run(
-    deps: Deps,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), txpipe_common::amqp::AmqpError> {
-    let handler = Arc::new(Transformer::new(deps.clone()));
-    txpipe_common::worker::run(&deps, handler, shutdown).await
 }

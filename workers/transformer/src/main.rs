@@ -1,6 +1,9 @@
-//! The `transformer` binary: one transformer worker process (health on `TXPIPE_HTTP_ADDR`, default 127.0.0.1:9102).
+//! The `transformer` binary: one transformer worker process (health and metrics on `TXPIPE_HTTP_ADDR`).
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    txpipe_common::service::worker_main("transformer", "127.0.0.1:9102", txpipe_transformer::run).await
+    txpipe_common::service::worker_main(txpipe_common::stage::Stage::Transformer, |deps| {
+        std::sync::Arc::new(txpipe_transformer::Transformer::new(deps))
+    })
+    .await
 }

@@ -1,6 +1,9 @@
-//! The `validator` binary: one validator worker process (health on `TXPIPE_HTTP_ADDR`, default 127.0.0.1:9101).
+//! The `validator` binary: one validator worker process (health and metrics on `TXPIPE_HTTP_ADDR`).
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    txpipe_common::service::worker_main("validator", "127.0.0.1:9101", txpipe_validator::run).await
+    txpipe_common::service::worker_main(txpipe_common::stage::Stage::Validator, |deps| {
+        std::sync::Arc::new(txpipe_validator::Validator::new(deps))
+    })
+    .await
 }
