@@ -8,6 +8,7 @@ pub mod config;
 pub mod csv_schema;
 pub mod currency;
 pub mod deps;
+pub mod error;
 pub mod health;
 pub mod messages;
 pub mod metrics;

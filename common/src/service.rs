@@ -27,7 +27,7 @@ where
     let deps = match Deps::connect(settings).await {
         Ok(d) => d,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start");
+            tracing::error!(error = %crate::error::Chain(&e), "cannot start");
             return ExitCode::FAILURE;
         }
     };

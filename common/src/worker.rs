@@ -366,9 +366,10 @@ impl Loop {
     }
 }
 
-/// The outcome for a storage failure: retry what may pass, dead-letter what cannot.
+/// The outcome for a storage failure: retry what may pass, dead-letter what cannot (its
+/// class decides: [`crate::storage::StorageClass::is_transient`]).
 pub fn storage_failure(what: &str, e: &crate::storage::StorageError) -> Outcome {
-    let reason = format!("{what}: {e}");
+    let reason = format!("{what}: {}", crate::error::Chain(e));
     if e.is_transient() {
         Outcome::Retry(reason)
     } else {
@@ -386,12 +387,12 @@ pub async fn status_of(deps: &Deps, file_id: crate::messages::FileId) -> Result<
     }
 }
 
-/// The outcome for an I/O error while streaming an object on the blocking pool.
+/// The outcome for an I/O error while streaming an object on the blocking pool: a storage
+/// error it carries (from `open_blocking`) by its class, anything else (the stream breaking
+/// mid-read) retried.
 pub fn read_failure(what: &str, e: &std::io::Error) -> Outcome {
-    let reason = format!("{what}: {e}");
-    if e.kind() == std::io::ErrorKind::NotFound {
-        Outcome::DeadLetter(reason)
-    } else {
-        Outcome::Retry(reason)
+    match crate::storage::StorageError::in_io(e) {
+        Some(storage) => storage_failure(what, storage),
+        None => Outcome::Retry(format!("{what}: {}", crate::error::Chain(e))),
     }
 }

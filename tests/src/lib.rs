@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use txpipe_common::messages::{FileId, Notification};
 use txpipe_common::status::{FileStatus, StatusRecord};
-use txpipe_common::storage::Transaction;
+use txpipe_common::storage::{local::LocalLayout, Transaction};
 use txpipe_common::{Deps, Names, Settings};
 
 /// How long `wait_for_status` waits before failing the test.
@@ -93,7 +93,7 @@ impl TestFleet {
                 out.contents().len()
             }
             None => {
-                let dir = self.dir.path().join("objects").join(self.names.bucket()).join("uploads");
+                let dir = LocalLayout::of(&self.settings).objects_dir().join("uploads");
                 std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
             }
         }

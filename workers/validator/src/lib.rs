@@ -69,7 +69,7 @@ impl Validator {
     async fn unknown_file(&self, msg: &Incoming) -> Outcome {
         let file_id = msg.event.file_id;
         match self.deps.storage.objects.get(&msg.event.object_key).await {
-            Err(txpipe_common::storage::StorageError::NotFound(_)) => {
+            Err(e) if e.kind() == txpipe_common::storage::StorageErrorKind::NotFound => {
                 tracing::info!(%file_id, "dropping the announcement of an upload the gateway withdrew");
                 Outcome::Done(Vec::new())
             }
