@@ -1,17 +1,10 @@
 //! `txpipe provision` and `txpipe teardown`: create or remove everything a namespace uses
 //! (bucket or directory, both tables, the broker topology), idempotently, saying what was done.
 
-use txpipe_common::amqp::{AmqpError, Broker};
+use txpipe_common::amqp::Broker;
 use txpipe_common::config::{Settings, StorageKind};
-use txpipe_common::storage::{aws, provision as aws_provision, sqlite::SqliteStore, StorageError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProvisionError {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    Amqp(#[from] AmqpError),
-}
+use txpipe_common::error::StartupError;
+use txpipe_common::storage::{aws, local::LocalLayout, provision as aws_provision, sqlite::SqliteStore};
 
 /// The S3 store and DynamoDB client for `settings`, from `given` or the SDK's own settings.
 async fn aws_clients(
@@ -31,18 +24,19 @@ async fn aws_clients(
 pub async fn provision(
     settings: &Settings,
     sdk_config: Option<&aws_config::SdkConfig>,
-) -> Result<Vec<String>, ProvisionError> {
+) -> Result<Vec<String>, StartupError> {
     let names = settings.names();
     let mut done = match settings.storage {
         StorageKind::Local => {
             // opening creates the directory and the tables
             txpipe_common::storage::Storage::open(settings).await?;
+            let layout = LocalLayout::of(settings);
             vec![format!(
-                "local storage ready under {} (objects in objects/{}, tables {} and {} in txpipe.sqlite3)",
-                settings.data_dir.display(),
-                names.bucket(),
+                "local storage ready: objects in {}, tables {} and {} in {}",
+                layout.objects_dir().display(),
                 names.status_table(),
-                names.transactions_table()
+                names.transactions_table(),
+                layout.database().display()
             )]
         }
         StorageKind::Aws => {
@@ -69,13 +63,14 @@ pub async fn provision(
 pub async fn teardown(
     settings: &Settings,
     sdk_config: Option<&aws_config::SdkConfig>,
-) -> Result<Vec<String>, ProvisionError> {
+) -> Result<Vec<String>, StartupError> {
     let names = settings.names();
     let mut done = match settings.storage {
         StorageKind::Local => {
-            let db = SqliteStore::open(&settings.data_dir.join("txpipe.sqlite3"), &names).await?;
+            let layout = LocalLayout::of(settings);
+            let db = SqliteStore::open(&layout.database(), &names).await?;
             db.drop_tables().await?;
-            let dir = settings.data_dir.join("objects").join(names.bucket());
+            let dir = layout.objects_dir();
             let _ = std::fs::remove_dir_all(&dir);
             vec![
                 format!("dropped tables {} and {}", names.status_table(), names.transactions_table()),

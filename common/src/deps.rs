@@ -1,19 +1,11 @@
 //! What every service holds: settings, names, storage and the broker, built once at startup.
 
-use crate::amqp::{AmqpError, Broker, Publisher};
+use crate::amqp::{Broker, Publisher};
 use crate::config::Settings;
+pub use crate::error::StartupError;
 use crate::names::Names;
-use crate::storage::{Storage, StorageError};
+use crate::storage::Storage;
 use std::sync::Arc;
-
-/// Why a service could not start; each says what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    Amqp(#[from] AmqpError),
-}
 
 /// Shared dependencies of a service; cheap to clone.
 #[derive(Clone)]
@@ -45,6 +37,6 @@ impl Deps {
         if !self.broker.is_connected() || !self.publisher.is_usable() {
             return Err("not connected to RabbitMQ".into());
         }
-        self.storage.check().await.map_err(|e| e.to_string())
+        self.storage.check().await.map_err(|e| crate::error::Chain(&e).to_string())
     }
 }

@@ -10,6 +10,7 @@ pub mod csv_schema;
 pub mod currency;
 pub mod dead_letter;
 pub mod deps;
+pub mod error;
 pub mod file_id;
 pub mod headers;
 pub mod health;

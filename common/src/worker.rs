@@ -45,9 +45,10 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// A storage failure: retry what may pass, dead-letter what cannot.
+    /// A storage failure: its class decides ([`crate::storage::StorageClass::is_transient`]):
+    /// retry what may pass, dead-letter what cannot.
     pub fn storage(what: &str, e: &StorageError) -> Self {
-        let reason = format!("{what}: {e}");
+        let reason = format!("{what}: {}", crate::error::Chain(e));
         if e.is_transient() {
             Failure::Retry(reason)
         } else {
@@ -55,13 +56,12 @@ impl Failure {
         }
     }
 
-    /// An I/O error while streaming an object on the blocking pool.
+    /// An I/O error while streaming an object on the blocking pool: a storage error it carries
+    /// (from `open_blocking`) by its class, anything else (the stream breaking mid-read) retried.
     pub fn read(what: &str, e: &std::io::Error) -> Self {
-        let reason = format!("{what}: {e}");
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Failure::DeadLetter(reason)
-        } else {
-            Failure::Retry(reason)
+        match StorageError::in_io(e) {
+            Some(storage) => Self::storage(what, storage),
+            None => Failure::Retry(format!("{what}: {}", crate::error::Chain(e))),
         }
     }
 }
@@ -400,7 +400,7 @@ impl Loop {
                 tracing::info!(%file_id, status = %record.status, "file already past this stage; status left as is")
             }
             Err(e) => {
-                tracing::warn!(%file_id, error = %e, "cannot record the failure in the status table")
+                tracing::warn!(%file_id, error = %crate::error::Chain(&e), "cannot record the failure in the status table")
             }
         }
     }

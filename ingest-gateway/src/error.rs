@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use txpipe_common::error::Chain;
 use txpipe_common::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,14 +27,16 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    /// Storage failures: unavailable stores are the client's cue to retry (503).
+    /// Storage failures, answered with the status their class maps to
+    /// ([`txpipe_common::storage::StorageClass::http_status`]): an unavailable store is the
+    /// client's cue to retry (503), a bad cursor or a broken upload stream its own fault (400).
     pub fn from_storage(what: &str, e: StorageError) -> Self {
-        match e {
-            StorageError::NotFound(m) => GatewayError::NotFound(m),
-            StorageError::Unavailable(_) | StorageError::Misconfigured(_) => {
-                GatewayError::Unavailable(format!("{what}: {e}"))
-            }
-            other => GatewayError::Internal(format!("{what}: {other}")),
+        let message = format!("{what}: {}", Chain(&e));
+        match e.class().http_status() {
+            StatusCode::NOT_FOUND => GatewayError::NotFound(message),
+            StatusCode::SERVICE_UNAVAILABLE => GatewayError::Unavailable(message),
+            StatusCode::BAD_REQUEST => GatewayError::BadRequest(message),
+            _ => GatewayError::Internal(message),
         }
     }
 

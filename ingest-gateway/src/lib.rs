@@ -26,7 +26,7 @@ use tracing::Level;
 use txpipe_common::messages::StageMessage;
 use txpipe_common::stage::Service;
 use txpipe_common::status::StatusRecord;
-use txpipe_common::storage::StorageError;
+use txpipe_common::storage::StorageErrorKind;
 use txpipe_common::{Deps, FileId};
 
 /// Content types accepted on `POST /upload`.
@@ -151,11 +151,9 @@ async fn accept(deps: Deps, headers: HeaderMap, body: Body) -> Result<Response, 
     let objects = &deps.storage.objects;
     let size = match objects.put(&key, stream).await {
         Ok(size) => size,
-        Err(StorageError::Source(_)) if over_limit.load(Ordering::Relaxed) => {
+        // the stream failed because it went over the limit: say that, not "bad request"
+        Err(e) if e.kind() == StorageErrorKind::UploadFailed && over_limit.load(Ordering::Relaxed) => {
             return Err(GatewayError::TooLarge(limit))
-        }
-        Err(StorageError::Source(e)) => {
-            return Err(GatewayError::BadRequest(format!("the upload was interrupted: {e}")))
         }
         Err(e) => return Err(GatewayError::from_storage("storing the upload", e)),
     };
@@ -251,12 +249,11 @@ async fn file_transactions(
         },
     };
     find(&deps, file_id).await?;
-    let page =
-        deps.storage.transactions.list_by_file(file_id, limit, q.cursor.as_deref()).await.map_err(|e| match e {
-            StorageError::InvalidCursor => {
-                GatewayError::BadRequest("invalid cursor: pass back a next_cursor this endpoint gave".into())
-            }
-            other => GatewayError::from_storage("reading transactions", other),
-        })?;
+    let page = deps
+        .storage
+        .transactions
+        .list_by_file(file_id, limit, q.cursor.as_deref())
+        .await
+        .map_err(|e| GatewayError::from_storage("reading transactions", e))?;
     Ok(Json(page).into_response())
 }

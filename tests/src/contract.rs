@@ -10,11 +10,21 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use txpipe_common::csv_schema::TxStatus;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
-use txpipe_common::storage::{Advance, ObjectStore, StatusStore, StorageError, Transaction, TransactionStore};
+use txpipe_common::storage::{
+    Advance, ObjectStore, StatusStore, StorageError, StorageErrorKind, Transaction, TransactionStore,
+};
 use txpipe_common::FileId;
 
 fn stream(chunks: Vec<std::io::Result<&'static [u8]>>) -> txpipe_common::storage::ByteStream {
     futures::stream::iter(chunks.into_iter().map(|c| c.map(Bytes::from_static))).boxed()
+}
+
+/// The kind of the error a call must have failed with.
+fn kind_of<T>(result: Result<T, StorageError>) -> StorageErrorKind {
+    match result {
+        Ok(_) => panic!("expected a storage error"),
+        Err(e) => e.kind(),
+    }
 }
 
 async fn read_all(store: &Arc<dyn ObjectStore>, key: &str) -> Vec<u8> {
@@ -36,7 +46,7 @@ pub async fn object_store(store: Arc<dyn ObjectStore>) {
     assert_eq!(read_all(&store, &key).await, b"x");
 
     store.delete(&key).await.unwrap();
-    assert!(matches!(store.get(&key).await, Err(StorageError::NotFound(_))));
+    assert_eq!(kind_of(store.get(&key).await), StorageErrorKind::NotFound);
     store.delete(&key).await.expect("deleting a missing object is fine");
 
     // a large object, in many small chunks (multipart on S3 when over its threshold)
@@ -53,8 +63,10 @@ pub async fn object_store(store: Arc<dyn ObjectStore>) {
         .put(&broken, stream(vec![Ok(b"partial"), Err(std::io::Error::other("client went away"))]))
         .await
         .unwrap_err();
-    assert!(matches!(err, StorageError::Source(_)), "{err}");
-    assert!(matches!(store.get(&broken).await, Err(StorageError::NotFound(_))), "a failed upload leaves nothing");
+    assert_eq!(err.kind(), StorageErrorKind::UploadFailed, "{err}");
+    let source = std::error::Error::source(&err).expect("the stream's own error");
+    assert_eq!(source.to_string(), "client went away");
+    assert_eq!(kind_of(store.get(&broken).await), StorageErrorKind::NotFound, "a failed upload leaves nothing");
 }
 
 fn record(at: DateTime<Utc>) -> StatusRecord {
@@ -70,7 +82,7 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
     let id = r.file_id;
     assert_eq!(store.get(id).await.unwrap(), None);
     store.create(&r).await.unwrap();
-    assert!(matches!(store.create(&r).await, Err(StorageError::AlreadyExists(_))));
+    assert_eq!(kind_of(store.create(&r).await), StorageErrorKind::AlreadyExists);
     assert_eq!(store.get(id).await.unwrap().unwrap(), r);
 
     let moved = store.advance(id, FileStatus::Validating, StatusUpdate::default(), t).await.unwrap();
@@ -87,10 +99,8 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
     assert_eq!(now.history.len(), 3);
 
     let missing = FileId::new();
-    assert!(matches!(
-        store.advance(missing, FileStatus::Validating, StatusUpdate::default(), t).await,
-        Err(StorageError::NotFound(_))
-    ));
+    let advanced = store.advance(missing, FileStatus::Validating, StatusUpdate::default(), t).await;
+    assert_eq!(kind_of(advanced), StorageErrorKind::NotFound);
 
     // concurrent movers: exactly one wins each step
     let r2 = record(t);
@@ -163,6 +173,6 @@ pub async fn transaction_store(store: Arc<dyn TransactionStore>) {
     assert_eq!(store.list_by_file(f2, 10, None).await.unwrap().items, vec![moved]);
     assert_eq!(store.list_by_file(f1, 10, None).await.unwrap().items.len(), 4);
 
-    assert!(matches!(store.list_by_file(f1, 10, Some("not-a-cursor")).await, Err(StorageError::InvalidCursor)));
+    assert_eq!(kind_of(store.list_by_file(f1, 10, Some("not-a-cursor")).await), StorageErrorKind::InvalidCursor);
     assert!(store.list_by_file(FileId::new(), 10, None).await.unwrap().items.is_empty());
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use txpipe_common::messages::{Notification, StageMessage};
 use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::{FileStatus, StatusRecord};
-use txpipe_common::storage::Transaction;
+use txpipe_common::storage::{local::LocalLayout, Transaction};
 use txpipe_common::{Deps, FileId, Names, Settings};
 
 /// How long `wait_for_status` waits before failing the test.
@@ -94,7 +94,7 @@ impl TestFleet {
                 out.contents().len()
             }
             None => {
-                let dir = self.dir.path().join("objects").join(self.names.bucket()).join("uploads");
+                let dir = LocalLayout::of(&self.settings).objects_dir().join("uploads");
                 std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
             }
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use txpipe_common::messages::StageMessage;
 use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::FileStatus;
+use txpipe_common::storage::local::LocalLayout;
 use txpipe_common::FileId;
 use txpipe_tests::{ghost, valid_csv, TestFleet};
 
@@ -223,7 +224,7 @@ async fn when_the_broker_cannot_take_an_upload_the_client_gets_503_and_nothing_i
         .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "5");
-    let uploads = dir.path().join("objects").join(names.bucket()).join("uploads");
+    let uploads = LocalLayout::new(dir.path(), &names).objects_dir().join("uploads");
     assert_eq!(std::fs::read_dir(uploads).unwrap().count(), 0, "no object claims to be accepted");
     server.abort();
     deps.broker.teardown().await.unwrap();
@@ -233,7 +234,7 @@ async fn when_the_broker_cannot_take_an_upload_the_client_gets_503_and_nothing_i
 async fn when_the_store_cannot_take_an_upload_the_client_gets_503() {
     // a directory that cannot be written: local storage only
     let fleet = TestFleet::spawn_local().await;
-    let uploads = fleet.dir.path().join("objects").join(fleet.names.bucket()).join("uploads");
+    let uploads = LocalLayout::of(&fleet.settings).objects_dir().join("uploads");
     let _ = std::fs::remove_dir_all(&uploads);
     std::fs::write(&uploads, b"a file where the directory should be").unwrap();
     let r = fleet.post_upload(valid_csv("x", 2), "text/csv").await;

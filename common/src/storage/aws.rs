@@ -5,7 +5,7 @@
 
 use super::{
     decode_cursor, encode_cursor, Advance, ByteStream, ObjectReader, ObjectStore, StatusStore, StorageError,
-    Transaction, TransactionPage, TransactionStore,
+    StorageErrorKind, Transaction, TransactionPage, TransactionStore,
 };
 use crate::config::Settings;
 use crate::csv_schema::TxStatus;
@@ -46,45 +46,83 @@ pub async fn load_sdk_config(settings: &Settings) -> SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts).load().await
 }
 
-/// Turns an SDK failure into a [`StorageError`] that says what to do about it.
+/// Error codes of throttling and timeouts: they pass on a later try though some come back as
+/// 4xx (DynamoDB throttles with 400). The list the SDK's own retry classifier uses.
+const RETRYABLE_CODES: [&str; 16] = [
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "TransactionInProgressException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "EC2ThrottledException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+];
+
+/// Error codes that mean the credentials are wrong or lack a permission.
+const CREDENTIAL_CODES: [&str; 9] = [
+    "AccessDenied",
+    "AccessDeniedException",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "UnrecognizedClientException",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidClientTokenId",
+    "MissingAuthenticationToken",
+];
+
+const CHECK_CREDENTIALS: &str =
+    "check the AWS credentials and their permissions: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role";
+
+/// Turns an SDK failure into a [`StorageError`] that says what to do about it, with the SDK
+/// error as its source. Callers handle the answers they expect (a missing key, a failed
+/// condition) before this; what is left is classified by code and HTTP status.
 pub(crate) fn classify<E>(what: &str, err: aws_sdk_s3::error::SdkError<E, HttpResponse>) -> StorageError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     use aws_sdk_s3::error::SdkError;
-    let text = format!("{what}: {}", DisplayErrorContext(&err));
-    let credentials = |text: String| {
-        StorageError::Misconfigured(format!(
-            "{text} (check the AWS credentials and their permissions: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or a role)"
-        ))
-    };
-    match &err {
+    use StorageErrorKind::{Misconfigured, Rejected, Unavailable};
+    let (kind, hint) = match &err {
         SdkError::ServiceError(ctx) => {
             let code = ctx.err().code().unwrap_or_default();
+            let status = ctx.raw().status().as_u16();
             match code {
                 "ResourceNotFoundException" | "NoSuchBucket" => {
-                    StorageError::Misconfigured(format!("{text} (create it with `txpipe provision`)"))
+                    (Misconfigured, Some("the bucket or table does not exist: create it with `txpipe provision`"))
                 }
-                "AccessDenied"
-                | "AccessDeniedException"
-                | "InvalidAccessKeyId"
-                | "SignatureDoesNotMatch"
-                | "UnrecognizedClientException"
-                | "ExpiredToken"
-                | "ExpiredTokenException"
-                | "InvalidClientTokenId"
-                | "MissingAuthenticationToken" => credentials(text),
+                c if CREDENTIAL_CODES.contains(&c) => (Misconfigured, Some(CHECK_CREDENTIALS)),
                 // HEAD answers carry no error code: a bare 403 is a credentials or permissions problem
-                "" if ctx.raw().status().as_u16() == 403 => credentials(text),
-                _ => StorageError::Unavailable(text),
+                "" if status == 403 => (Misconfigured, Some(CHECK_CREDENTIALS)),
+                c if RETRYABLE_CODES.contains(&c) => (Unavailable, None),
+                // any other client error (a ValidationException...) gets the same answer next time
+                _ if (400..500).contains(&status) && !matches!(status, 408 | 429) => (Rejected, None),
+                _ => (Unavailable, None),
             }
         }
-        SdkError::DispatchFailure(_) if text.contains("credential") => credentials(text),
-        SdkError::ConstructionFailure(_) => {
-            StorageError::Misconfigured(format!("{text} (check AWS_REGION, AWS_ENDPOINT_URL and the credentials)"))
+        SdkError::DispatchFailure(_) if DisplayErrorContext(&err).to_string().contains("credential") => {
+            (Misconfigured, Some(CHECK_CREDENTIALS))
         }
-        _ => StorageError::Unavailable(text),
-    }
+        SdkError::ConstructionFailure(_) => {
+            (Misconfigured, Some("check AWS_REGION, AWS_ENDPOINT_URL and the credentials"))
+        }
+        // timeouts, connections refused or cut, unreadable responses
+        _ => (Unavailable, None),
+    };
+    let context = match hint {
+        Some(hint) => format!("{what} ({hint})"),
+        None => what.to_owned(),
+    };
+    StorageError::new(kind, context).with_source(err)
 }
 
 fn is_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_s3::error::SdkError<E, R>, code: &str) -> bool {
@@ -121,7 +159,7 @@ impl S3ObjectStore {
     async fn fill(body: &mut ByteStream, buf: &mut BytesMut, want: usize) -> Result<bool, StorageError> {
         while buf.len() < want {
             match body.next().await {
-                Some(chunk) => buf.extend_from_slice(&chunk.map_err(StorageError::Source)?),
+                Some(chunk) => buf.extend_from_slice(&chunk.map_err(StorageError::upload_failed)?),
                 None => return Ok(false),
             }
         }
@@ -217,7 +255,7 @@ impl ObjectStore for S3ObjectStore {
         match self.client.get_object().bucket(&self.bucket).key(key).send().await {
             Ok(out) => Ok(Box::new(Box::pin(out.body.into_async_read()))),
             Err(e) if is_code(&e, "NoSuchKey") => {
-                Err(StorageError::NotFound(format!("object {key} in bucket {}", self.bucket)))
+                Err(StorageError::not_found(format!("object {key} in bucket {}", self.bucket)).with_source(e))
             }
             Err(e) => Err(classify("reading the object", e)),
         }
@@ -237,9 +275,10 @@ impl ObjectStore for S3ObjectStore {
     async fn check(&self) -> Result<(), StorageError> {
         match self.client.head_bucket().bucket(&self.bucket).send().await {
             Ok(_) => Ok(()),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Err(StorageError::Misconfigured(
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Err(StorageError::misconfigured(
                 format!("the S3 bucket {} does not exist (create it with `txpipe provision`)", self.bucket),
-            )),
+            )
+            .with_source(e)),
             Err(e) => Err(classify(&format!("reaching S3 bucket {}", self.bucket), e)),
         }
     }
@@ -260,7 +299,7 @@ fn get_s<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Result<&'
     item.get(name)
         .and_then(|v| v.as_s().ok())
         .map(String::as_str)
-        .ok_or_else(|| StorageError::Corrupt(format!("item lacks string attribute {name}")))
+        .ok_or_else(|| StorageError::corrupt(format!("item lacks string attribute {name}")))
 }
 
 fn to_item(t: &Transaction) -> HashMap<String, AttributeValue> {
@@ -279,7 +318,7 @@ fn to_item(t: &Transaction) -> HashMap<String, AttributeValue> {
 }
 
 fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Transaction, StorageError> {
-    let corrupt = |what: &str| StorageError::Corrupt(format!("transaction {what}"));
+    let corrupt = |what: &str| StorageError::corrupt(format!("transaction {what}"));
     Ok(Transaction {
         transaction_id: get_s(item, "transaction_id")?.to_owned(),
         amount: get_s(item, "amount")?.parse().map_err(|_| corrupt("amount"))?,
@@ -343,7 +382,7 @@ impl DynamoStore {
             .map_err(|e| classify("reading a status", e))?;
         let Some(item) = out.item else { return Ok(None) };
         let record = serde_json::from_str(get_s(&item, "record")?)
-            .map_err(|e| StorageError::Corrupt(format!("status record: {e}")))?;
+            .map_err(|e| StorageError::corrupt("status record").with_source(e))?;
         let version = item.get("version").and_then(|v| v.as_n().ok()).cloned().unwrap_or_else(|| "0".into());
         Ok(Some((record, version)))
     }
@@ -386,7 +425,7 @@ impl DynamoStore {
                     pending = left;
                 }
                 None => {
-                    return Err(StorageError::Unavailable(format!(
+                    return Err(StorageError::unavailable(format!(
                         "{} transactions still unprocessed by DynamoDB after retries (throttled?)",
                         left.len()
                     )))
@@ -404,7 +443,7 @@ impl DynamoStore {
     ) -> Result<Advance, StorageError> {
         for _ in 0..STATUS_CAS_ATTEMPTS {
             let (mut record, version) =
-                self.read_status(file_id).await?.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?;
+                self.read_status(file_id).await?.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?;
             if !change(&mut record) {
                 return Ok(Advance::Refused(record));
             }
@@ -425,15 +464,16 @@ impl DynamoStore {
                 Err(e) => return Err(classify("changing a status", e)),
             }
         }
-        Err(StorageError::Unavailable(format!("status of file {file_id} kept changing under us")))
+        Err(StorageError::unavailable(format!("status of file {file_id} kept changing under us")))
     }
 
     async fn describe(&self, table: &str) -> Result<(), StorageError> {
         match self.client.describe_table().table_name(table).send().await {
             Ok(_) => Ok(()),
-            Err(e) if is_code(&e, "ResourceNotFoundException") => Err(StorageError::Misconfigured(format!(
+            Err(e) if is_code(&e, "ResourceNotFoundException") => Err(StorageError::misconfigured(format!(
                 "the DynamoDB table {table} does not exist (create it with `txpipe provision`)"
-            ))),
+            ))
+            .with_source(e)),
             Err(e) => Err(classify(&format!("reaching DynamoDB table {table}"), e)),
         }
     }
@@ -453,7 +493,7 @@ impl StatusStore for DynamoStore {
         {
             Ok(_) => Ok(()),
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
-                Err(StorageError::AlreadyExists(format!("file {}", record.file_id)))
+                Err(StorageError::already_exists(format!("file {}", record.file_id)))
             }
             Err(e) => Err(classify("recording a new file", e)),
         }
@@ -499,7 +539,7 @@ impl StatusStore for DynamoStore {
                 Err(e) => return Err(classify("withdrawing a file", e)),
             }
         }
-        Err(StorageError::Unavailable(format!("status of file {file_id} kept changing under us")))
+        Err(StorageError::unavailable(format!("status of file {file_id} kept changing under us")))
     }
 
     async fn check(&self) -> Result<(), StorageError> {
@@ -543,7 +583,9 @@ impl TransactionStore for DynamoStore {
             .send()
             .await
             .map_err(|e| match e {
-                e if is_code(&e, "ValidationException") && cursor.is_some() => StorageError::InvalidCursor,
+                e if is_code(&e, "ValidationException") && cursor.is_some() => {
+                    StorageError::invalid_cursor().with_source(e)
+                }
                 e => classify("listing transactions", e),
             })?;
         let items = out.items().iter().map(from_item).collect::<Result<Vec<_>, _>>()?;
@@ -577,6 +619,50 @@ mod tests {
             file_id: FileId::new(),
             processed_at: Utc::now(),
         }
+    }
+
+    /// `classify` of a service's answer with this code and HTTP status.
+    fn answer(code: &str, status: u16) -> StorageError {
+        use aws_sdk_dynamodb::operation::get_item::GetItemError;
+        let meta = aws_smithy_types::error::ErrorMetadata::builder().code(code).message("the service says").build();
+        let raw = HttpResponse::new(status.try_into().unwrap(), aws_smithy_types::body::SdkBody::empty());
+        classify("reading a status", aws_sdk_s3::error::SdkError::service_error(GetItemError::generic(meta), raw))
+    }
+
+    #[test]
+    fn service_answers_are_classified_by_code_then_status() {
+        use StorageErrorKind::*;
+        let cases = [
+            ("ValidationException", 400, Rejected),
+            ("SerializationException", 400, Rejected),
+            ("", 404, Rejected),
+            // DynamoDB throttles with 400: still worth another try
+            ("ProvisionedThroughputExceededException", 400, Unavailable),
+            ("ThrottlingException", 400, Unavailable),
+            ("SlowDown", 503, Unavailable),
+            ("", 429, Unavailable),
+            ("InternalServerError", 500, Unavailable),
+            ("", 502, Unavailable),
+            ("ResourceNotFoundException", 400, Misconfigured),
+            ("NoSuchBucket", 404, Misconfigured),
+            ("AccessDeniedException", 400, Misconfigured),
+            ("", 403, Misconfigured),
+        ];
+        for (code, status, kind) in cases {
+            let e = answer(code, status);
+            assert_eq!(e.kind(), kind, "{code} {status}: {e}");
+            assert!(std::error::Error::source(&e).is_some(), "the SDK error is kept");
+        }
+        let e = answer("UnrecognizedClientException", 400);
+        assert!(e.to_string().contains("check the AWS credentials"), "{e}");
+        assert!(answer("ResourceNotFoundException", 400).to_string().contains("txpipe provision"));
+    }
+
+    #[test]
+    fn a_timeout_is_transient() {
+        let err: aws_sdk_s3::error::SdkError<aws_sdk_dynamodb::operation::get_item::GetItemError, HttpResponse> =
+            aws_sdk_s3::error::SdkError::timeout_error(std::io::Error::other("too slow"));
+        assert_eq!(classify("reading a status", err).kind(), StorageErrorKind::Unavailable);
     }
 
     #[test]

@@ -1,20 +1,53 @@
-//! The embedded object store: one file per object under a directory (the "bucket").
+//! Local storage: where a namespace's data lives under the data directory ([`LocalLayout`]),
+//! and the embedded object store, one file per object under a directory (the "bucket").
 //!
 //! An object is written to a temporary file, synced and renamed into place, so a reader never
 //! sees half an object and a failed upload leaves nothing behind.
 
 use super::{ByteStream, ObjectReader, ObjectStore, StorageError};
+use crate::config::Settings;
+use crate::names::Names;
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
+
+/// Where local storage keeps a namespace: its objects in `{data_dir}/objects/{bucket}` and its
+/// tables in the database `{data_dir}/txpipe.sqlite3` (shared by every namespace). The services,
+/// `txpipe provision`/`teardown` and the tests all find the files through this.
+#[derive(Clone, Debug)]
+pub struct LocalLayout {
+    pub data_dir: PathBuf,
+    pub names: Names,
+}
+
+impl LocalLayout {
+    pub fn new(data_dir: impl Into<PathBuf>, names: &Names) -> Self {
+        Self { data_dir: data_dir.into(), names: names.clone() }
+    }
+
+    /// The layout `settings` name: their data directory and namespace.
+    pub fn of(settings: &Settings) -> Self {
+        Self::new(&settings.data_dir, &settings.names())
+    }
+
+    /// The directory that plays the namespace's bucket.
+    pub fn objects_dir(&self) -> PathBuf {
+        self.data_dir.join("objects").join(self.names.bucket())
+    }
+
+    /// The SQLite database file holding the tables.
+    pub fn database(&self) -> PathBuf {
+        self.data_dir.join("txpipe.sqlite3")
+    }
+}
 
 pub struct LocalObjectStore {
     root: PathBuf,
 }
 
 fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
-    StorageError::Unavailable(format!("{what} {}: {e}", path.display()))
+    StorageError::unavailable(format!("{what} {}", path.display())).with_source(e)
 }
 
 impl LocalObjectStore {
@@ -29,7 +62,7 @@ impl LocalObjectStore {
             && !key.starts_with('/')
             && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
         if !safe {
-            return Err(StorageError::NotFound(format!("object {key:?} (not a valid key)")));
+            return Err(StorageError::not_found(format!("object {key:?} (not a valid key)")));
         }
         Ok(self.root.join(key))
     }
@@ -46,7 +79,7 @@ impl ObjectStore for LocalObjectStore {
             let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| unavailable("cannot create", &tmp, e))?;
             let mut size = 0u64;
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(StorageError::Source)?;
+                let chunk = chunk.map_err(StorageError::upload_failed)?;
                 size += chunk.len() as u64;
                 file.write_all(&chunk).await.map_err(|e| unavailable("cannot write", &tmp, e))?;
             }
@@ -65,7 +98,9 @@ impl ObjectStore for LocalObjectStore {
         let path = self.path(key)?;
         match tokio::fs::File::open(&path).await {
             Ok(f) => Ok(Box::new(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StorageError::NotFound(format!("object {key}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(StorageError::not_found(format!("object {key}")).with_source(e))
+            }
             Err(e) => Err(unavailable("cannot open", &path, e)),
         }
     }
@@ -84,7 +119,7 @@ impl ObjectStore for LocalObjectStore {
         if meta.is_dir() {
             Ok(())
         } else {
-            Err(StorageError::Misconfigured(format!("{} is not a directory", self.root.display())))
+            Err(StorageError::misconfigured(format!("{} is not a directory", self.root.display())))
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Storage ports: the object store (CSV files), the processing-status table and the
 //! transactions table, each a trait held as `Arc<dyn …>`. The embedded adapters (a local
 //! directory and SQLite) live here; the S3/DynamoDB adapters implement the same traits, and
-//! one contract test suite (`txpipe-tests`) runs against each.
+//! one contract test suite (`txpipe-tests`) runs against each. Every failure is a
+//! [`StorageError`] whose [`StorageClass`] decides what callers do about it.
 
 pub mod aws;
+mod error;
 pub mod local;
 pub mod provision;
 pub mod sqlite;
@@ -21,43 +23,12 @@ use serde::{Deserialize, Serialize};
 use std::{io, sync::Arc};
 use tokio::io::AsyncRead;
 
+pub use error::{BoxError, StorageClass, StorageError, StorageErrorKind};
+
 /// The body of an upload, as it arrives.
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 /// A stored object, read as it streams.
 pub type ObjectReader = Box<dyn AsyncRead + Send + Unpin>;
-
-/// What went wrong in storage, classified by what the caller should do.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    /// The item does not exist (permanent for this item).
-    #[error("{0} not found")]
-    NotFound(String),
-    /// A create found the item already there.
-    #[error("{0} already exists")]
-    AlreadyExists(String),
-    /// The store could not do it now (I/O, busy, full disk, network): retrying may help.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
-    /// The stream being stored failed (client went away, upload over the limit).
-    #[error("the upload stream failed: {0}")]
-    Source(io::Error),
-    /// A pagination cursor that this store did not hand out.
-    #[error("invalid cursor")]
-    InvalidCursor,
-    /// The store is set up wrong (a missing bucket or table): fix the setup, not the message.
-    #[error("storage misconfigured: {0}")]
-    Misconfigured(String),
-    /// A stored item that cannot be read back.
-    #[error("corrupt stored item: {0}")]
-    Corrupt(String),
-}
-
-impl StorageError {
-    /// True when trying again later may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StorageError::Unavailable(_))
-    }
-}
 
 /// Holds CSV files under keys like `uploads/{file_id}.csv`.
 #[async_trait]
@@ -84,10 +55,11 @@ pub enum Advance {
 /// The processing-status table, keyed by file_id.
 #[async_trait]
 pub trait StatusStore: Send + Sync + 'static {
-    /// Records a new file; `AlreadyExists` if the id is taken.
+    /// Records a new file; [`StorageErrorKind::AlreadyExists`] if the id is taken.
     async fn create(&self, record: &StatusRecord) -> Result<(), StorageError>;
     async fn get(&self, file_id: FileId) -> Result<Option<StatusRecord>, StorageError>;
-    /// Moves the file to `to` only if that is forward, atomically; `NotFound` for an unknown file.
+    /// Moves the file to `to` only if that is forward, atomically; [`StorageErrorKind::NotFound`]
+    /// for an unknown file.
     async fn advance(
         &self,
         file_id: FileId,
@@ -176,8 +148,9 @@ impl Storage {
         let names = settings.names();
         match settings.storage {
             StorageKind::Local => {
-                let objects = local::LocalObjectStore::open(settings.data_dir.join("objects").join(names.bucket()))?;
-                let db = sqlite::SqliteStore::open(&settings.data_dir.join("txpipe.sqlite3"), &names).await?;
+                let layout = local::LocalLayout::of(settings);
+                let objects = local::LocalObjectStore::open(layout.objects_dir())?;
+                let db = sqlite::SqliteStore::open(&layout.database(), &names).await?;
                 let db = Arc::new(db);
                 Ok(Self { objects: Arc::new(objects), statuses: db.clone(), transactions: db })
             }
@@ -212,27 +185,25 @@ pub(crate) fn encode_cursor(last_id: &str) -> String {
 
 pub(crate) fn decode_cursor(cursor: &str) -> Result<String, StorageError> {
     if !cursor.len().is_multiple_of(2) || cursor.len() > 2048 {
-        return Err(StorageError::InvalidCursor);
+        return Err(StorageError::invalid_cursor());
     }
     let bytes = (0..cursor.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).map_err(|_| StorageError::InvalidCursor))
+        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).map_err(|_| StorageError::invalid_cursor()))
         .collect::<Result<Vec<u8>, _>>()?;
-    String::from_utf8(bytes).map_err(|_| StorageError::InvalidCursor)
+    String::from_utf8(bytes).map_err(|_| StorageError::invalid_cursor())
 }
 
 /// Opens `key` as a blocking reader, for CSV parsing on the blocking pool. Call it from a
-/// `spawn_blocking` task, passing the runtime's handle. A missing object reads as an
-/// `io::ErrorKind::NotFound` error; other storage failures as `Other`.
+/// `spawn_blocking` task, passing the runtime's handle. A storage failure comes back as an
+/// `io::Error` carrying the [`StorageError`] (see [`StorageError::in_io`]), so its class
+/// survives the parser; an error while reading the stream later is a plain `io::Error`.
 pub fn open_blocking(
     objects: &Arc<dyn ObjectStore>,
     key: &str,
     handle: &tokio::runtime::Handle,
 ) -> io::Result<impl io::Read + use<>> {
-    let reader = handle.block_on(objects.get(key)).map_err(|e| match e {
-        StorageError::NotFound(what) => io::Error::new(io::ErrorKind::NotFound, format!("{what} not found")),
-        other => io::Error::other(other.to_string()),
-    })?;
+    let reader = handle.block_on(objects.get(key))?;
     Ok(tokio_util::io::SyncIoBridge::new_with_handle(reader, handle.clone()))
 }
 
@@ -246,7 +217,79 @@ mod tests {
             assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
         }
         for bad in ["xyz", "zz", "0"] {
-            assert!(matches!(decode_cursor(bad), Err(StorageError::InvalidCursor)), "{bad}");
+            assert_eq!(decode_cursor(bad).unwrap_err().kind(), StorageErrorKind::InvalidCursor, "{bad}");
         }
+    }
+
+    /// An object store whose `get` fails with a storage error, or whose object breaks mid-stream.
+    #[derive(Debug)]
+    enum Fake {
+        Fails(StorageErrorKind),
+        Breaks,
+    }
+
+    #[async_trait]
+    impl ObjectStore for Fake {
+        async fn put(&self, _: &str, _: ByteStream) -> Result<u64, StorageError> {
+            unimplemented!("only read here")
+        }
+        async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
+            match self {
+                Fake::Fails(kind) => Err(StorageError::new(*kind, format!("the fake {key}"))),
+                Fake::Breaks => {
+                    let chunks = [Ok(Bytes::from_static(b"a,b\n")), Err(io::Error::other("connection reset"))];
+                    Ok(Box::new(tokio_util::io::StreamReader::new(futures::stream::iter(chunks))))
+                }
+            }
+        }
+        async fn delete(&self, _: &str) -> Result<(), StorageError> {
+            Ok(())
+        }
+        async fn check(&self) -> Result<(), StorageError> {
+            Ok(())
+        }
+    }
+
+    /// Reads `key` whole the way the workers do: on the blocking pool, through `open_blocking`.
+    async fn read_blocking(objects: Arc<dyn ObjectStore>, key: &str) -> io::Result<Vec<u8>> {
+        let (handle, key) = (tokio::runtime::Handle::current(), key.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            io::Read::read_to_end(&mut open_blocking(&objects, &key, &handle)?, &mut buf)?;
+            Ok(buf)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_streaming_path_keeps_the_storage_class() {
+        use crate::worker::Failure;
+        let cases = [
+            (Fake::Fails(StorageErrorKind::NotFound), false),
+            (Fake::Fails(StorageErrorKind::Misconfigured), false),
+            (Fake::Fails(StorageErrorKind::Rejected), false),
+            (Fake::Fails(StorageErrorKind::Unavailable), true),
+            // a plain I/O error mid-stream (a dropped connection) is worth another try
+            (Fake::Breaks, true),
+        ];
+        for (fake, retried) in cases {
+            let name = format!("{fake:?}");
+            let err = read_blocking(Arc::new(fake), "k").await.unwrap_err();
+            match Failure::read("reading the file", &err) {
+                Failure::Retry(reason) if retried => assert!(reason.starts_with("reading the file: "), "{reason}"),
+                Failure::DeadLetter(reason) if !retried => assert!(reason.contains("the fake k"), "{reason}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_local_object_is_not_found_through_the_blocking_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects: Arc<dyn ObjectStore> = Arc::new(local::LocalObjectStore::open(dir.path().into()).unwrap());
+        let err = read_blocking(objects, "uploads/missing.csv").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert_eq!(StorageError::in_io(&err).map(StorageError::class), Some(StorageClass::NotFound));
     }
 }

@@ -118,7 +118,7 @@ async fn wait_active(ddb: &aws_sdk_dynamodb::Client, table: &str) -> Result<(), 
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(StorageError::Unavailable(format!("DynamoDB table {table} did not become ACTIVE within a minute")))
+    Err(StorageError::unavailable(format!("DynamoDB table {table} did not become ACTIVE within a minute")))
 }
 
 /// Removes the bucket (emptying it first) and both tables; what is already gone is skipped.

@@ -25,10 +25,10 @@ pub struct SqliteStore {
 fn db_err(e: rusqlite::Error) -> StorageError {
     match e {
         rusqlite::Error::FromSqlConversionFailure(..) | rusqlite::Error::InvalidColumnType(..) => {
-            StorageError::Corrupt(e.to_string())
+            StorageError::corrupt("a value in the sqlite database").with_source(e)
         }
         // busy, locked, full disk, I/O: all worth another try later
-        other => StorageError::Unavailable(format!("sqlite: {other}")),
+        other => StorageError::unavailable("sqlite").with_source(other),
     }
 }
 
@@ -47,11 +47,12 @@ impl SqliteStore {
         let (st, tt) = (status_table.clone(), tx_table.clone());
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| StorageError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StorageError::unavailable(format!("cannot create {}", dir.display())).with_source(e)
+                })?;
             }
             let conn = Connection::open(&path)
-                .map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+                .map_err(|e| StorageError::unavailable(format!("cannot open {}", path.display())).with_source(e))?;
             conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
             conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
             conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
@@ -79,7 +80,7 @@ impl SqliteStore {
             Ok(conn)
         })
         .await
-        .map_err(|e| StorageError::Unavailable(e.to_string()))??;
+        .map_err(|e| StorageError::unavailable("opening the database failed").with_source(e))??;
         Ok(Self { conn: Arc::new(Mutex::new(conn)), status_table, tx_table })
     }
 
@@ -94,7 +95,7 @@ impl SqliteStore {
             f(&mut guard)
         })
         .await
-        .map_err(|e| StorageError::Unavailable(format!("storage task failed: {e}")))?
+        .map_err(|e| StorageError::unavailable("storage task failed").with_source(e))?
     }
 }
 
@@ -103,7 +104,7 @@ fn to_json(r: &StatusRecord) -> String {
 }
 
 fn from_json(s: &str) -> Result<StatusRecord, StorageError> {
-    serde_json::from_str(s).map_err(|e| StorageError::Corrupt(format!("status record: {e}")))
+    serde_json::from_str(s).map_err(|e| StorageError::corrupt("status record").with_source(e))
 }
 
 #[async_trait]
@@ -116,7 +117,7 @@ impl StatusStore for SqliteStore {
         self.with(move |c| match c.execute(&sql, params![id, status, at, json]) {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                Err(StorageError::AlreadyExists(format!("file {id}")))
+                Err(StorageError::already_exists(format!("file {id}")))
             }
             Err(e) => Err(db_err(e)),
         })
@@ -226,7 +227,7 @@ impl TransactionStore for SqliteStore {
             let mut items = Vec::new();
             while let Some(r) = rows.next().map_err(db_err)? {
                 let text = |i: usize| r.get::<_, String>(i).map_err(db_err);
-                let corrupt = |what: &str| StorageError::Corrupt(format!("transaction {what}"));
+                let corrupt = |what: &str| StorageError::corrupt(format!("transaction {what}"));
                 items.push(Transaction {
                     transaction_id: text(0)?,
                     amount: text(1)?.parse().map_err(|_| corrupt("amount"))?,
@@ -273,7 +274,7 @@ impl SqliteStore {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
             let json: Option<String> =
                 tx.query_row(&select, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
-            let mut record = from_json(&json.ok_or_else(|| StorageError::NotFound(format!("file {file_id}")))?)?;
+            let mut record = from_json(&json.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?)?;
             if !change(&mut record) {
                 return Ok(Advance::Refused(record));
             }

@@ -8,7 +8,7 @@ use txpipe_common::csv_schema::{self, ValidationReport};
 use txpipe_common::messages::StageMessage;
 use txpipe_common::stage::Stage;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
-use txpipe_common::storage::{open_blocking, StorageError};
+use txpipe_common::storage::{open_blocking, StorageErrorKind};
 use txpipe_common::worker::{Failure, Handler, Step};
 use txpipe_common::Deps;
 
@@ -33,7 +33,7 @@ impl Validator {
     async fn unknown_file(&self, msg: &StageMessage) -> Result<Option<StatusRecord>, Failure> {
         let file_id = msg.file_id();
         match self.deps.storage.objects.get(msg.object_key()).await {
-            Err(StorageError::NotFound(_)) => {
+            Err(e) if e.kind() == StorageErrorKind::NotFound => {
                 tracing::info!(%file_id, "dropping the announcement of an upload the gateway withdrew");
                 Ok(None)
             }
