@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use txpipe_common::amqp::Outgoing;
 use txpipe_common::csv_schema::{ErrorLog, ScanError, Scanner};
 use txpipe_common::messages::{FileEvent, FileId, Stage, FILE_PROCESSED};
+use txpipe_common::metrics::{InternalEvent, RowsStored};
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_blocking, Advance, Transaction};
 use txpipe_common::worker::{read_failure, status_of, storage_failure, Handler, Incoming, Outcome};
@@ -140,8 +141,7 @@ impl Handler for Transformer {
             Ok(n) => n,
             Err(outcome) => return outcome,
         };
-        tracing::info!(%file_id, rows = written, "transactions stored");
-        metrics::counter!("txpipe_rows_stored_total").increment(written);
+        RowsStored { file_id, rows: written }.emit();
         let update = StatusUpdate { records_processed: Some(written), ..Default::default() };
         match statuses.advance(file_id, FileStatus::Processed, update, chrono::Utc::now()).await {
             Ok(Advance::Moved(r) | Advance::Refused(r)) => Outcome::Done(self.follow_up(&r)),

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use txpipe_common::csv_schema::{self, ValidationReport};
 use txpipe_common::messages::{FileEvent, Stage, FILE_REJECTED, FILE_VALIDATED};
+use txpipe_common::metrics::{FileValidated, InternalEvent};
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_blocking, Advance};
 use txpipe_common::worker::{read_failure, storage_failure, Handler, Incoming, Outcome};
@@ -141,11 +142,7 @@ impl Handler for Validator {
             };
             (FileStatus::ValidationFailed, update)
         };
-        tracing::info!(%file_id, rows = report.row_count, errors = report.error_count, status = %to, "validated");
-        metrics::counter!("txpipe_rows_validated_total").increment(report.row_count);
-        if to == FileStatus::ValidationFailed {
-            metrics::counter!("txpipe_files_rejected_total").increment(1);
-        }
+        FileValidated { file_id, rows: report.row_count, errors: report.error_count, status: to }.emit();
         match statuses.advance(file_id, to, update, chrono::Utc::now()).await {
             Ok(Advance::Moved(r) | Advance::Refused(r)) => Outcome::Done(self.follow_up(&r)),
             Err(e) => storage_failure("recording the validation result", &e),
