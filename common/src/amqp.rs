@@ -6,6 +6,7 @@
 
 use crate::config::Settings;
 use crate::messages::Outgoing;
+use crate::metrics::{BrokerConnected, BrokerLost, BrokerReconnected, InternalEvent};
 use crate::names::Names;
 use crate::stage::{Service, Stage};
 use backon::BackoffBuilder;
@@ -117,7 +118,7 @@ impl Broker {
             link,
             closing: AtomicBool::new(false),
         });
-        metrics::gauge!("txpipe_broker_connected").set(1.0);
+        BrokerConnected.emit();
         tokio::spawn(supervise(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
@@ -291,8 +292,7 @@ async fn supervise(weak: std::sync::Weak<Inner>) {
             continue;
         }
         inner.link.send_replace(Link::Down);
-        metrics::gauge!("txpipe_broker_connected").set(0.0);
-        tracing::warn!(url = %redact(&inner.url), "connection to RabbitMQ lost; reconnecting");
+        BrokerLost { url: &redact(&inner.url) }.emit();
         let started = tokio::time::Instant::now();
         let mut backoff = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -310,9 +310,7 @@ async fn supervise(weak: std::sync::Weak<Inner>) {
                     *inner.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
                     count += 1;
                     inner.link.send_replace(Link::Up(count));
-                    metrics::gauge!("txpipe_broker_connected").set(1.0);
-                    metrics::counter!("txpipe_broker_reconnects_total").increment(1);
-                    tracing::info!(after_ms = started.elapsed().as_millis() as u64, "reconnected to RabbitMQ");
+                    BrokerReconnected { after: started.elapsed() }.emit();
                     break;
                 }
                 Err(e) if started.elapsed() >= inner.reconnect_timeout => {

@@ -26,7 +26,6 @@ impl Deps {
 
     /// Connects to the broker, using storage opened elsewhere (tests, `txpipe up`).
     pub async fn with_storage(settings: Settings, storage: Storage) -> Result<Self, StartupError> {
-        crate::metrics::install();
         let broker = Broker::connect(&settings).await?;
         let publisher = broker.publisher().await?;
         Ok(Self { names: settings.names(), settings: Arc::new(settings), storage, broker, publisher })

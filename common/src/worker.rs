@@ -15,6 +15,7 @@ use crate::dead_letter::{DeadLetterInfo, ErrorClass};
 use crate::deps::Deps;
 use crate::headers::Headers;
 use crate::messages::{Notification, Outgoing, StageMessage};
+use crate::metrics::{DeadLettered, InternalEvent, MessageHandled, MessageOutcome, MessageTimed};
 use crate::stage::{Admission, NotificationKey, Stage, StageSpec};
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use crate::storage::{Advance, StorageError};
@@ -194,17 +195,12 @@ async fn drain(stage: Stage, tasks: &mut JoinSet<()>) {
     }
 }
 
-fn count(stage: Stage, outcome: &'static str) {
-    metrics::counter!("txpipe_messages_total", "stage" => stage.as_str(), "outcome" => outcome).increment(1);
-}
-
 /// Records how long a message took, however its handling ended.
 struct Timer(Stage, std::time::Instant);
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        metrics::histogram!("txpipe_message_seconds", "stage" => self.0.as_str())
-            .record(self.1.elapsed().as_secs_f64());
+        MessageTimed { stage: self.0, seconds: self.1.elapsed().as_secs_f64() }.emit();
     }
 }
 
@@ -247,7 +243,7 @@ impl Loop {
                 let reason = e.to_string();
                 tracing::warn!(%stage, %routing_key, %reason, "dead-lettering a message that cannot be parsed");
                 self.dead_letter(&delivery, ErrorClass::Malformed, &reason).await;
-                count(stage, "malformed");
+                MessageHandled { stage, outcome: MessageOutcome::Malformed }.emit();
                 return;
             }
         };
@@ -256,7 +252,7 @@ impl Loop {
             let reason = format!("the {stage} does not handle routing key {key}");
             tracing::warn!(%stage, %reason, "dead-lettering");
             self.dead_letter(&delivery, ErrorClass::Permanent, &reason).await;
-            count(stage, "dead_lettered");
+            MessageHandled { stage, outcome: MessageOutcome::DeadLettered }.emit();
             return;
         }
         let file_id = msg.file_id();
@@ -281,7 +277,7 @@ impl Loop {
                 // a crash in the handler: give the message back (its delivery count grows, so a
                 // message that always crashes ends in the DLQ at the delivery limit)
                 tracing::error!(%stage, %file_id, "the handler panicked; returning the message to its queue");
-                count(stage, "panicked");
+                MessageHandled { stage, outcome: MessageOutcome::Panicked }.emit();
                 if let Err(e) = settle(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await {
                     tracing::warn!(%stage, %file_id, error = %e, "nack failed; the message will be redelivered");
                 }
@@ -293,7 +289,7 @@ impl Loop {
                         if let Err(e) = settle(delivery.ack(BasicAckOptions::default())).await {
                             tracing::warn!(%stage, %file_id, error = %e, "ack failed; the message will be redelivered");
                         }
-                        count(stage, "done");
+                        MessageHandled { stage, outcome: MessageOutcome::Done }.emit();
                         return;
                     }
                     Err(e) => (ErrorClass::RetriesExhausted, format!("publishing the next message failed: {e}")),
@@ -305,13 +301,13 @@ impl Loop {
             // the broker will deliver it again on the next connection
             if delivery.acker.poisoned() || !self.deps.broker.is_connected() {
                 tracing::warn!(%stage, %file_id, %reason, "broker connection lost mid-message; it will be redelivered");
-                count(stage, "abandoned");
+                MessageHandled { stage, outcome: MessageOutcome::Abandoned }.emit();
                 return;
             }
             if class == ErrorClass::RetriesExhausted {
                 if let Some(wait) = backoff.next() {
                     tracing::warn!(%stage, %file_id, %reason, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
-                    count(stage, "retried");
+                    MessageHandled { stage, outcome: MessageOutcome::Retried }.emit();
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -321,7 +317,7 @@ impl Loop {
                 self.record_failure(&msg, &reason, true).await;
             }
             self.dead_letter(&delivery, class, &reason).await;
-            count(stage, "dead_lettered");
+            MessageHandled { stage, outcome: MessageOutcome::DeadLettered }.emit();
             return;
         }
     }
@@ -409,8 +405,7 @@ impl Loop {
     /// If that copy cannot be made, rejects it so RabbitMQ dead-letters it itself.
     async fn dead_letter(&self, delivery: &Delivery, class: ErrorClass, reason: &str) {
         let stage = self.stage();
-        metrics::counter!("txpipe_dead_letters_total", "stage" => stage.as_str(), "class" => class.as_str())
-            .increment(1);
+        DeadLettered { stage, class }.emit();
         let message_id = delivery
             .properties
             .message_id()

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use txpipe_common::messages::StageMessage;
+use txpipe_common::metrics::{InternalEvent, UploadFinished, UploadStored};
 use txpipe_common::stage::Service;
 use txpipe_common::status::StatusRecord;
 use txpipe_common::storage::StorageErrorKind;
@@ -114,7 +115,7 @@ async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Res
         Ok(_) => "accepted",
         Err(e) => e.code(),
     };
-    metrics::counter!("txpipe_uploads_total", "result" => label).increment(1);
+    UploadFinished { result: label }.emit();
     result
 }
 
@@ -186,8 +187,7 @@ async fn accept(deps: Deps, headers: HeaderMap, body: Body) -> Result<Response, 
         let _ = deps.storage.statuses.withdraw(file_id).await;
         return Err(e);
     }
-    tracing::info!(%file_id, size_bytes = size, "upload accepted");
-    metrics::counter!("txpipe_upload_bytes_total").increment(size);
+    UploadStored { file_id, bytes: size }.emit();
     let status_url = format!("/files/{file_id}");
     let body = json!({"file_id": file_id, "status": "uploaded", "status_url": status_url, "size_bytes": size});
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())

@@ -201,6 +201,7 @@ fn prometheus_scrapes_every_service_and_alerts_only_on_metrics_txpipe_records() 
     let text = std::fs::read_to_string(format!("{ROOT}/compose/prometheus/alerts.yml")).unwrap();
     let alerts: Value = serde_yaml_ng::from_str(&text).expect("alerts.yml is valid YAML");
     let metric = Regex::new(r"txpipe_[a-z_]+").unwrap();
+    let known = txpipe_common::metrics::names();
     let mut rules = 0;
     for group in alerts["groups"].as_sequence().unwrap() {
         for rule in group["rules"].as_sequence().unwrap() {
@@ -209,7 +210,7 @@ fn prometheus_scrapes_every_service_and_alerts_only_on_metrics_txpipe_records() 
             for m in metric.find_iter(expr) {
                 let name = m.as_str();
                 // job names like txpipe-gateway are not metrics; label values are not either
-                assert!(txpipe_common::metrics::NAMES.contains(&name), "alert uses unknown metric {name}");
+                assert!(known.iter().any(|k| k == name), "alert uses unknown metric {name}");
             }
         }
     }

@@ -342,12 +342,19 @@ async fn metrics_count_uploads_messages_and_rows() {
     fleet.wait_for_status(bad, &[FileStatus::ValidationFailed]).await;
     let _ = fleet.post_upload("", "text/csv").await;
     let text = fleet.http.get(format!("{}/metrics", fleet.base_url)).send().await.unwrap().text().await.unwrap();
-    // one recorder per test process: other tests add to the same counters, so look for at least
+    // one registry per test process: other tests add to the same counters, so look for at least;
+    // a series' labels may come in any order (the encoder sorts them by name)
+    let series = |s: &str| -> (String, Vec<String>) {
+        let (name, labels) = s.split_once('{').unwrap_or((s, ""));
+        let mut labels: Vec<String> = labels.trim_end_matches('}').split(',').map(String::from).collect();
+        labels.sort();
+        (name.to_string(), labels)
+    };
     let value = |needle: &str| -> f64 {
         text.lines()
-            .find(|l| l.starts_with(needle))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(s, _)| series(s) == series(needle))
+            .and_then(|(_, v)| v.parse().ok())
             .unwrap_or_else(|| panic!("{needle} missing from /metrics:\n{text}"))
     };
     assert!(value("txpipe_uploads_total{result=\"accepted\"}") >= 2.0);

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use txpipe_common::csv_schema::{ErrorLog, ScanError, Scanner};
 use txpipe_common::messages::StageMessage;
+use txpipe_common::metrics::{InternalEvent, RowsStored};
 use txpipe_common::stage::Stage;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_blocking, Transaction};
@@ -106,8 +107,7 @@ impl Handler for Transformer {
     async fn work(&self, _msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
         let file_id = record.file_id;
         let written = self.store_rows(file_id, &record.object_key).await?;
-        tracing::info!(%file_id, rows = written, "transactions stored");
-        metrics::counter!("txpipe_rows_stored_total").increment(written);
+        RowsStored { file_id, rows: written }.emit();
         let update = StatusUpdate { records_processed: Some(written), ..Default::default() };
         Ok(Step::Advance(FileStatus::Processed, update))
     }

@@ -6,6 +6,7 @@
 use async_trait::async_trait;
 use txpipe_common::csv_schema::{self, ValidationReport};
 use txpipe_common::messages::StageMessage;
+use txpipe_common::metrics::{InternalEvent, ValidationFinished};
 use txpipe_common::stage::Stage;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_blocking, StorageErrorKind};
@@ -106,11 +107,7 @@ impl Handler for Validator {
             };
             (FileStatus::ValidationFailed, update)
         };
-        tracing::info!(%file_id, rows = report.row_count, errors = report.error_count, status = %to, "validated");
-        metrics::counter!("txpipe_rows_validated_total").increment(report.row_count);
-        if to == FileStatus::ValidationFailed {
-            metrics::counter!("txpipe_files_rejected_total").increment(1);
-        }
+        ValidationFinished { file_id, rows: report.row_count, errors: report.error_count, status: to }.emit();
         Ok(Step::Advance(to, update))
     }
 }
