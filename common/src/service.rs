@@ -81,7 +81,7 @@ async fn run_worker(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), crate::amqp::AmqpError> {
     let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(addr = %bound, "health endpoints on /healthz and /readyz, metrics on /metrics");
+    tracing::info!(addr = %bound, "health endpoints on /healthz and /readyz");
     let stop = CancellationToken::new();
     let health = tokio::spawn(crate::health::serve(listener, deps.clone(), stop.clone().cancelled_owned()));
     let result = crate::worker::run(&deps, handler, shutdown).await;

@@ -257,6 +257,7 @@ impl Loop {
         }
         let file_id = msg.file_id();
         let tracks_status = self.spec.tracks_status(key);
+        let mut last_delivery = None;
         if let Some(n) = Headers::of(&delivery).u64("x-delivery-count") {
             tracing::info!(%stage, %file_id, deliveries = n + 1, "redelivered message");
             if n >= u64::from(self.deps.settings.delivery_limit) && tracks_status {
@@ -267,6 +268,7 @@ impl Loop {
                     n + 1
                 );
                 self.record_failure(&msg, &reason, false).await;
+                last_delivery = Some(reason);
             }
         }
         let mut backoff = self.deps.settings.retry_policy().build();
@@ -278,6 +280,11 @@ impl Loop {
                 // message that always crashes ends in the DLQ at the delivery limit)
                 tracing::error!(%stage, %file_id, "the handler panicked; returning the message to its queue");
                 MessageHandled { stage, outcome: MessageOutcome::Panicked }.emit();
+                if let Some(reason) = &last_delivery {
+                    // the attempt may have moved the file on before it crashed: RabbitMQ
+                    // dead-letters the message now, so the file ends failed
+                    self.record_failure(&msg, reason, false).await;
+                }
                 if let Err(e) = settle(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await {
                     tracing::warn!(%stage, %file_id, error = %e, "nack failed; the message will be redelivered");
                 }
