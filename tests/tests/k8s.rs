@@ -117,12 +117,8 @@ fn each_service_runs_its_binary_with_probes_on_its_port_and_settings_txpipe_acce
         assert!(pdb["spec"].get("minAvailable").is_some() || pdb["spec"].get("maxUnavailable").is_some());
     }
     let job = of_kind(&all, "Job").into_iter().next().expect("the provision Job");
-    let cmd: Vec<&str> = job["spec"]["template"]["spec"]["containers"][0]["command"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(s)
-        .collect();
+    let cmd: Vec<&str> =
+        job["spec"]["template"]["spec"]["containers"][0]["command"].as_sequence().unwrap().iter().map(s).collect();
     assert_eq!(cmd, ["txpipe", "provision"]);
 }
 
