@@ -44,6 +44,8 @@ pub enum AmqpError {
     Disconnected,
     #[error("RabbitMQ did not confirm the message in time")]
     ConfirmTimeout,
+    #[error("queue {0} does not exist and this service's RabbitMQ user may not create it: run `txpipe provision` (as a user allowed to configure every queue of the namespace) first")]
+    NotProvisioned(String),
     #[error("could not reconnect to RabbitMQ within {0:?} (TXPIPE_RECONNECT_TIMEOUT_MS)")]
     GaveUp(Duration),
 }
@@ -234,8 +236,25 @@ impl Broker {
             FieldTable::default(),
         )
         .await?;
+        let mut ch = ch;
         for &stage in queues {
-            ch.queue_declare(s(&n.queue(stage)), qopts, self.worker_queue_args()).await?;
+            let queue = n.queue(stage);
+            match ch.queue_declare(s(&queue), qopts, self.worker_queue_args()).await {
+                Ok(_) => {}
+                Err(e) if is_access_refused(&e) => {
+                    // least privilege: declaring a queue with a dead-letter exchange needs read
+                    // on it (the right to consume), which a service has only on its own queue;
+                    // the next stage's queue must then have been created by `txpipe provision`
+                    // (with its bindings). The refusal closed the channel: check on a new one.
+                    ch = self.channel().await?;
+                    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+                    if ch.queue_declare(s(&queue), passive, FieldTable::default()).await.is_err() {
+                        return Err(AmqpError::NotProvisioned(queue));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
             for key in stage.spec().inputs() {
                 ch.queue_bind(
                     s(&n.queue(stage)),
@@ -265,6 +284,11 @@ impl Broker {
         let _ = ch.close(200, s("torn down")).await;
         Ok(())
     }
+}
+
+/// True when the broker refused an operation for the user's permissions (AMQP 403).
+fn is_access_refused(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 403)
 }
 
 /// Connects, giving up after [`CONNECT_TIMEOUT`] (an address that drops packets would
