@@ -13,19 +13,21 @@ USERS = {  # user: (password, tags)
     "txpipe-notifier": ("notifier-secret", []),
 }
 # configure (declare), write (publish to an exchange, bind a queue), read (consume, bind from an exchange)
+# A service may configure and consume only its own queue: declaring a queue with a dead-letter
+# exchange needs read (the right to consume) on it, so the other stages' queues are created by
+# `txpipe provision` as txpipe-admin, and a service refused to declare one checks it exists.
 PERMISSIONS = {
     "txpipe-admin": (".*", ".*", ".*"),
-    # declares the exchanges, the DLQ and the validator queue; publishes file.uploaded
-    "txpipe-gateway": (r"^txpipe\.(pipeline|notifications|dlx|dlq|validator)$",
-                       r"^txpipe\.(pipeline|dlq|validator)$",
+    # declares the exchanges and the DLQ; publishes file.uploaded
+    "txpipe-gateway": (r"^txpipe\.(pipeline|notifications|dlx|dlq)$",
+                       r"^txpipe\.(pipeline|dlq)$",
                        r"^txpipe\.(pipeline|dlx)$"),
     # consumes its queue; publishes the next message, dead-letter copies and file.failed notices
-    # (it declares the notifier's queue too: file.rejected goes there)
-    "txpipe-validator": (r"^txpipe\.(pipeline|notifications|dlx|dlq|validator|transformer|notifier)$",
-                         r"^txpipe\.(pipeline|notifications|dlx|dlq|validator|transformer|notifier)$",
+    "txpipe-validator": (r"^txpipe\.(pipeline|notifications|dlx|dlq|validator)$",
+                         r"^txpipe\.(pipeline|notifications|dlx|dlq|validator)$",
                          r"^txpipe\.(pipeline|dlx|validator)$"),
-    "txpipe-transformer": (r"^txpipe\.(pipeline|notifications|dlx|dlq|transformer|notifier)$",
-                           r"^txpipe\.(pipeline|notifications|dlx|dlq|transformer|notifier)$",
+    "txpipe-transformer": (r"^txpipe\.(pipeline|notifications|dlx|dlq|transformer)$",
+                           r"^txpipe\.(pipeline|notifications|dlx|dlq|transformer)$",
                            r"^txpipe\.(pipeline|dlx|transformer)$"),
     # publishes notifications, never to the pipeline
     "txpipe-notifier": (r"^txpipe\.(pipeline|notifications|dlx|dlq|notifier)$",

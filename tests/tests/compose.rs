@@ -111,14 +111,17 @@ fn every_setting_given_is_one_txpipe_reads_and_accepts() {
 }
 
 /// What a service does on the broker, from the stage table: (configure, write, read) resources.
+/// It declares the exchanges and the DLQ, and its own queue (declaring a queue with a
+/// dead-letter exchange needs read on it, the right to consume it, so the other stages' queues
+/// are provisioned by an admin: see docs/DESIGN.md, "Least privilege and the topology").
 fn needs(service: Service, n: &Names) -> (Vec<String>, Vec<String>, Vec<String>) {
     let exchanges = vec![n.pipeline_exchange(), n.notifications_exchange(), n.dead_letter_exchange()];
-    let queues: Vec<String> = service.declared_queues().iter().map(|s| n.queue(*s)).collect();
+    let own: Vec<String> = service.consumes().iter().map(|s| n.queue(*s)).collect();
     let mut configure = exchanges;
     configure.push(n.dead_letter_queue());
-    configure.extend(queues.clone());
+    configure.extend(own.clone());
     // binding a queue needs write on the queue and read on the exchange
-    let mut write = queues;
+    let mut write = own;
     write.push(n.dead_letter_queue());
     let mut read = vec![n.pipeline_exchange(), n.dead_letter_exchange()];
     if !service.publishes().is_empty() {
