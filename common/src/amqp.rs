@@ -62,7 +62,10 @@ pub struct Broker {
 }
 
 struct Inner {
-    url: String,
+    /// Every address of the broker (the nodes of a cluster), tried in turn.
+    urls: Vec<String>,
+    /// The one the current connection went to.
+    current: std::sync::atomic::AtomicUsize,
     names: Names,
     delivery_limit: u32,
     reconnect_timeout: Duration,
@@ -105,14 +108,18 @@ fn long(v: impl Into<String>) -> AMQPValue {
 }
 
 impl Broker {
-    /// Connects to `settings.amqp_url` and starts watching the connection.
+    /// Connects to the first of `settings.amqp_urls()` that answers and starts watching the
+    /// connection.
     pub async fn connect(settings: &Settings) -> Result<Self, AmqpError> {
-        let conn = connect_within(&settings.amqp_url)
-            .await
-            .map_err(|source| AmqpError::Connect { url: redact(&settings.amqp_url), source })?;
+        let urls = settings.amqp_urls();
+        let (conn, current) = connect_any(&urls, 0).await.map_err(|source| AmqpError::Connect {
+            url: urls.iter().map(|u| redact(u)).collect::<Vec<_>>().join(", "),
+            source,
+        })?;
         let (link, _) = tokio::sync::watch::channel(Link::Up(1));
         let inner = Arc::new(Inner {
-            url: settings.amqp_url.clone(),
+            urls,
+            current: std::sync::atomic::AtomicUsize::new(current),
             names: settings.names(),
             delivery_limit: settings.delivery_limit,
             reconnect_timeout: Duration::from_millis(settings.reconnect_timeout_ms),
@@ -227,21 +234,32 @@ impl Broker {
         dlq_args.insert(s("x-queue-type"), long("classic"));
         dlq_args.insert(s("x-message-ttl"), AMQPValue::LongLongInt(DLQ_MESSAGE_TTL_MS));
         let qopts = QueueDeclareOptions { durable: true, ..Default::default() };
-        ch.queue_declare(s(&n.dead_letter_queue()), qopts, dlq_args).await?;
-        ch.queue_bind(
-            s(&n.dead_letter_queue()),
-            s(&n.dead_letter_exchange()),
-            s("#"),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
         let mut ch = ch;
+        match ch.queue_declare(s(&n.dead_letter_queue()), qopts, dlq_args).await {
+            Ok(_) => {
+                ch.queue_bind(
+                    s(&n.dead_letter_queue()),
+                    s(&n.dead_letter_exchange()),
+                    s("#"),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?
+            }
+            // in a cluster, a classic queue lives on one node: while that node is down the
+            // queue exists but cannot be reached (404). The stage queues are replicated, so the
+            // pipeline goes on; what fails meanwhile waits in its queue for its retries
+            Err(e) if is_reply(&e, 404) => {
+                tracing::warn!(queue = %n.dead_letter_queue(), error = %e, "the DLQ's node is down; carrying on without it");
+                ch = self.channel().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         for &stage in queues {
             let queue = n.queue(stage);
             match ch.queue_declare(s(&queue), qopts, self.worker_queue_args()).await {
                 Ok(_) => {}
-                Err(e) if is_access_refused(&e) => {
+                Err(e) if is_reply(&e, 403) => {
                     // least privilege: declaring a queue with a dead-letter exchange needs read
                     // on it (the right to consume), which a service has only on its own queue;
                     // the next stage's queue must then have been created by `txpipe provision`
@@ -286,9 +304,10 @@ impl Broker {
     }
 }
 
-/// True when the broker refused an operation for the user's permissions (AMQP 403).
-fn is_access_refused(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 403)
+/// True when the broker answered with this AMQP reply code (403 access refused, 404 not
+/// found or unreachable).
+fn is_reply(e: &lapin::Error, code: u16) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == code)
 }
 
 /// Connects, giving up after [`CONNECT_TIMEOUT`] (an address that drops packets would
@@ -303,7 +322,25 @@ async fn connect_within(url: &str) -> Result<Connection, lapin::Error> {
     }
 }
 
-/// Watches the connection of a broker and replaces it when it drops.
+/// Connects to the first address that answers, trying them in turn from `start` (so after a
+/// loss the next node is tried first: the one just lost is likely down). Returns the
+/// connection and which address it went to, or the last address's error.
+async fn connect_any(urls: &[String], start: usize) -> Result<(Connection, usize), lapin::Error> {
+    let mut last = None;
+    for i in (0..urls.len()).map(|k| (start + k) % urls.len()) {
+        match connect_within(&urls[i]).await {
+            Ok(conn) => return Ok((conn, i)),
+            Err(e) => {
+                tracing::debug!(url = %redact(&urls[i]), error = %e, "cannot connect to this RabbitMQ address");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("settings have at least one broker address"))
+}
+
+/// Watches the connection of a broker and replaces it when it drops, failing over to the
+/// broker's other addresses.
 async fn supervise(weak: std::sync::Weak<Inner>) {
     let mut count = 1u64;
     loop {
@@ -316,7 +353,8 @@ async fn supervise(weak: std::sync::Weak<Inner>) {
             continue;
         }
         inner.link.send_replace(Link::Down);
-        BrokerLost { url: &redact(&inner.url) }.emit();
+        let lost = inner.current.load(Ordering::SeqCst);
+        BrokerLost { url: &redact(&inner.urls[lost]) }.emit();
         let started = tokio::time::Instant::now();
         let mut backoff = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -329,9 +367,11 @@ async fn supervise(weak: std::sync::Weak<Inner>) {
             if inner.closing.load(Ordering::SeqCst) {
                 return;
             }
-            match connect_within(&inner.url).await {
-                Ok(conn) => {
+            match connect_any(&inner.urls, lost + 1).await {
+                Ok((conn, at)) => {
                     *inner.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(conn);
+                    inner.current.store(at, Ordering::SeqCst);
+                    tracing::info!(url = %redact(&inner.urls[at]), "connected to RabbitMQ");
                     count += 1;
                     inner.link.send_replace(Link::Up(count));
                     BrokerReconnected { after: started.elapsed() }.emit();

@@ -32,7 +32,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
-    /// AMQP URL of the broker.
+    /// AMQP URL of the broker; several, comma-separated, for the nodes of a cluster (tried in
+    /// turn, and failed over to when a connection is lost).
     pub amqp_url: String,
     /// Prefix of every exchange, queue, table and bucket.
     pub namespace: String,
@@ -129,6 +130,9 @@ impl Settings {
     pub fn check(&self) -> Result<(), ConfigError> {
         crate::names::Names::new(&self.namespace)?;
         let bad = |name, why| Err(ConfigError::Value { name, why });
+        if self.amqp_urls().is_empty() {
+            return bad("TXPIPE_AMQP_URL", "must name at least one broker (amqp://user:password@host:port/vhost)");
+        }
         if self.prefetch == 0 {
             return bad("TXPIPE_PREFETCH", "must be at least 1");
         }
@@ -162,6 +166,11 @@ impl Settings {
             return bad("TXPIPE_AWS_OPERATION_TIMEOUT_MS", "must be at least 100");
         }
         Ok(())
+    }
+
+    /// The broker's addresses, in the order they are tried.
+    pub fn amqp_urls(&self) -> Vec<String> {
+        self.amqp_url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect()
     }
 
     /// The resource names of this namespace (valid: [`Settings::check`] passed).
