@@ -288,6 +288,15 @@ impl Broker {
         Ok(())
     }
 
+    /// How many messages `queue` holds now (a passive declare: nothing is created).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, AmqpError> {
+        let ch = self.channel().await?;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let depth = ch.queue_declare(s(queue), passive, FieldTable::default()).await.map(|q| q.message_count());
+        let _ = ch.close(200, s("counted")).await;
+        Ok(depth?)
+    }
+
     /// Deletes every exchange and queue of the namespace (tests, `txpipe topology down`).
     pub async fn teardown(&self) -> Result<(), AmqpError> {
         let ch = self.channel().await?;

@@ -3,6 +3,7 @@
 //! own router.
 
 use crate::deps::Deps;
+use crate::metrics::{DlqDepth, InternalEvent};
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use serde_json::{json, Value};
 
@@ -11,14 +12,22 @@ pub fn routes<S>(deps: Deps) -> Router<S> {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async {
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
-            }),
-        )
+        .route("/metrics", get(metrics))
         .with_state(deps)
 }
+
+/// The metrics, with the DLQ's depth read from the broker now (bounded: a broker that does not
+/// answer leaves the last value).
+async fn metrics(State(deps): State<Deps>) -> impl axum::response::IntoResponse {
+    let dlq = deps.names.dead_letter_queue();
+    if let Ok(Ok(messages)) = tokio::time::timeout(DLQ_READ_TIMEOUT, deps.broker.queue_depth(&dlq)).await {
+        DlqDepth { messages }.emit();
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
+}
+
+/// How long a scrape waits for the DLQ's depth.
+const DLQ_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn readyz(State(deps): State<Deps>) -> (StatusCode, Json<Value>) {
     match deps.readiness().await {

@@ -17,6 +17,9 @@
 //! | `txpipe_rows_stored_total` | counter | | [`RowsStored`] |
 //! | `txpipe_broker_connected` | gauge (1/0) | | [`BrokerConnected`], [`BrokerLost`], [`BrokerReconnected`] |
 //! | `txpipe_broker_reconnects_total` | counter | | [`BrokerReconnected`] |
+//! | `txpipe_files_finished_total` | counter | `status` | [`FileFinished`] |
+//! | `txpipe_storage_calls_total` | counter | `service`, `operation` | [`StorageCall`] |
+//! | `txpipe_dlq_messages` | gauge | | [`DlqDepth`] |
 
 use crate::dead_letter::ErrorClass;
 use crate::file_id::FileId;
@@ -48,6 +51,9 @@ struct Metrics {
     rows_stored: IntCounter,
     broker_connected: IntGauge,
     broker_reconnects: IntCounter,
+    files_finished: IntCounterVec,
+    storage_calls: IntCounterVec,
+    dlq_messages: IntGauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -81,6 +87,22 @@ impl Metrics {
             ))
             .expect("valid gauge"),
             broker_reconnects: counter(Opts::new("txpipe_broker_reconnects_total", "Reconnections to RabbitMQ")),
+            files_finished: counters(
+                Opts::new("txpipe_files_finished_total", "Files that reached a final status, by status"),
+                &["status"],
+            ),
+            storage_calls: counters(
+                Opts::new(
+                    "txpipe_storage_calls_total",
+                    "S3 and DynamoDB requests sent (retries included), by operation",
+                ),
+                &["service", "operation"],
+            ),
+            dlq_messages: IntGauge::with_opts(Opts::new(
+                "txpipe_dlq_messages",
+                "Messages in the dead-letter queue, as last seen (read when /metrics is scraped)",
+            ))
+            .expect("valid gauge"),
         };
         for c in m.collectors() {
             m.registry.register(c).expect("each metric is registered once, under its own name");
@@ -101,6 +123,9 @@ impl Metrics {
             Box::new(self.rows_stored.clone()),
             Box::new(self.broker_connected.clone()),
             Box::new(self.broker_reconnects.clone()),
+            Box::new(self.files_finished.clone()),
+            Box::new(self.storage_calls.clone()),
+            Box::new(self.dlq_messages.clone()),
         ]
     }
 }
@@ -275,6 +300,41 @@ impl InternalEvent for BrokerReconnected {
     }
 }
 
+/// A file reached a final status (completed, validation_failed, or a stage's `*_failed`).
+pub struct FileFinished {
+    pub status: FileStatus,
+}
+
+impl InternalEvent for FileFinished {
+    fn emit(self) {
+        METRICS.files_finished.with_label_values(&[self.status.as_str()]).inc();
+    }
+}
+
+/// A request went to S3 or DynamoDB (`service` as the SDK names it, e.g. `s3`, `dynamodb`;
+/// `operation` e.g. `PutObject`, `UpdateItem`). Each retry is a request of its own.
+pub struct StorageCall<'a> {
+    pub service: &'a str,
+    pub operation: &'a str,
+}
+
+impl InternalEvent for StorageCall<'_> {
+    fn emit(self) {
+        METRICS.storage_calls.with_label_values(&[&self.service.to_ascii_lowercase(), self.operation]).inc();
+    }
+}
+
+/// How many messages the dead-letter queue holds.
+pub struct DlqDepth {
+    pub messages: u32,
+}
+
+impl InternalEvent for DlqDepth {
+    fn emit(self) {
+        METRICS.dlq_messages.set(i64::from(self.messages));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +371,9 @@ mod tests {
         BrokerConnected.emit();
         BrokerLost { url: "amqp://localhost:5672" }.emit();
         BrokerReconnected { after: Duration::from_millis(5) }.emit();
+        FileFinished { status: FileStatus::Completed }.emit();
+        StorageCall { service: "DynamoDB", operation: "UpdateItem" }.emit();
+        DlqDepth { messages: 3 }.emit();
         let after = render();
 
         let grew = |series: &str, by: f64| {
@@ -328,6 +391,9 @@ mod tests {
         grew(r#"txpipe_dead_letters_total{class="retries_exhausted",stage="notifier"}"#, 1.0);
         grew("txpipe_rows_validated_total", 10.0);
         grew("txpipe_files_rejected_total", 1.0);
+        grew(r#"txpipe_files_finished_total{status="completed"}"#, 1.0);
+        grew(r#"txpipe_storage_calls_total{operation="UpdateItem",service="dynamodb"}"#, 1.0);
+        assert_eq!(value(&after, "txpipe_dlq_messages"), Some(3.0));
         grew("txpipe_rows_stored_total", 7.0);
         grew("txpipe_broker_reconnects_total", 1.0);
         assert!(value(&after, "txpipe_broker_connected").is_some(), "{after}");
@@ -357,11 +423,14 @@ mod tests {
             "txpipe_broker_connected",
             "txpipe_broker_reconnects_total",
             "txpipe_dead_letters_total",
+            "txpipe_dlq_messages",
+            "txpipe_files_finished_total",
             "txpipe_files_rejected_total",
             "txpipe_message_seconds",
             "txpipe_messages_total",
             "txpipe_rows_stored_total",
             "txpipe_rows_validated_total",
+            "txpipe_storage_calls_total",
             "txpipe_upload_bytes_total",
             "txpipe_uploads_total",
         ];

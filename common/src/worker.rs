@@ -15,7 +15,7 @@ use crate::dead_letter::{DeadLetterInfo, ErrorClass};
 use crate::deps::Deps;
 use crate::headers::Headers;
 use crate::messages::{Notification, Outgoing, StageMessage};
-use crate::metrics::{DeadLettered, InternalEvent, MessageHandled, MessageOutcome, MessageTimed};
+use crate::metrics::{DeadLettered, FileFinished, InternalEvent, MessageHandled, MessageOutcome, MessageTimed};
 use crate::stage::{Admission, NotificationKey, Stage, StageSpec};
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use crate::storage::{Advance, StorageError};
@@ -362,7 +362,13 @@ impl Loop {
         update: StatusUpdate,
     ) -> Result<StatusRecord, Failure> {
         match self.deps.storage.statuses.advance(file_id, to, update, chrono::Utc::now()).await {
-            Ok(Advance::Moved(r) | Advance::Refused(r)) => Ok(r),
+            Ok(Advance::Moved(r)) => {
+                if r.status.is_final() {
+                    FileFinished { status: r.status }.emit();
+                }
+                Ok(r)
+            }
+            Ok(Advance::Refused(r)) => Ok(r),
             Err(e) => Err(Failure::storage(&format!("recording status {to}"), &e)),
         }
     }
@@ -391,9 +397,11 @@ impl Loop {
         let update = StatusUpdate { reason: Some(format!("{stage}: {reason}")), ..Default::default() };
         match self.deps.storage.statuses.advance(file_id, self.spec.failed, update, chrono::Utc::now()).await {
             Ok(Advance::Moved(record)) if !notify => {
+                FileFinished { status: record.status }.emit();
                 tracing::info!(%file_id, status = %record.status, "failure recorded")
             }
             Ok(Advance::Moved(record)) => {
+                FileFinished { status: record.status }.emit();
                 let note = Notification::of(&record, record.status).outgoing(NotificationKey::Failed, &self.deps.names);
                 if let Err(e) = self.publisher.publish(&note).await {
                     tracing::warn!(%file_id, error = %e, "cannot publish the file.failed notification");

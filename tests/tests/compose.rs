@@ -219,3 +219,72 @@ fn prometheus_scrapes_every_service_and_alerts_only_on_metrics_txpipe_records() 
     }
     assert!(rules >= 3);
 }
+
+#[test]
+fn third_party_images_are_pinned_and_every_store_has_a_healthcheck() {
+    let c = compose();
+    for (name, svc) in c["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        let image = svc["image"].as_str().unwrap_or_else(|| panic!("{name} names its image"));
+        if svc.get("build").is_some() {
+            continue; // txpipe's own image, built from compose/Dockerfile
+        }
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+        assert!(!tag.is_empty() && tag != "latest" && !tag.contains('/'), "{name}: {image} is not pinned to a version");
+    }
+    for store in ["rabbitmq", "minio", "dynamodb"] {
+        assert!(c["services"][store].get("healthcheck").is_some(), "{store} has a healthcheck");
+        assert_eq!(
+            c["services"]["provision"]["depends_on"][store]["condition"], "service_healthy",
+            "provision waits for {store} to be healthy"
+        );
+    }
+}
+
+#[test]
+fn grafana_shows_the_dashboard_and_it_uses_only_metrics_txpipe_records() {
+    let c = compose();
+    let grafana = &c["services"]["grafana"];
+    let mounts: Vec<&str> = grafana["volumes"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(mounts.iter().any(|m| m.starts_with("./grafana/provisioning:/etc/grafana/provisioning")));
+    let text =
+        std::fs::read_to_string(format!("{ROOT}/compose/grafana/provisioning/datasources/prometheus.yml")).unwrap();
+    let ds: Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(ds["datasources"][0]["url"], "http://prometheus:9090");
+    let text = std::fs::read_to_string(format!("{ROOT}/compose/grafana/provisioning/dashboards/txpipe.yml")).unwrap();
+    let provider: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let path = provider["providers"][0]["options"]["path"].as_str().unwrap();
+    assert!(
+        mounts.iter().any(|m| m.ends_with(&format!(":{path}:ro"))),
+        "the dashboards are mounted where Grafana looks"
+    );
+
+    let text = std::fs::read_to_string(format!("{ROOT}/compose/grafana/dashboards/txpipe.json")).unwrap();
+    let dash: Json = serde_json::from_str(&text).expect("the dashboard is valid JSON");
+    let metric = Regex::new(r"txpipe_[a-z_]+").unwrap();
+    let known = txpipe_common::metrics::names();
+    let mut used = std::collections::BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            for m in metric.find_iter(target["expr"].as_str().unwrap()) {
+                // a histogram's series carry suffixes
+                let name = ["_bucket", "_count", "_sum"].iter().fold(m.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+                assert!(known.iter().any(|k| k == name), "the dashboard uses unknown metric {name}");
+                used.insert(name.to_owned());
+            }
+        }
+    }
+    // uploads and refusals, files by final status, each stage's throughput and latency, the
+    // DLQ, the broker link, storage calls
+    for wanted in [
+        "txpipe_uploads_total",
+        "txpipe_files_finished_total",
+        "txpipe_messages_total",
+        "txpipe_message_seconds",
+        "txpipe_dlq_messages",
+        "txpipe_broker_connected",
+        "txpipe_storage_calls_total",
+    ] {
+        assert!(used.contains(wanted), "the dashboard shows {wanted}");
+    }
+}

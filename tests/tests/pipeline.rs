@@ -365,6 +365,14 @@ async fn metrics_count_uploads_messages_and_rows() {
     assert!(value("txpipe_files_rejected_total") >= 1.0);
     assert!(value("txpipe_broker_connected") >= 1.0);
     assert!(text.contains("txpipe_message_seconds_bucket{stage=\"transformer\""));
+    assert!(value("txpipe_files_finished_total{status=\"completed\"}") >= 1.0);
+    assert!(value("txpipe_files_finished_total{status=\"validation_failed\"}") >= 1.0);
+    assert_eq!(value("txpipe_dlq_messages"), 0.0, "the DLQ's depth, read at the scrape");
+    if fleet.settings.storage == txpipe_common::config::StorageKind::Aws {
+        // every request to S3 and DynamoDB, by operation
+        assert!(value("txpipe_storage_calls_total{service=\"s3\",operation=\"PutObject\"}") >= 2.0);
+        assert!(value("txpipe_storage_calls_total{service=\"dynamodb\",operation=\"BatchWriteItem\"}") >= 1.0);
+    }
     fleet.shutdown().await;
 }
 

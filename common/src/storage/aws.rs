@@ -10,6 +10,7 @@ use super::{
 use crate::config::Settings;
 use crate::csv_schema::TxStatus;
 use crate::file_id::FileId;
+use crate::metrics::{InternalEvent, StorageCall};
 use crate::names::Names;
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;
@@ -129,6 +130,29 @@ fn is_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_s3::error::SdkError<E, R>, 
     err.as_service_error().and_then(|e| e.code()) == Some(code)
 }
 
+/// Counts every request the SDK sends (each retry too: each is billed), by service and
+/// operation, as `txpipe_storage_calls_total`.
+#[derive(Debug)]
+struct CountCalls;
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for CountCalls {
+    fn name(&self) -> &'static str {
+        "txpipe-count-calls"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        if let Some(op) = cfg.load::<aws_smithy_runtime_api::client::orchestrator::Metadata>() {
+            StorageCall { service: op.service(), operation: op.name() }.emit();
+        }
+        Ok(())
+    }
+}
+
 /// Objects in the `{ns}-csv-files` bucket.
 pub struct S3ObjectStore {
     client: aws_sdk_s3::Client,
@@ -141,7 +165,7 @@ pub struct S3ObjectStore {
 impl S3ObjectStore {
     pub fn new(sdk: &SdkConfig, settings: &Settings) -> Self {
         let path_style = settings.s3_force_path_style.unwrap_or(sdk.endpoint_url().is_some());
-        let conf = aws_sdk_s3::config::Builder::from(sdk).force_path_style(path_style).build();
+        let conf = aws_sdk_s3::config::Builder::from(sdk).force_path_style(path_style).interceptor(CountCalls).build();
         Self {
             client: aws_sdk_s3::Client::from_conf(conf),
             bucket: settings.names().bucket(),
@@ -360,7 +384,9 @@ pub fn write_batches(rows: &[Transaction]) -> Vec<Vec<WriteRequest>> {
 impl DynamoStore {
     pub fn new(sdk: &SdkConfig, names: &Names) -> Self {
         Self {
-            client: aws_sdk_dynamodb::Client::new(sdk),
+            client: aws_sdk_dynamodb::Client::from_conf(
+                aws_sdk_dynamodb::config::Builder::from(sdk).interceptor(CountCalls).build(),
+            ),
             status_table: names.status_table(),
             tx_table: names.transactions_table(),
         }
