@@ -168,6 +168,15 @@ impl TestFleet {
         fleet
     }
 
+    /// Another, independent handle on the fleet's storage (its own SQLite connection, or its own
+    /// AWS clients), as a second gateway replica would have.
+    pub async fn second_storage(&self) -> txpipe_common::storage::Storage {
+        match &self.aws {
+            Some(sdk) => txpipe_common::storage::Storage::aws(sdk, &self.settings),
+            None => txpipe_common::storage::Storage::open(&self.settings).await.expect("open the storage again"),
+        }
+    }
+
     /// The header that carries the fleet's admin key, for tests that build raw requests.
     pub fn key_header(&self) -> (&'static str, &str) {
         (txpipe_common::auth::KEY_HEADER, &self.api_key)
