@@ -1,8 +1,9 @@
-//! `txpipe keys create|list|revoke`, and the key `txpipe up` makes for local use.
+//! `txpipe keys create|list|revoke|ensure`, and the key `txpipe up` makes for local use.
 //!
 //! The local key is made on the first `txpipe up` (an admin key named `local`) and kept in
 //! `{data_dir}/{ns}-api-key`, readable by its owner only (0600), so later starts can print it
-//! again, as a notebook server prints its token.
+//! again, as a notebook server prints its token. `txpipe keys ensure` does the same for any
+//! file (compose makes Prometheus's key with it).
 
 use anyhow::Context;
 use std::path::PathBuf;
@@ -49,12 +50,21 @@ pub fn local_key_path(settings: &Settings) -> PathBuf {
     settings.data_dir.join(format!("{}-api-key", settings.namespace))
 }
 
-/// The key for local use: the one kept under the data dir if storage still knows it and it is
-/// not revoked, else a new admin key (`local`, or `local-…` if that name is taken), written
-/// there with mode 0600.
+/// The key for local use: an admin key named `local`, kept in [`local_key_path`].
 pub async fn local_key(settings: &Settings, store: &dyn ApiKeyStore) -> anyhow::Result<Secret> {
-    let path = local_key_path(settings);
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    ensure_key(settings, store, "local", true, &local_key_path(settings)).await
+}
+
+/// The key kept in `path` if storage still knows it and it is not revoked; else a new key
+/// (`name`, or `name-…` if that name is taken), written there with mode 0600.
+pub async fn ensure_key(
+    settings: &Settings,
+    store: &dyn ApiKeyStore,
+    name: &str,
+    admin: bool,
+    path: &std::path::Path,
+) -> anyhow::Result<Secret> {
+    if let Ok(text) = std::fs::read_to_string(path) {
         let kept = Secret::new(text.trim());
         let known = store.get_by_hash(&auth::hash_key(kept.expose())).await?;
         if known.is_some_and(|k| k.revoked_at.is_none()) {
@@ -62,20 +72,19 @@ pub async fn local_key(settings: &Settings, store: &dyn ApiKeyStore) -> anyhow::
         }
     }
     let limits = KeyLimits::defaults(settings);
-    let secret = match auth::create_key(store, "local", true, limits).await {
+    let secret = match auth::create_key(store, name, admin, limits).await {
         Ok((_, secret)) => secret,
         Err(auth::KeyError::Storage(e)) if e.kind() == StorageErrorKind::AlreadyExists => {
-            let name = format!("local-{}", &clock_suffix());
-            auth::create_key(store, &name, true, limits).await?.1
+            let name = format!("{name}-{}", &clock_suffix());
+            auth::create_key(store, &name, admin, limits).await?.1
         }
         Err(e) => return Err(e.into()),
     };
-    write_private(&path, secret.expose())
-        .with_context(|| format!("cannot keep the local key in {}", path.display()))?;
+    write_private(path, secret.expose()).with_context(|| format!("cannot keep the key in {}", path.display()))?;
     Ok(secret)
 }
 
-/// Eight hex digits from the clock, enough to tell local keys apart.
+/// Eight hex digits from the clock, enough to tell kept keys of one name apart.
 fn clock_suffix() -> String {
     format!("{:08x}", chrono::Utc::now().timestamp_subsec_nanos() ^ (chrono::Utc::now().timestamp() as u32))
 }

@@ -102,6 +102,15 @@ enum KeysCommand {
     },
     /// Revoke a key: it is refused from then on (its name stays taken).
     Revoke { name: String },
+    /// Keep a working key in FILE (mode 0600): the one there if it is still valid, else a new
+    /// one named NAME (or NAME-… if taken). For deployments: e.g. Prometheus's credentials file.
+    Ensure {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        admin: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -294,6 +303,10 @@ async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
                     println!("{line}");
                 }
             }
+        }
+        KeysCommand::Ensure { name, file, admin } => {
+            txpipe_cli::keys::ensure_key(&settings, store, &name, admin, &file).await?;
+            println!("a valid API key is in {}", file.display());
         }
         KeysCommand::Revoke { name } => match store.revoke(&name, chrono::Utc::now()).await {
             Ok(()) => println!("revoked API key {name}"),

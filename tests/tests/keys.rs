@@ -273,6 +273,20 @@ async fn txpipe_keys_creates_lists_and_revokes_and_the_client_commands_send_the_
     assert_eq!(fleet.get_as(Some(&key), &format!("/files/{id}")).await.0, 401);
     let (ok, _, err) = txpipe(&fleet, &["keys", "revoke", "nobody"], &[]);
     assert!(!ok && err.contains("no API key named nobody"), "{err}");
+
+    // `keys ensure` (compose's Prometheus key): made once, kept private, kept while valid
+    let kept = fleet.dir.path().join("keys").join("prometheus");
+    let ensure = ["keys", "ensure", "prometheus", "--file", kept.to_str().unwrap()];
+    let (ok, _, err) = txpipe(&fleet, &ensure, &[]);
+    assert!(ok, "{err}");
+    let first = std::fs::read_to_string(&kept).unwrap();
+    assert!(txpipe(&fleet, &ensure, &[]).0);
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), first, "a valid key is kept");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    assert_eq!(fleet.get_as(Some(first.trim()), "/metrics").await.0, 200);
     fleet.shutdown().await;
 }
 
