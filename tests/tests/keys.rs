@@ -221,6 +221,8 @@ fn txpipe(fleet: &TestFleet, args: &[&str], env: &[(&str, &str)]) -> (bool, Stri
         .env("TXPIPE_NAMESPACE", fleet.names.namespace())
         .env("TXPIPE_DATA_DIR", fleet.dir.path())
         .env_remove("TXPIPE_API_KEY")
+        // the harness's own variable, not a setting: these run on local storage
+        .env_remove("TXPIPE_TEST_STORAGE")
         .stdin(std::process::Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
@@ -299,6 +301,8 @@ async fn up(dir: &std::path::Path, ns: &str) -> (tokio::process::Child, String, 
         .env("TXPIPE_DATA_DIR", dir)
         .env("TXPIPE_HTTP_ADDR", "127.0.0.1:0")
         .env_remove("TXPIPE_API_KEY")
+        // the harness's own variable, not a setting: these run on local storage
+        .env_remove("TXPIPE_TEST_STORAGE")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
