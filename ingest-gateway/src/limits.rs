@@ -8,7 +8,7 @@
 //! (seconds until the next UTC midnight). A 429 adds `Retry-After` in seconds.
 //!
 //! The quota is counted before the body is read, so an upload over quota costs nothing, and
-//! given back if the upload then fails: only accepted uploads stay counted.
+//! given back if the upload then fails or is abandoned: only accepted uploads stay counted.
 
 use crate::GatewayError;
 use axum::extract::{Request, State};
@@ -115,9 +115,27 @@ fn until_midnight(now: chrono::DateTime<Utc>) -> u64 {
 }
 
 /// One upload counted against its key's daily quota, to be settled when the upload is done.
+/// If it is dropped unsettled (the request's future cancelled mid-upload), the count is given
+/// back from a task of its own.
 pub struct Charge {
-    counted: Option<(String, NaiveDate)>,
+    counted: Option<Counted>,
     limit: Option<Limit>,
+}
+
+/// What to give back.
+struct Counted {
+    deps: Deps,
+    name: String,
+    day: NaiveDate,
+}
+
+impl Counted {
+    async fn give_back(self) {
+        if let Err(e) = self.deps.storage.keys.give_back(&self.name, self.day).await {
+            let e = txpipe_common::error::Chain(&e);
+            tracing::warn!(key = %self.name, error = %e, "could not give back a failed upload's quota");
+        }
+    }
 }
 
 impl Charge {
@@ -137,7 +155,8 @@ impl Charge {
         match used {
             QuotaUse::Counted(n) => {
                 limit.remaining = key.daily_quota.saturating_sub(n);
-                Ok(Self { counted: Some((key.name.clone(), day)), limit: Some(limit) })
+                let counted = Counted { deps: deps.clone(), name: key.name.clone(), day };
+                Ok(Self { counted: Some(counted), limit: Some(limit) })
             }
             QuotaUse::Exhausted => Err(GatewayError::Limited {
                 code: "quota_exceeded",
@@ -153,21 +172,30 @@ impl Charge {
 
     /// Keeps the count for an accepted upload (and says what is left); gives it back for a
     /// failed one, so a refused upload never uses up the quota.
-    pub async fn settle(self, deps: &Deps, result: Result<Response, GatewayError>) -> Result<Response, GatewayError> {
+    pub async fn settle(mut self, result: Result<Response, GatewayError>) -> Result<Response, GatewayError> {
         match result {
             Ok(mut resp) => {
+                self.counted = None;
                 if let Some(limit) = self.limit {
                     limit.write(resp.headers_mut());
                 }
                 Ok(resp)
             }
             Err(e) => {
-                if let Some((name, day)) = self.counted {
-                    if let Err(back) = deps.storage.keys.give_back(&name, day).await {
-                        tracing::warn!(key = %name, error = %txpipe_common::error::Chain(&back), "could not give back a failed upload's quota");
-                    }
+                if let Some(counted) = self.counted.take() {
+                    counted.give_back().await;
                 }
                 Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(counted) = self.counted.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(counted.give_back());
             }
         }
     }

@@ -51,9 +51,7 @@ pub(crate) async fn upload(
         .unwrap_or_else(txpipe_common::trace::TraceContext::start);
     let owner = caller.name().map(str::to_owned);
     let result = match crate::limits::Charge::take(&deps, &caller).await {
-        Ok(charge) => {
-            charge.settle(&deps, trace.scope("upload", accept(deps.clone(), owner, headers, body)).await).await
-        }
+        Ok(charge) => charge.settle(trace.scope("upload", accept(deps.clone(), owner, headers, body)).await).await,
         Err(e) => Err(e),
     };
     let result = result.map(|mut resp| {
