@@ -1,11 +1,14 @@
-//! The `txpipe` command: run the fleet on one machine, manage the topology, talk to a
-//! gateway, benchmark the validator.
+//! The `txpipe` command: run the fleet on one machine, manage the topology and API keys, talk
+//! to a gateway, benchmark the validator.
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use txpipe_cli::dlq;
+use txpipe_common::auth::{KeyError, KeyLimits};
+use txpipe_common::config::AuthMode;
 use txpipe_common::stage::Service;
+use txpipe_common::storage::{Storage, StorageErrorKind};
 use txpipe_common::{amqp::Broker, Deps, Settings};
 
 #[derive(Parser)]
@@ -34,12 +37,21 @@ enum Command {
         /// The gateway's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         gateway: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Show a file's status from a running gateway.
     Status {
         file_id: String,
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         gateway: String,
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Create, list and revoke API keys (in the storage the settings name).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Inspect and re-drive the dead-letter queue.
     Dlq {
@@ -52,6 +64,52 @@ enum Command {
     Bench {
         #[command(subcommand)]
         which: Bench,
+    },
+}
+
+#[derive(clap::Args)]
+struct KeyArg {
+    /// The API key to send (as x-api-key).
+    #[arg(long = "api-key", env = "TXPIPE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it (the only time it is shown).
+    Create {
+        name: String,
+        /// Uploads a UTC day (default TXPIPE_DAILY_QUOTA, 1000).
+        #[arg(long)]
+        daily_quota: Option<u64>,
+        /// Requests a second (default TXPIPE_RATE_PER_SECOND).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Requests at once above the rate (default TXPIPE_RATE_BURST).
+        #[arg(long)]
+        burst: Option<u32>,
+        /// May read every tenant's files.
+        #[arg(long)]
+        admin: bool,
+        /// Print one JSON object on one line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the keys (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key: it is refused from then on (its name stays taken).
+    Revoke { name: String },
+    /// Keep a working key in FILE (mode 0600): the one there if it is still valid, else a new
+    /// one named NAME (or NAME-… if taken). For deployments: e.g. Prometheus's credentials file.
+    Ensure {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        admin: bool,
     },
 }
 
@@ -153,10 +211,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Upload { file, gateway } => upload(&file, &gateway).await,
-        Command::Status { file_id, gateway } => {
-            get_json(&format!("{}/files/{file_id}", gateway.trim_end_matches('/'))).await
+        Command::Upload { file, gateway, key } => upload(&file, &gateway, key.api_key.as_deref()).await,
+        Command::Status { file_id, gateway, key } => {
+            get_json(&format!("{}/files/{file_id}", gateway.trim_end_matches('/')), key.api_key.as_deref()).await
         }
+        Command::Keys { command } => keys_command(command).await,
         Command::Bench { which: Bench::Validate { rows, file, runs } } => bench(rows, file, runs),
         Command::Dlq { command } => dlq_command(command).await,
         Command::Retry { file_id } => {
@@ -170,16 +229,92 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// `txpipe up`: the whole fleet in this process, with the life every service has.
+/// `txpipe up`: the whole fleet in this process, with the life every service has. Prints a
+/// ready-made curl line with the local API key (made on the first start).
 async fn up() -> std::process::ExitCode {
-    txpipe_common::service::main("txpipe", Service::Gateway.default_http_addr(), |listener, deps, shutdown| {
+    txpipe_common::service::main("txpipe", Service::Gateway.default_http_addr(), |listener, deps, shutdown| async move {
+        let key = match deps.settings.auth {
+            AuthMode::ApiKey => Some(txpipe_cli::keys::local_key(&deps.settings, deps.storage.keys.as_ref()).await?),
+            AuthMode::None => None,
+        };
         if let Ok(local) = listener.local_addr() {
             tracing::info!(addr = %local, data_dir = %deps.settings.data_dir.display(), "txpipe is up");
-            println!("txpipe is up: gateway on http://{local} (upload with: curl -H 'Content-Type: text/csv' --data-binary @file.csv http://{local}/upload)");
+            let header = match &key {
+                Some(k) => format!("-H 'x-api-key: {}' ", k.expose()),
+                None => String::new(),
+            };
+            println!("txpipe is up: gateway on http://{local}");
+            match &key {
+                Some(_) => println!(
+                    "API key for local use (admin; kept in {}):\n    {}",
+                    txpipe_cli::keys::local_key_path(&deps.settings).display(),
+                    header.trim_end()
+                ),
+                None => println!("TXPIPE_AUTH=none: no API key is asked (anyone who can reach the gateway may use it)"),
+            }
+            println!("upload with: curl {header}-H 'Content-Type: text/csv' --data-binary @file.csv http://{local}/upload");
         }
-        txpipe_cli::fleet::run(listener, deps, shutdown)
+        txpipe_cli::fleet::run(listener, deps, shutdown).await.map_err(anyhow::Error::from)
     })
     .await
+}
+
+async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let storage = Storage::open(&settings).await?;
+    let store = storage.keys.as_ref();
+    match command {
+        KeysCommand::Create { name, daily_quota, rate, burst, admin, json } => {
+            let defaults = KeyLimits::defaults(&settings);
+            let limits = KeyLimits {
+                daily_quota: daily_quota.unwrap_or(defaults.daily_quota),
+                rate_per_second: rate.unwrap_or(defaults.rate_per_second),
+                burst: burst.unwrap_or(defaults.burst),
+            };
+            let (key, secret) =
+                txpipe_common::auth::create_key(store, &name, admin, limits).await.map_err(|e| match e {
+                    KeyError::Storage(s) if s.kind() == StorageErrorKind::AlreadyExists => {
+                        anyhow::anyhow!("an API key named {name} exists already (names are never reused)")
+                    }
+                    other => other.into(),
+                })?;
+            if json {
+                let mut v = txpipe_cli::keys::describe(&key);
+                v["api_key"] = secret.expose().into();
+                println!("{v}");
+            } else {
+                println!(
+                    "created API key {name} (admin: {}, {} uploads a day, {}/s, burst {}); it is shown only now:",
+                    if admin { "yes" } else { "no" },
+                    key.daily_quota,
+                    key.rate_per_second,
+                    key.burst
+                );
+                println!("{}", secret.expose());
+            }
+        }
+        KeysCommand::List { json } => {
+            let keys = store.list().await?;
+            if json {
+                let all: Vec<_> = keys.iter().map(txpipe_cli::keys::describe).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for line in txpipe_cli::keys::table(&keys) {
+                    println!("{line}");
+                }
+            }
+        }
+        KeysCommand::Ensure { name, file, admin } => {
+            txpipe_cli::keys::ensure_key(&settings, store, &name, admin, &file).await?;
+            println!("a valid API key is in {}", file.display());
+        }
+        KeysCommand::Revoke { name } => match store.revoke(&name, chrono::Utc::now()).await {
+            Ok(()) => println!("revoked API key {name}"),
+            Err(e) if e.kind() == StorageErrorKind::NotFound => bail!("no API key named {name}"),
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Ok(())
 }
 
 async fn dlq_command(command: DlqCommand) -> anyhow::Result<()> {
@@ -275,10 +410,18 @@ async fn topology(action: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn upload(file: &PathBuf, gateway: &str) -> anyhow::Result<()> {
+/// A request that carries the API key, if one is given.
+fn with_key(req: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
+    match key {
+        Some(k) => req.header(txpipe_common::auth::KEY_HEADER, k),
+        None => req,
+    }
+}
+
+async fn upload(file: &PathBuf, gateway: &str, key: Option<&str>) -> anyhow::Result<()> {
     let body = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
-    let resp = reqwest::Client::new()
-        .post(format!("{}/upload", gateway.trim_end_matches('/')))
+    let client = reqwest::Client::new();
+    let resp = with_key(client.post(format!("{}/upload", gateway.trim_end_matches('/'))), key)
         .header("content-type", "text/csv")
         .body(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(body)))
         .send()
@@ -287,8 +430,9 @@ async fn upload(file: &PathBuf, gateway: &str) -> anyhow::Result<()> {
     print_response(resp).await
 }
 
-async fn get_json(url: &str) -> anyhow::Result<()> {
-    let resp = reqwest::get(url).await.with_context(|| format!("cannot reach {url}"))?;
+async fn get_json(url: &str, key: Option<&str>) -> anyhow::Result<()> {
+    let resp =
+        with_key(reqwest::Client::new().get(url), key).send().await.with_context(|| format!("cannot reach {url}"))?;
     print_response(resp).await
 }
 

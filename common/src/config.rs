@@ -28,6 +28,16 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Whether the HTTP endpoints ask for an API key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// Every endpoint but `/healthz` and `/readyz` needs a key (`x-api-key` or `Authorization: Bearer`).
+    ApiKey,
+    /// No keys asked, no quotas or rate limits: an explicit opt-out, warned about at start.
+    None,
+}
+
 /// All settings of every txpipe service. Field `foo_bar` is read from `TXPIPE_FOO_BAR`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -74,6 +84,17 @@ pub struct Settings {
     pub reconnect_timeout_ms: u64,
     /// Deadline of one AWS call, retries included, in milliseconds (the SDK has none by default).
     pub aws_operation_timeout_ms: u64,
+    /// `api-key` (the default) or `none`.
+    pub auth: AuthMode,
+    /// Uploads a UTC day for keys created without `--daily-quota`.
+    pub daily_quota: u64,
+    /// Requests a second for keys created without `--rate`.
+    pub rate_per_second: f64,
+    /// Burst for keys created without `--burst`.
+    pub rate_burst: u32,
+    /// The key the CLI's client commands send (`txpipe upload`, `txpipe status`); services
+    /// accept the variable and ignore it, so a user may export it in any shell.
+    pub api_key: Option<crate::auth::Secret>,
 }
 
 impl Default for Settings {
@@ -99,6 +120,12 @@ impl Default for Settings {
             s3_part_size_bytes: 8 * 1024 * 1024,
             aws_operation_timeout_ms: 30_000,
             reconnect_timeout_ms: 60_000,
+            auth: AuthMode::ApiKey,
+            // the seed's usage plan: 1,000 uploads a day
+            daily_quota: 1000,
+            rate_per_second: 10.0,
+            rate_burst: 20,
+            api_key: None,
         }
     }
 }
@@ -161,6 +188,12 @@ impl Settings {
             if sse != "AES256" && sse != "aws:kms" {
                 return bad("TXPIPE_S3_SSE", "must be AES256 or aws:kms");
             }
+        }
+        if crate::auth::KeyLimits::check(self.daily_quota, self.rate_per_second, self.rate_burst).is_err() {
+            return bad(
+                "TXPIPE_DAILY_QUOTA, TXPIPE_RATE_PER_SECOND or TXPIPE_RATE_BURST",
+                "need a quota of at least 1, a rate above 0 and a burst of at least 1",
+            );
         }
         if self.aws_operation_timeout_ms < 100 {
             return bad("TXPIPE_AWS_OPERATION_TIMEOUT_MS", "must be at least 100");
@@ -239,6 +272,17 @@ mod tests {
     }
 
     #[test]
+    fn auth_settings_load_and_the_key_never_shows() {
+        let s = with_env(&[]).unwrap();
+        assert_eq!((s.auth, s.daily_quota, s.api_key.is_none()), (AuthMode::ApiKey, 1000, true));
+        let s = with_env(&[("TXPIPE_AUTH", "none"), ("TXPIPE_API_KEY", "txp_sekrit"), ("TXPIPE_DAILY_QUOTA", "3")])
+            .unwrap();
+        assert_eq!((s.auth, s.daily_quota), (AuthMode::None, 3));
+        assert_eq!(s.api_key.as_ref().map(|k| k.expose()), Some("txp_sekrit"));
+        assert!(!format!("{s:?}").contains("sekrit"), "Debug of the settings redacts the key");
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let err = with_env(&[("TXPIPE_NAMESPACE", "Bad Name")]).unwrap_err();
         assert!(err.contains("TXPIPE_NAMESPACE"), "{err}");
@@ -246,6 +290,10 @@ mod tests {
         assert!(err.to_lowercase().contains("storage"), "{err}");
         let err = with_env(&[("TXPIPE_PREFETCH", "0")]).unwrap_err();
         assert!(err.contains("TXPIPE_PREFETCH"), "{err}");
+        let err = with_env(&[("TXPIPE_RATE_BURST", "0")]).unwrap_err();
+        assert!(err.contains("TXPIPE_RATE_BURST"), "{err}");
+        let err = with_env(&[("TXPIPE_AUTH", "basic")]).unwrap_err();
+        assert!(err.to_lowercase().contains("auth"), "{err}");
         let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
         assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
     }

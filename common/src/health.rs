@@ -1,6 +1,7 @@
 //! `/healthz` (the process is up), `/readyz` (broker connected, storage reachable) and
 //! `/metrics` (Prometheus), served by every binary; the gateway merges these routes into its
-//! own router.
+//! own router. `/metrics` needs an API key (every binary shares the key table through its
+//! storage); the probes never do, so orchestrators need no secret.
 
 use crate::deps::Deps;
 use crate::metrics::{DlqDepth, InternalEvent};
@@ -10,9 +11,11 @@ use serde_json::{json, Value};
 /// The health routes, for any service holding [`Deps`].
 pub fn routes<S>(deps: Deps) -> Router<S> {
     Router::new()
+        .route("/metrics", get(metrics))
+        // a route layer covers only the routes added before it: the probes stay open
+        .route_layer(axum::middleware::from_fn_with_state(deps.clone(), crate::auth::require_key))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(deps)
 }
 

@@ -5,6 +5,7 @@
 //! around it. docs/DESIGN.md has a map from each behaviour to its module.
 
 pub mod amqp;
+pub mod auth;
 pub mod config;
 pub mod csv_schema;
 pub mod currency;

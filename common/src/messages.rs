@@ -18,6 +18,9 @@ pub struct FileUploaded {
     /// Key of the CSV object in the bucket.
     pub object_key: String,
     /// When the event was first produced.
+    /// The API key that uploaded the file (so a dead-lettered copy names its tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded_by: Option<String>,
     pub at: DateTime<Utc>,
 }
 
@@ -28,6 +31,9 @@ pub struct FileValidated {
     pub object_key: String,
     /// Data rows in the file.
     pub row_count: u64,
+    /// The API key that uploaded the file (so a dead-lettered copy names its tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded_by: Option<String>,
     pub at: DateTime<Utc>,
 }
 
@@ -39,6 +45,9 @@ pub struct FileRejected {
     pub row_count: u64,
     /// Row errors found.
     pub error_count: u64,
+    /// The API key that uploaded the file (so a dead-lettered copy names its tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded_by: Option<String>,
     pub at: DateTime<Utc>,
 }
 
@@ -50,6 +59,9 @@ pub struct FileProcessed {
     pub row_count: u64,
     /// Rows written to the transactions table.
     pub records_processed: u64,
+    /// The API key that uploaded the file (so a dead-lettered copy names its tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded_by: Option<String>,
     pub at: DateTime<Utc>,
 }
 
@@ -86,23 +98,27 @@ impl StageMessage {
 
     /// A new `file.uploaded` for an object the gateway stored.
     pub fn uploaded(file_id: FileId, object_key: String) -> Self {
-        Self::Uploaded(FileUploaded { file_id, object_key, at: Utc::now() })
+        Self::Uploaded(FileUploaded { file_id, object_key, at: Utc::now(), uploaded_by: None })
     }
 
     /// The message on `key` about the file `record` describes (what a stage publishes when it
     /// is done, and what `txpipe retry` publishes to re-drive a stage).
     pub fn from_record(key: RoutingKey, record: &StatusRecord) -> Self {
         let (file_id, object_key, at) = (record.file_id, record.object_key.clone(), Utc::now());
+        let uploaded_by = record.uploaded_by.clone();
         let row_count = record.row_count.unwrap_or(0);
         match key {
-            RoutingKey::FileUploaded => Self::Uploaded(FileUploaded { file_id, object_key, at }),
-            RoutingKey::FileValidated => Self::Validated(FileValidated { file_id, object_key, row_count, at }),
+            RoutingKey::FileUploaded => Self::Uploaded(FileUploaded { file_id, object_key, at, uploaded_by }),
+            RoutingKey::FileValidated => {
+                Self::Validated(FileValidated { file_id, object_key, row_count, at, uploaded_by })
+            }
             RoutingKey::FileRejected => Self::Rejected(FileRejected {
                 file_id,
                 object_key,
                 row_count,
                 error_count: record.error_count.unwrap_or(0),
                 at,
+                uploaded_by,
             }),
             RoutingKey::FileProcessed => Self::Processed(FileProcessed {
                 file_id,
@@ -110,6 +126,7 @@ impl StageMessage {
                 row_count,
                 records_processed: record.records_processed.unwrap_or(0),
                 at,
+                uploaded_by,
             }),
         }
     }
@@ -206,6 +223,9 @@ pub struct Notification {
     pub error_count: u64,
     pub row_count: u64,
     pub timestamp: DateTime<Utc>,
+    /// The name of the API key that uploaded the file (absent when it had none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded_by: Option<String>,
 }
 
 impl Notification {
@@ -219,6 +239,7 @@ impl Notification {
             error_count: record.error_count.unwrap_or(0),
             row_count: record.row_count.unwrap_or(0),
             timestamp: Utc::now(),
+            uploaded_by: record.uploaded_by.clone(),
         }
     }
 
@@ -260,8 +281,10 @@ mod tests {
         r.row_count = Some(3);
         r.records_processed = Some(3);
         r.error_count = Some(1);
+        r.uploaded_by = Some("acme".into());
         for key in RoutingKey::ALL {
             let m = StageMessage::from_record(key, &r);
+            assert!(String::from_utf8(m.to_body()).unwrap().contains(r#""uploaded_by":"acme""#), "{key}");
             assert_eq!(m.routing_key(), key);
             assert_eq!(StageMessage::parse(key.as_str(), &m.to_body()).unwrap(), m);
             assert_eq!(m.message_id(), format!("{}:{key}", r.file_id));
@@ -275,6 +298,8 @@ mod tests {
             br#"{"file_id":"0190a4b6-0000-7000-8000-000000000000","object_key":"k","at":"2024-01-01T00:00:00Z"}"#;
         assert!(StageMessage::parse("file.uploaded", no_count).is_ok());
         assert!(StageMessage::parse("file.validated", no_count).is_err(), "file.validated carries its row count");
+        let note = Notification::of(&r, FileStatus::Completed);
+        assert_eq!(note.uploaded_by.as_deref(), Some("acme"), "notifications name the tenant");
     }
 
     #[test]

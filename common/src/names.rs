@@ -81,6 +81,11 @@ impl Names {
         format!("{}-csv-files", self.ns)
     }
 
+    /// `{ns}-api-keys`: API keys (stored as hashes) and their daily upload counts.
+    pub fn api_keys_table(&self) -> String {
+        format!("{}-api-keys", self.ns)
+    }
+
     /// `uploads/{file_id}.csv`.
     pub fn object_key(&self, file_id: &FileId) -> String {
         format!("uploads/{file_id}.csv")
@@ -104,6 +109,7 @@ mod tests {
         assert_eq!(n.transactions_table(), "txpipe-transactions");
         assert_eq!(n.status_table(), "txpipe-processing-status");
         assert_eq!(n.bucket(), "txpipe-csv-files");
+        assert_eq!(n.api_keys_table(), "txpipe-api-keys");
         assert_eq!(n.stage_of_queue("txpipe.notifier"), Some(Stage::Notifier));
         assert_eq!(n.stage_of_queue("other.notifier"), None);
     }

@@ -31,6 +31,9 @@ where
         }
     };
     crate::telemetry::init(service, settings.log_format);
+    if settings.auth == crate::config::AuthMode::None {
+        tracing::warn!("TXPIPE_AUTH=none: no API keys asked, no quotas or rate limits; anyone who can reach this service may use it");
+    }
     let addr = settings.http_addr_or(default_addr);
     let deps = match Deps::connect(settings).await {
         Ok(d) => d,

@@ -145,6 +145,10 @@ pub struct StatusRecord {
     /// validator does not start on an upload the gateway may still withdraw.
     #[serde(default = "announced_by_default")]
     pub announced: bool,
+    /// The name of the API key that uploaded the file: its owner (only it, and admin keys, may
+    /// read the file). None for files uploaded with `TXPIPE_AUTH=none` or before keys existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded_by: Option<String>,
 }
 
 fn announced_by_default() -> bool {
@@ -178,6 +182,7 @@ impl StatusRecord {
             records_processed: None,
             reason: None,
             announced: true,
+            uploaded_by: None,
         }
     }
 

@@ -24,6 +24,10 @@ pub enum GatewayError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Over a rate limit or the daily quota (429): the limit's headers and `Retry-After` go
+    /// with it. `code` is `rate_limited` or `quota_exceeded`.
+    #[error("{message}")]
+    Limited { code: &'static str, message: String, limit: crate::limits::Limit, retry_after: u64 },
 }
 
 impl GatewayError {
@@ -54,6 +58,7 @@ impl GatewayError {
             GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             GatewayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            GatewayError::Limited { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
         }
     }
 }
@@ -67,6 +72,10 @@ impl IntoResponse for GatewayError {
         let mut resp = (status, Json(json!({"error": code, "message": self.to_string()}))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+        }
+        if let GatewayError::Limited { limit, retry_after, .. } = &self {
+            limit.write(resp.headers_mut());
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, (*retry_after).into());
         }
         resp
     }

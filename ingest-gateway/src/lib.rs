@@ -2,12 +2,17 @@
 //! `uploaded` and publishes `file.uploaded` (its confirm awaited) before answering 202; the
 //! read endpoints show a file's status and its stored transactions.
 //!
+//! Every route but the probes needs an API key (`txpipe_common::auth`); a caller sees only the
+//! files its key uploaded (admin keys see all), within its key's rate and daily quota
+//! ([`limits`]).
+//!
 //! Claim check: the broker carries only a small message pointing at the stored object. If
 //! the store or the broker cannot take an upload, the client gets 503 and nothing is left
 //! behind claiming it was accepted.
 
 mod error;
 mod files;
+pub mod limits;
 mod upload;
 
 pub use error::GatewayError;
@@ -24,10 +29,14 @@ use txpipe_common::Deps;
 
 /// The gateway's routes over `deps`.
 pub fn router(deps: Deps) -> Router {
+    let limiter = Arc::new(limits::RateLimiter::default());
     Router::new()
         .route("/upload", post(upload::upload))
         .route("/files/{file_id}", get(files::file_status))
         .route("/files/{file_id}/transactions", get(files::file_transactions))
+        // the last layer runs first: the key is checked, then its rate
+        .route_layer(axum::middleware::from_fn_with_state(limiter, limits::rate_limit))
+        .route_layer(axum::middleware::from_fn_with_state(deps.clone(), txpipe_common::auth::require_key))
         .with_state(deps.clone())
         .merge(txpipe_common::health::routes(deps))
         // the upload body is streamed and its size checked as it arrives

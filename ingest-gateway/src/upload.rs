@@ -1,11 +1,12 @@
 //! `POST /upload`: streams the body into the object store, records the file as `uploaded`
 //! (not yet announced), publishes `file.uploaded` and waits for its confirm, marks it
 //! announced and answers 202; if the store or the broker cannot take it, undoes what was done
-//! and answers 503.
+//! and answers 503. The upload is counted against its key's daily quota first, and belongs to
+//! that key.
 
 use crate::GatewayError;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,8 +14,10 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use txpipe_common::auth::Caller;
 use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, UploadFinished, UploadStored};
+use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::StatusRecord;
 use txpipe_common::storage::StorageErrorKind;
 use txpipe_common::{Deps, FileId};
@@ -34,14 +37,24 @@ fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
     }
 }
 
-pub(crate) async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: Body) -> Result<Response, GatewayError> {
+pub(crate) async fn upload(
+    State(deps): State<Deps>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
     // continue the client's trace, or start one; every message about this file carries it
     let trace = headers
         .get(txpipe_common::trace::HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(txpipe_common::trace::TraceContext::parse)
         .unwrap_or_else(txpipe_common::trace::TraceContext::start);
-    let result = trace.scope("upload", accept(deps, headers, body)).await.map(|mut resp| {
+    let owner = caller.name().map(str::to_owned);
+    let result = match crate::limits::Charge::take(&deps, &caller).await {
+        Ok(charge) => charge.settle(trace.scope("upload", accept(deps.clone(), owner, headers, body)).await).await,
+        Err(e) => Err(e),
+    };
+    let result = result.map(|mut resp| {
         if let Ok(v) = trace.header().parse() {
             resp.headers_mut().insert(txpipe_common::trace::HEADER, v);
         }
@@ -55,7 +68,7 @@ pub(crate) async fn upload(State(deps): State<Deps>, headers: HeaderMap, body: B
     result
 }
 
-async fn accept(deps: Deps, headers: HeaderMap, body: Body) -> Result<Response, GatewayError> {
+async fn accept(deps: Deps, owner: Option<String>, headers: HeaderMap, body: Body) -> Result<Response, GatewayError> {
     content_type_ok(&headers)?;
     let limit = deps.settings.max_upload_bytes;
     let declared =
@@ -102,11 +115,12 @@ async fn accept(deps: Deps, headers: HeaderMap, body: Body) -> Result<Response, 
     // recorded as not yet announced: no worker starts on it until the broker has confirmed
     let mut record = StatusRecord::uploaded(file_id, key.clone(), size, chrono::Utc::now());
     record.announced = false;
+    record.uploaded_by = owner;
     if let Err(e) = deps.storage.statuses.create(&record).await {
         let _ = objects.delete(&key).await;
         return Err(GatewayError::from_storage("recording the upload", e));
     }
-    let event = StageMessage::uploaded(file_id, key.clone());
+    let event = StageMessage::from_record(RoutingKey::FileUploaded, &record);
     let announced = match announce(&deps, &event).await {
         Ok(()) => deps
             .storage

@@ -11,7 +11,8 @@ use tokio::io::AsyncReadExt;
 use txpipe_common::csv_schema::TxStatus;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{
-    Advance, ObjectStore, StatusStore, StorageError, StorageErrorKind, Transaction, TransactionStore,
+    Advance, ApiKeyRecord, ApiKeyStore, ObjectStore, QuotaUse, StatusStore, StorageError, StorageErrorKind,
+    Transaction, TransactionStore,
 };
 use txpipe_common::FileId;
 
@@ -175,4 +176,72 @@ pub async fn transaction_store(store: Arc<dyn TransactionStore>) {
 
     assert_eq!(kind_of(store.list_by_file(f1, 10, Some("not-a-cursor")).await), StorageErrorKind::InvalidCursor);
     assert!(store.list_by_file(FileId::new(), 10, None).await.unwrap().items.is_empty());
+}
+
+fn key(name: &str, admin: bool) -> ApiKeyRecord {
+    ApiKeyRecord {
+        name: name.into(),
+        hash: txpipe_common::auth::hash_key(&format!("txp_{}", uuid::Uuid::new_v4().simple())),
+        admin,
+        daily_quota: 3,
+        rate_per_second: 2.5,
+        burst: 4,
+        created_at: Utc::now(),
+        revoked_at: None,
+    }
+}
+
+/// API keys: found by hash, names and hashes never taken twice, listed without loss, revoked
+/// for good; the daily counter counts up to its limit and no further, even with many callers
+/// at once, per key and per day, and gives back.
+pub async fn api_key_store(store: Arc<dyn ApiKeyStore>) {
+    store.check().await.unwrap();
+    let p = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let (a, b) = (key(&format!("a-{p}"), false), key(&format!("b-{p}"), true));
+    assert_eq!(store.get_by_hash(&a.hash).await.unwrap(), None);
+    store.create(&a).await.unwrap();
+    store.create(&b).await.unwrap();
+    assert_eq!(store.get_by_hash(&a.hash).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.get_by_hash(&b.hash).await.unwrap().map(|k| k.admin), Some(true));
+    let same_name = ApiKeyRecord { hash: key("x", false).hash, ..a.clone() };
+    assert_eq!(kind_of(store.create(&same_name).await), StorageErrorKind::AlreadyExists);
+    assert_eq!(store.get_by_hash(&same_name.hash).await.unwrap(), None, "a refused key leaves nothing");
+    let listed = store.list().await.unwrap();
+    let mine: Vec<_> = listed.iter().filter(|k| k.name.ends_with(p)).collect();
+    assert_eq!(mine, vec![&a, &b], "listed by name");
+
+    let at = Utc::now();
+    store.revoke(&a.name, at).await.unwrap();
+    store.revoke(&a.name, Utc::now()).await.expect("revoking again is harmless");
+    let revoked = store.get_by_hash(&a.hash).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at.map(|t| t.timestamp_millis()), Some(at.timestamp_millis()));
+    assert_eq!(kind_of(store.revoke(&format!("nobody-{p}"), at).await), StorageErrorKind::NotFound);
+    assert_eq!(
+        kind_of(store.create(&ApiKeyRecord { hash: key("y", false).hash, ..a.clone() }).await),
+        StorageErrorKind::AlreadyExists,
+        "a revoked key's name stays taken"
+    );
+
+    let day = chrono::NaiveDate::from_ymd_opt(2024, 1, 15).unwrap();
+    assert_eq!(store.consume(&a.name, day, 2).await.unwrap(), QuotaUse::Counted(1));
+    assert_eq!(store.consume(&a.name, day, 2).await.unwrap(), QuotaUse::Counted(2));
+    assert_eq!(store.consume(&a.name, day, 2).await.unwrap(), QuotaUse::Exhausted);
+    assert_eq!(store.consume(&b.name, day, 2).await.unwrap(), QuotaUse::Counted(1), "each key counts alone");
+    store.give_back(&a.name, day).await.unwrap();
+    assert_eq!(store.consume(&a.name, day, 2).await.unwrap(), QuotaUse::Counted(2), "given back, counted again");
+    assert_eq!(store.consume(&a.name, day, 3).await.unwrap(), QuotaUse::Counted(3), "a raised limit applies at once");
+    let next = day.succ_opt().unwrap();
+    assert_eq!(store.consume(&a.name, next, 2).await.unwrap(), QuotaUse::Counted(1), "a new day starts at zero");
+    store.give_back(&b.name, next).await.expect("giving back what was never counted is harmless");
+    assert_eq!(store.consume(&b.name, next, 1).await.unwrap(), QuotaUse::Counted(1), "and never goes below zero");
+
+    // many callers at once (as several gateway replicas): exactly `limit` are counted
+    let c = format!("c-{p}");
+    let tries = (0..12).map(|_| {
+        let (s, c) = (store.clone(), c.clone());
+        tokio::spawn(async move { s.consume(&c, day, 5).await.unwrap() })
+    });
+    let results = futures::future::join_all(tries).await;
+    let counted = results.iter().filter(|r| matches!(r.as_ref().unwrap(), QuotaUse::Counted(_))).count();
+    assert_eq!(counted, 5);
 }

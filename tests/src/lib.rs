@@ -14,6 +14,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use txpipe_common::auth::KeyLimits;
 use txpipe_common::messages::{Notification, StageMessage};
 use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::{FileStatus, StatusRecord};
@@ -22,6 +23,24 @@ use txpipe_common::{Deps, FileId, Names, Settings};
 
 /// How long `wait_for_status` waits before failing the test.
 pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Limits no test reaches by accident.
+pub const UNLIMITED: KeyLimits = KeyLimits { daily_quota: 1_000_000, rate_per_second: 100_000.0, burst: 100_000 };
+
+/// Makes a key in `deps`' storage and returns its secret.
+pub async fn new_key(deps: &Deps, name: &str, admin: bool, limits: KeyLimits) -> String {
+    let (_, secret) = txpipe_common::auth::create_key(deps.storage.keys.as_ref(), name, admin, limits)
+        .await
+        .expect("create an API key");
+    secret.expose().to_owned()
+}
+
+/// An HTTP client that sends `key` in `x-api-key` on every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(txpipe_common::auth::KEY_HEADER, key.parse().expect("a key is a header value"));
+    reqwest::Client::builder().default_headers(headers).build().expect("http client")
+}
 
 /// A fresh namespace: `t-` and 12 random hex digits.
 pub fn fresh_namespace() -> String {
@@ -47,7 +66,10 @@ pub struct TestFleet {
     pub names: Names,
     pub settings: Settings,
     pub deps: Deps,
+    /// Sends [`TestFleet::api_key`] on every request.
     pub http: reqwest::Client,
+    /// An admin key made at spawn (limits high enough never to get in a test's way).
+    pub api_key: String,
     /// A direct connection to the broker for the test's own use (not through any proxy).
     pub admin: txpipe_common::amqp::Broker,
     /// Set when the fleet runs on moto (TXPIPE_STORAGE=aws): torn down with the fleet.
@@ -137,21 +159,53 @@ impl TestFleet {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
+        let api_key = new_key(&deps, "test-admin", true, UNLIMITED).await;
+        let http = client_with_key(&api_key);
         let task = tokio::spawn(txpipe_cli::fleet::run(listener, deps.clone(), stop.clone().cancelled_owned()));
-        let fleet = Self {
-            base_url,
-            names: settings.names(),
-            settings,
-            deps,
-            http: reqwest::Client::new(),
-            admin,
-            aws,
-            stop,
-            task,
-            dir,
-        };
+        let fleet =
+            Self { base_url, names: settings.names(), settings, deps, http, api_key, admin, aws, stop, task, dir };
         fleet.wait_ready().await;
         fleet
+    }
+
+    /// Another, independent handle on the fleet's storage (its own SQLite connection, or its own
+    /// AWS clients), as a second gateway replica would have.
+    pub async fn second_storage(&self) -> txpipe_common::storage::Storage {
+        match &self.aws {
+            Some(sdk) => txpipe_common::storage::Storage::aws(sdk, &self.settings),
+            None => txpipe_common::storage::Storage::open(&self.settings).await.expect("open the storage again"),
+        }
+    }
+
+    /// The header that carries the fleet's admin key, for tests that build raw requests.
+    pub fn key_header(&self) -> (&'static str, &str) {
+        (txpipe_common::auth::KEY_HEADER, &self.api_key)
+    }
+
+    /// Makes another key in the fleet's storage and returns its secret.
+    pub async fn new_key(&self, name: &str, admin: bool, limits: KeyLimits) -> String {
+        new_key(&self.deps, name, admin, limits).await
+    }
+
+    /// A request to the gateway with `key` (or none), not the fleet's admin key.
+    pub fn request_as(&self, key: Option<&str>, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = reqwest::Client::new().request(method, format!("{}{path}", self.base_url));
+        match key {
+            Some(k) => req.header(txpipe_common::auth::KEY_HEADER, k),
+            None => req,
+        }
+    }
+
+    /// Uploads a CSV with `key`, returning the raw response.
+    pub async fn upload_as(&self, key: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        let req = self.request_as(Some(key), reqwest::Method::POST, "/upload").header("content-type", "text/csv");
+        req.body(body).send().await.expect("gateway reachable")
+    }
+
+    /// GET `path` with `key` (or none): the HTTP status and the JSON body.
+    pub async fn get_as(&self, key: Option<&str>, path: &str) -> (u16, Value) {
+        let resp = self.request_as(key, reqwest::Method::GET, path).send().await.expect("gateway reachable");
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
     }
 
     async fn wait_ready(&self) {

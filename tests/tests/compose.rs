@@ -1,7 +1,8 @@
 //! What can be checked of the compose stack without a Docker engine: the files parse, every
 //! setting a service is given is one txpipe reads (and accepts), each service runs a binary
 //! the Dockerfile ships, workers can be scaled, and each RabbitMQ user's permissions allow
-//! exactly what its service does with the names of DESIGN.md.
+//! exactly what its service does with the names of DESIGN.md, and Prometheus scrapes with an
+//! API key a one-shot service makes into a volume they share.
 
 use regex::Regex;
 use serde_json::Value as Json;
@@ -201,6 +202,16 @@ fn prometheus_scrapes_every_service_and_alerts_only_on_metrics_txpipe_records() 
         let addr = env_of(&c["services"][service])["TXPIPE_HTTP_ADDR"].clone();
         assert!(addr.ends_with(&format!(":{port}")), "{service} serves /metrics on {port}: {addr}");
     }
+    // /metrics needs a key: every job sends the one the metrics-key service keeps
+    let key_file = "/etc/prometheus/keys/prometheus";
+    for job in prom["scrape_configs"].as_sequence().unwrap() {
+        assert_eq!(
+            job["authorization"]["credentials_file"].as_str(),
+            Some(key_file),
+            "job {:?} scrapes with the API key",
+            job["job_name"]
+        );
+    }
     let text = std::fs::read_to_string(format!("{ROOT}/compose/prometheus/alerts.yml")).unwrap();
     let alerts: Value = serde_yaml_ng::from_str(&text).expect("alerts.yml is valid YAML");
     let metric = Regex::new(r"txpipe_[a-z_]+").unwrap();
@@ -287,4 +298,40 @@ fn grafana_shows_the_dashboard_and_it_uses_only_metrics_txpipe_records() {
     ] {
         assert!(used.contains(wanted), "the dashboard shows {wanted}");
     }
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail closure returns figment's own large error
+fn a_one_shot_service_makes_prometheus_an_api_key_in_a_volume_they_share() {
+    let c = compose();
+    let svc = &c["services"]["metrics-key"];
+    let cmd: Vec<&str> = svc["command"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(cmd[..4], ["txpipe", "keys", "ensure", "prometheus"], "{cmd:?}");
+    let file = cmd.iter().position(|a| *a == "--file").map(|i| cmd[i + 1]).expect("--file");
+    assert_eq!(svc["depends_on"]["provision"]["condition"], "service_completed_successfully");
+    let mount = |svc: &Value, volume: &str| -> Option<String> {
+        svc["volumes"].as_sequence()?.iter().filter_map(Value::as_str).find_map(|m| {
+            let mut parts = m.split(':');
+            (parts.next() == Some(volume)).then(|| parts.next().unwrap_or_default().to_owned())
+        })
+    };
+    let written_in = mount(svc, "metrics-key").expect("metrics-key mounts the key volume");
+    assert!(file.starts_with(&format!("{written_in}/")), "{file} is in the volume at {written_in}");
+    let prometheus = &c["services"]["prometheus"];
+    let read_in = mount(prometheus, "metrics-key").expect("prometheus mounts the key volume");
+    assert_eq!(read_in, "/etc/prometheus/keys");
+    assert_eq!(format!("{read_in}/{}", file.rsplit('/').next().unwrap()), "/etc/prometheus/keys/prometheus");
+    assert_eq!(prometheus["depends_on"]["metrics-key"]["condition"], "service_completed_successfully");
+    assert!(c["volumes"].get("metrics-key").is_some(), "the volume is declared");
+    // it uses the same storage as the services, with settings txpipe accepts
+    let env = env_of(svc);
+    assert_eq!(env.get("TXPIPE_STORAGE").map(String::as_str), Some("aws"));
+    figment::Jail::expect_with(|jail| {
+        jail.clear_env();
+        for (k, v) in &env {
+            jail.set_env(k, v);
+        }
+        Settings::load().map_err(|e| format!("metrics-key: {e}"))?;
+        Ok(())
+    });
 }

@@ -141,7 +141,8 @@ async fn each_service_works_as_its_own_user_and_is_refused_what_it_must_not_do()
             txpipe_common::worker::run(&d, handler, s.cancelled_owned()).await.map_err(|e| e.to_string())
         });
     }
-    let http = reqwest::Client::new();
+    let key = txpipe_tests::new_key(&gateway, "least-privilege", true, txpipe_tests::UNLIMITED).await;
+    let http = txpipe_tests::client_with_key(&key);
     let mut accepted = None;
     for _ in 0..50 {
         // the gateway declares its topology as it starts

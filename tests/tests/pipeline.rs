@@ -215,7 +215,8 @@ async fn when_the_broker_cannot_take_an_upload_the_client_gets_503_and_nothing_i
     let app = txpipe_ingest_gateway::router(deps.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let r = reqwest::Client::new()
+    let key = txpipe_tests::new_key(&deps, "gateway-alone", false, txpipe_tests::UNLIMITED).await;
+    let r = txpipe_tests::client_with_key(&key)
         .post(&url)
         .header("content-type", "text/csv")
         .body(valid_csv("x", 2))

@@ -59,6 +59,19 @@ async fn wait_for_log(child: &mut Child, wanted: &str) -> serde_json::Value {
     found
 }
 
+/// An admin key made in the storage the processes share (`dir`, namespace `ns`), and a client
+/// that sends it.
+async fn keyed_client(ns: &str, dir: &std::path::Path) -> (String, reqwest::Client) {
+    let mut settings = txpipe_tests::test_settings(dir);
+    settings.namespace = ns.to_owned();
+    let storage = txpipe_common::storage::Storage::open(&settings).await.unwrap();
+    let limits = txpipe_tests::UNLIMITED;
+    let (_, key) = txpipe_common::auth::create_key(storage.keys.as_ref(), "processes", true, limits).await.unwrap();
+    let key = key.expose().to_owned();
+    let client = txpipe_tests::client_with_key(&key);
+    (key, client)
+}
+
 async fn stop(mut child: Child) -> std::process::ExitStatus {
     let pid = child.id().expect("running");
     Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await.unwrap();
@@ -73,7 +86,7 @@ async fn separate_binaries_with_several_copies_share_one_broker_and_storage() {
     let listening = wait_for_log(&mut gateway, "gateway listening").await;
     let base = format!("http://{}", listening["fields"]["addr"].as_str().unwrap());
 
-    let http = reqwest::Client::new();
+    let (key, http) = keyed_client(&ns, dir.path()).await;
     let mut workers = Vec::new();
     for name in ["validator", "validator", "transformer", "transformer", "notifier", "notifier"] {
         let mut child = spawn(name, &ns, dir.path());
@@ -91,6 +104,11 @@ async fn separate_binaries_with_several_copies_share_one_broker_and_storage() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        // a worker's /metrics needs a key too, checked in the storage it shares
+        let metrics = format!("http://{addr}/metrics");
+        assert_eq!(reqwest::get(&metrics).await.unwrap().status(), 401, "{name} /metrics without a key");
+        let r = reqwest::Client::new().get(&metrics).bearer_auth(&key).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{name} /metrics with a bearer key");
         workers.push(child);
     }
     let mut ids = Vec::new();
@@ -214,7 +232,7 @@ async fn killing_the_transformer_mid_file_again_and_again_loses_nothing_and_writ
     let validator = start_worker("validator", &ns, dir.path()).await;
     let notifier = start_worker("notifier", &ns, dir.path()).await;
     let mut transformer = start_worker("transformer", &ns, dir.path()).await;
-    let http = reqwest::Client::new();
+    let (_, http) = keyed_client(&ns, dir.path()).await;
 
     let big = upload(&http, &base, txpipe_tests::valid_csv("big", ROWS)).await;
     let small: Vec<String> = {
@@ -268,7 +286,7 @@ async fn sigterm_during_processing_finishes_the_file_and_exits_zero() {
     let validator = start_worker("validator", &ns, dir.path()).await;
     let notifier = start_worker("notifier", &ns, dir.path()).await;
     let transformer = start_worker("transformer", &ns, dir.path()).await;
-    let http = reqwest::Client::new();
+    let (_, http) = keyed_client(&ns, dir.path()).await;
     let id = upload(&http, &base, txpipe_tests::valid_csv("term", ROWS)).await;
     wait_status(&http, &base, &id, "processing", Duration::from_secs(60)).await;
     let exit = stop(transformer).await;

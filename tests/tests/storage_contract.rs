@@ -30,6 +30,12 @@ async fn sqlite_transaction_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn sqlite_api_key_store_meets_the_contract() {
+    let (_dir, s) = local().await;
+    contract::api_key_store(s.keys).await;
+}
+
+#[tokio::test]
 async fn two_processes_worth_of_connections_share_one_database() {
     // two independent opens of the same file, as two worker processes would have
     let dir = tempfile::tempdir().unwrap();
@@ -93,6 +99,13 @@ async fn dynamodb_transaction_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn dynamodb_api_key_store_meets_the_contract() {
+    let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
+    contract::api_key_store(s.keys).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
 async fn a_missing_bucket_or_table_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().unwrap();
     let settings = aws_settings(&dir);
@@ -103,6 +116,8 @@ async fn a_missing_bucket_or_table_is_a_clear_startup_error() {
     assert!(err.contains("txpipe provision"), "{err}");
     let err = storage.statuses.check().await.unwrap_err().to_string();
     assert!(err.contains(&settings.names().status_table()) && err.contains("txpipe provision"), "{err}");
+    let err = storage.keys.check().await.unwrap_err().to_string();
+    assert!(err.contains(&settings.names().api_keys_table()) && err.contains("txpipe provision"), "{err}");
 }
 
 #[tokio::test]

@@ -126,7 +126,7 @@ where
     StorageError::new(kind, context).with_source(err)
 }
 
-fn is_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_s3::error::SdkError<E, R>, code: &str) -> bool {
+pub(super) fn is_code<E: ProvideErrorMetadata, R>(err: &aws_sdk_s3::error::SdkError<E, R>, code: &str) -> bool {
     err.as_service_error().and_then(|e| e.code()) == Some(code)
 }
 
@@ -310,16 +310,17 @@ impl ObjectStore for S3ObjectStore {
 
 /// Both tables on DynamoDB.
 pub struct DynamoStore {
-    client: aws_sdk_dynamodb::Client,
+    pub(super) client: aws_sdk_dynamodb::Client,
     status_table: String,
     tx_table: String,
+    pub(super) keys_table: String,
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
+pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-fn get_s<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Result<&'a str, StorageError> {
+pub(super) fn get_s<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Result<&'a str, StorageError> {
     item.get(name)
         .and_then(|v| v.as_s().ok())
         .map(String::as_str)
@@ -389,6 +390,7 @@ impl DynamoStore {
             ),
             status_table: names.status_table(),
             tx_table: names.transactions_table(),
+            keys_table: names.api_keys_table(),
         }
     }
 
@@ -493,7 +495,7 @@ impl DynamoStore {
         Err(StorageError::unavailable(format!("status of file {file_id} kept changing under us")))
     }
 
-    async fn describe(&self, table: &str) -> Result<(), StorageError> {
+    pub(super) async fn describe(&self, table: &str) -> Result<(), StorageError> {
         match self.client.describe_table().table_name(table).send().await {
             Ok(_) => Ok(()),
             Err(e) if is_code(&e, "ResourceNotFoundException") => Err(StorageError::misconfigured(format!(

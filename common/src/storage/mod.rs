@@ -1,10 +1,12 @@
-//! Storage ports: the object store (CSV files), the processing-status table and the
-//! transactions table, each a trait held as `Arc<dyn …>`. The embedded adapters (a local
+//! Storage ports: the object store (CSV files), the processing-status table, the
+//! transactions table and the API-key table (keys and their daily upload counts), each a
+//! trait held as `Arc<dyn …>`. The embedded adapters (a local
 //! directory and SQLite) live here; the S3/DynamoDB adapters implement the same traits, and
 //! one contract test suite (`txpipe-tests`) runs against each. Every failure is a
 //! [`StorageError`] whose [`StorageClass`] decides what callers do about it.
 
 pub mod aws;
+mod aws_keys;
 mod error;
 pub mod local;
 pub mod provision;
@@ -16,7 +18,7 @@ use crate::file_id::FileId;
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{DateTime, FixedOffset, Utc};
+use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
 use futures::stream::BoxStream;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -134,12 +136,63 @@ pub trait TransactionStore: Send + Sync + 'static {
     async fn check(&self) -> Result<(), StorageError>;
 }
 
+/// One API key as stored: never the secret, only its SHA-256 (see `crate::auth`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// Unique, and kept after revocation: files name the key that uploaded them.
+    pub name: String,
+    /// Lower-case hex SHA-256 of the whole key (`txp_…`).
+    pub hash: String,
+    /// Reads every tenant's files.
+    pub admin: bool,
+    /// Uploads allowed per UTC day.
+    pub daily_quota: u64,
+    /// Requests per second, refilled continuously (a token bucket per gateway replica).
+    pub rate_per_second: f64,
+    /// Requests allowed at once above the rate (the bucket's size).
+    pub burst: u32,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// The outcome of counting one upload against a daily quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuotaUse {
+    /// Counted: this many uploads are now counted for the day, this one included.
+    Counted(u64),
+    /// The day's quota is spent; nothing was counted.
+    Exhausted,
+}
+
+/// The API-key table: keys by name and by hash, and one upload counter per key and UTC day,
+/// shared by every gateway replica that uses the same storage.
+#[async_trait]
+pub trait ApiKeyStore: Send + Sync + 'static {
+    /// Stores a new key; [`StorageErrorKind::AlreadyExists`] if the name is taken (a revoked
+    /// key's name stays taken, so a file's owner never changes hands).
+    async fn create(&self, key: &ApiKeyRecord) -> Result<(), StorageError>;
+    /// The key whose hash this is, revoked or not.
+    async fn get_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StorageError>;
+    /// Every key, by name.
+    async fn list(&self) -> Result<Vec<ApiKeyRecord>, StorageError>;
+    /// Marks the key revoked (again is harmless); [`StorageErrorKind::NotFound`] for an unknown name.
+    async fn revoke(&self, name: &str, at: DateTime<Utc>) -> Result<(), StorageError>;
+    /// Counts one upload for `name` on `day` if fewer than `limit` are counted, atomically
+    /// (one conditional write), so replicas never count past the limit together.
+    async fn consume(&self, name: &str, day: NaiveDate, limit: u64) -> Result<QuotaUse, StorageError>;
+    /// Uncounts one upload (one that was counted and then failed); never below zero.
+    async fn give_back(&self, name: &str, day: NaiveDate) -> Result<(), StorageError>;
+    async fn check(&self) -> Result<(), StorageError>;
+}
+
 /// Every store a service may use.
 #[derive(Clone)]
 pub struct Storage {
     pub objects: Arc<dyn ObjectStore>,
     pub statuses: Arc<dyn StatusStore>,
     pub transactions: Arc<dyn TransactionStore>,
+    pub keys: Arc<dyn ApiKeyStore>,
 }
 
 impl Storage {
@@ -152,7 +205,7 @@ impl Storage {
                 let objects = local::LocalObjectStore::open(layout.objects_dir())?;
                 let db = sqlite::SqliteStore::open(&layout.database(), &names).await?;
                 let db = Arc::new(db);
-                Ok(Self { objects: Arc::new(objects), statuses: db.clone(), transactions: db })
+                Ok(Self { objects: Arc::new(objects), statuses: db.clone(), transactions: db.clone(), keys: db })
             }
             StorageKind::Aws => {
                 let sdk = aws::load_sdk_config(settings).await;
@@ -167,14 +220,16 @@ impl Storage {
     /// S3 and DynamoDB stores for `settings`' namespace, from an SDK configuration.
     pub fn aws(sdk: &aws_config::SdkConfig, settings: &Settings) -> Self {
         let db = Arc::new(aws::DynamoStore::new(sdk, &settings.names()));
-        Self { objects: Arc::new(aws::S3ObjectStore::new(sdk, settings)), statuses: db.clone(), transactions: db }
+        let objects = Arc::new(aws::S3ObjectStore::new(sdk, settings));
+        Self { objects, statuses: db.clone(), transactions: db.clone(), keys: db }
     }
 
     /// Ok when every store answers.
     pub async fn check(&self) -> Result<(), StorageError> {
         self.objects.check().await?;
         self.statuses.check().await?;
-        self.transactions.check().await
+        self.transactions.check().await?;
+        self.keys.check().await
     }
 }
 

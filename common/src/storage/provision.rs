@@ -1,5 +1,5 @@
 //! `txpipe provision` / `txpipe teardown` for the aws backend: create or remove the bucket
-//! and both tables of a namespace, idempotently, saying what was done.
+//! and the tables of a namespace (status, transactions, API keys), idempotently, saying what was done.
 
 use super::aws::{S3ObjectStore, FILE_INDEX};
 use super::StorageError;
@@ -8,6 +8,7 @@ use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
     PointInTimeRecoverySpecification, Projection, ProjectionType, ScalarAttributeType, TableStatus,
+    TimeToLiveSpecification,
 };
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration, Delete, ObjectIdentifier};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -33,7 +34,8 @@ fn string_attr(name: &str) -> AttributeDefinition {
 }
 
 /// Creates what is missing: the bucket, the status table, the transactions table with its
-/// file_id index; turns on point-in-time recovery where the service supports it.
+/// file_id index, the API-key table (with a TTL on old upload counters); turns on
+/// point-in-time recovery where the service supports it.
 pub async fn provision(
     s3: &S3ObjectStore,
     ddb: &aws_sdk_dynamodb::Client,
@@ -83,7 +85,23 @@ pub async fn provision(
         .global_secondary_indexes(index);
     done.push(create_table(&tx, req).await?);
 
-    for table in [&status, &tx] {
+    let keys = names.api_keys_table();
+    let req = ddb
+        .create_table()
+        .table_name(&keys)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(string_attr("pk"))
+        .key_schema(key("pk", KeyType::Hash));
+    done.push(create_table(&keys, req).await?);
+    wait_active(ddb, &keys).await?;
+    let ttl = TimeToLiveSpecification::builder().enabled(true).attribute_name("expires_at").build().expect("complete");
+    match ddb.update_time_to_live().table_name(&keys).time_to_live_specification(ttl).send().await {
+        Ok(_) => done.push(format!("TTL on expires_at for {keys} (old upload counters expire)")),
+        // already on, or not supported by this server: counters of past days are only kept then
+        Err(e) => done.push(format!("TTL not changed for {keys} ({})", e.code().unwrap_or("unsupported"))),
+    }
+
+    for table in [&status, &tx, &keys] {
         wait_active(ddb, table).await?;
         let pitr =
             PointInTimeRecoverySpecification::builder().point_in_time_recovery_enabled(true).build().expect("complete");
@@ -121,7 +139,7 @@ async fn wait_active(ddb: &aws_sdk_dynamodb::Client, table: &str) -> Result<(), 
     Err(StorageError::unavailable(format!("DynamoDB table {table} did not become ACTIVE within a minute")))
 }
 
-/// Removes the bucket (emptying it first) and both tables; what is already gone is skipped.
+/// Removes the bucket (emptying it first) and the tables; what is already gone is skipped.
 pub async fn teardown(
     s3: &S3ObjectStore,
     ddb: &aws_sdk_dynamodb::Client,
@@ -172,7 +190,7 @@ pub async fn teardown(
             }
         }
     }
-    for table in [names.status_table(), names.transactions_table()] {
+    for table in [names.status_table(), names.transactions_table(), names.api_keys_table()] {
         match ddb.delete_table().table_name(&table).send().await {
             Ok(_) => done.push(format!("deleted DynamoDB table {table}")),
             Err(e) if e.code() == Some("ResourceNotFoundException") => {

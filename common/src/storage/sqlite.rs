@@ -1,16 +1,17 @@
-//! The embedded table store: the processing-status and transactions tables in one SQLite
-//! file. WAL and a busy timeout let several processes on one host share it; every call runs
+//! The embedded table store: the processing-status, transactions and API-key tables (with
+//! the keys' daily upload counts) in one SQLite file. WAL and a busy timeout let several processes on one host share it; every call runs
 //! on the blocking pool so the async workers never stall on the database.
 
 use super::{
-    decode_cursor, encode_cursor, Advance, StatusStore, StorageError, Transaction, TransactionPage, TransactionStore,
+    decode_cursor, encode_cursor, Advance, ApiKeyRecord, ApiKeyStore, QuotaUse, StatusStore, StorageError, Transaction,
+    TransactionPage, TransactionStore,
 };
 use crate::csv_schema::TxStatus;
 use crate::file_id::FileId;
 use crate::names::Names;
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,8 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     status_table: String,
     tx_table: String,
+    keys_table: String,
+    usage_table: String,
 }
 
 fn db_err(e: rusqlite::Error) -> StorageError {
@@ -44,7 +47,9 @@ impl SqliteStore {
         let status_table = quoted(&names.status_table());
         let tx_table = quoted(&names.transactions_table());
         let by_file = quoted(&format!("{}-by-file", names.transactions_table()));
-        let (st, tt) = (status_table.clone(), tx_table.clone());
+        let keys_table = quoted(&names.api_keys_table());
+        let usage_table = quoted(&format!("{}-usage", names.api_keys_table()));
+        let (st, tt, kt, ut) = (status_table.clone(), tx_table.clone(), keys_table.clone(), usage_table.clone());
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -74,14 +79,25 @@ impl SqliteStore {
                     status TEXT NOT NULL,
                     processed_at TEXT NOT NULL
                  ) WITHOUT ROWID;
-                 CREATE INDEX IF NOT EXISTS {by_file} ON {tt} (file_id, transaction_id);"
+                 CREATE INDEX IF NOT EXISTS {by_file} ON {tt} (file_id, transaction_id);
+                 CREATE TABLE IF NOT EXISTS {kt} (
+                    name TEXT PRIMARY KEY,
+                    hash TEXT NOT NULL UNIQUE,
+                    record TEXT NOT NULL
+                 ) WITHOUT ROWID;
+                 CREATE TABLE IF NOT EXISTS {ut} (
+                    name TEXT NOT NULL,
+                    day TEXT NOT NULL,
+                    count INTEGER NOT NULL,
+                    PRIMARY KEY (name, day)
+                 ) WITHOUT ROWID;"
             ))
             .map_err(db_err)?;
             Ok(conn)
         })
         .await
         .map_err(|e| StorageError::unavailable("opening the database failed").with_source(e))??;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), status_table, tx_table })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), status_table, tx_table, keys_table, usage_table })
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -289,9 +305,107 @@ impl SqliteStore {
         .await
     }
 
-    /// Drops both tables of the namespace (`txpipe teardown` for local storage).
+    /// Drops every table of the namespace (`txpipe teardown` for local storage).
     pub async fn drop_tables(&self) -> Result<(), StorageError> {
-        let sql = format!("DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};", self.status_table, self.tx_table);
+        let sql = [&self.status_table, &self.tx_table, &self.keys_table, &self.usage_table]
+            .map(|t| format!("DROP TABLE IF EXISTS {t};"))
+            .concat();
         self.with(move |c| c.execute_batch(&sql).map_err(db_err)).await
+    }
+}
+
+fn key_from_json(s: &str) -> Result<ApiKeyRecord, StorageError> {
+    serde_json::from_str(s).map_err(|e| StorageError::corrupt("API key record").with_source(e))
+}
+
+#[async_trait]
+impl ApiKeyStore for SqliteStore {
+    async fn create(&self, key: &ApiKeyRecord) -> Result<(), StorageError> {
+        let sql = format!("INSERT INTO {} (name, hash, record) VALUES (?1, ?2, ?3)", self.keys_table);
+        let (name, hash) = (key.name.clone(), key.hash.clone());
+        let json = serde_json::to_string(key).expect("a key record always serializes");
+        self.with(move |c| match c.execute(&sql, params![name, hash, json]) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(StorageError::already_exists(format!("API key {name}")))
+            }
+            Err(e) => Err(db_err(e)),
+        })
+        .await
+    }
+
+    async fn get_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StorageError> {
+        let sql = format!("SELECT record FROM {} WHERE hash = ?1", self.keys_table);
+        let hash = hash.to_owned();
+        self.with(move |c| {
+            let json: Option<String> = c.query_row(&sql, params![hash], |r| r.get(0)).optional().map_err(db_err)?;
+            json.as_deref().map(key_from_json).transpose()
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<ApiKeyRecord>, StorageError> {
+        let sql = format!("SELECT record FROM {} ORDER BY name", self.keys_table);
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
+            rows.map(|r| key_from_json(&r.map_err(db_err)?)).collect()
+        })
+        .await
+    }
+
+    async fn revoke(&self, name: &str, at: DateTime<Utc>) -> Result<(), StorageError> {
+        let select = format!("SELECT record FROM {} WHERE name = ?1", self.keys_table);
+        let write = format!("UPDATE {} SET record = ?2 WHERE name = ?1", self.keys_table);
+        let name = name.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let json: Option<String> = tx.query_row(&select, params![name], |r| r.get(0)).optional().map_err(db_err)?;
+            let mut key = key_from_json(&json.ok_or_else(|| StorageError::not_found(format!("API key {name}")))?)?;
+            if key.revoked_at.is_none() {
+                key.revoked_at = Some(at);
+                let json = serde_json::to_string(&key).expect("a key record always serializes");
+                tx.execute(&write, params![name, json]).map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn consume(&self, name: &str, day: NaiveDate, limit: u64) -> Result<QuotaUse, StorageError> {
+        let ut = &self.usage_table;
+        // earlier days are of no use any more: keep the table to a row or two per key
+        let forget = format!("DELETE FROM {ut} WHERE name = ?1 AND day < ?2");
+        let start = format!("INSERT INTO {ut} (name, day, count) VALUES (?1, ?2, 0) ON CONFLICT DO NOTHING");
+        // the conditional counter: counts only while under the limit, in one statement
+        let count =
+            format!("UPDATE {ut} SET count = count + 1 WHERE name = ?1 AND day = ?2 AND count < ?3 RETURNING count");
+        let (name, day, limit) = (name.to_owned(), day.to_string(), i64::try_from(limit).unwrap_or(i64::MAX));
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            tx.execute(&forget, params![name, day]).map_err(db_err)?;
+            tx.execute(&start, params![name, day]).map_err(db_err)?;
+            let counted: Option<i64> =
+                tx.query_row(&count, params![name, day, limit], |r| r.get(0)).optional().map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(match counted {
+                Some(n) => QuotaUse::Counted(n.max(0) as u64),
+                None => QuotaUse::Exhausted,
+            })
+        })
+        .await
+    }
+
+    async fn give_back(&self, name: &str, day: NaiveDate) -> Result<(), StorageError> {
+        let sql =
+            format!("UPDATE {} SET count = count - 1 WHERE name = ?1 AND day = ?2 AND count > 0", self.usage_table);
+        let (name, day) = (name.to_owned(), day.to_string());
+        self.with(move |c| c.execute(&sql, params![name, day]).map(|_| ()).map_err(db_err)).await
+    }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.keys_table);
+        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
     }
 }
