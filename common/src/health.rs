@@ -6,18 +6,28 @@ use crate::deps::Deps;
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use serde_json::{json, Value};
 
-/// The health routes, for any service holding [`Deps`].
-pub fn routes<S>(deps: Deps) -> Router<S> {
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async {
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
-            }),
-        )
-        .with_state(deps)
+/// The health routes, for any service holding [`Deps`]; `/metrics` too if `with_metrics`
+/// (not when `TXPIPE_METRICS_ADDR` serves it apart).
+pub fn routes<S>(deps: Deps, with_metrics: bool) -> Router<S> {
+    let router =
+        Router::new().route("/healthz", get(|| async { Json(json!({"status": "ok"})) })).route("/readyz", get(readyz));
+    let router = if with_metrics { router.merge(metrics_routes()) } else { router };
+    router.with_state(deps)
+}
+
+fn metrics_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route(
+        "/metrics",
+        get(|| async { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render()) }),
+    )
+}
+
+/// Serves `/metrics` alone on `listener` (`TXPIPE_METRICS_ADDR`) until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_routes::<()>()).with_graceful_shutdown(shutdown).await
 }
 
 async fn readyz(State(deps): State<Deps>) -> (StatusCode, Json<Value>) {
@@ -33,5 +43,6 @@ pub async fn serve(
     deps: Deps,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, routes::<()>(deps)).with_graceful_shutdown(shutdown).await
+    let with_metrics = deps.settings.metrics_addr.is_none();
+    axum::serve(listener, routes::<()>(deps, with_metrics)).with_graceful_shutdown(shutdown).await
 }

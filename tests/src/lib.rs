@@ -167,6 +167,23 @@ impl TestFleet {
         }
     }
 
+    /// The header that authenticates the test's requests, for requests built by hand (raw TCP).
+    /// No key is needed yet, so its value is empty.
+    pub fn key_header(&self) -> (&'static str, String) {
+        ("x-api-key", String::new())
+    }
+
+    /// The gateway's `host:port`, for raw TCP clients.
+    pub fn addr(&self) -> &str {
+        self.base_url.trim_start_matches("http://")
+    }
+
+    /// Uploads recorded but never announced (with any age): what must never be left behind.
+    pub async fn unannounced(&self) -> Vec<FileId> {
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
+        self.deps.storage.statuses.unannounced(later, 1000).await.expect("list unannounced uploads")
+    }
+
     /// POSTs `body` to /upload with `content_type`, returning the raw response.
     pub async fn post_upload(&self, body: impl Into<reqwest::Body>, content_type: &str) -> reqwest::Response {
         self.http

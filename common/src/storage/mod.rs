@@ -73,6 +73,10 @@ pub trait StatusStore: Send + Sync + 'static {
     /// could not announce), atomically; true if it was forgotten, false if it is announced
     /// or unknown.
     async fn withdraw(&self, file_id: FileId) -> Result<bool, StorageError>;
+    /// Files recorded but still unannounced, recorded before `before`, at most `limit`: the
+    /// uploads a crash left between recording and announcing (the gateway's sweeper withdraws
+    /// them). Reads only such records, not the whole table.
+    async fn unannounced(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<FileId>, StorageError>;
     async fn check(&self) -> Result<(), StorageError>;
 }
 
@@ -117,6 +121,28 @@ pub struct TransactionPage {
     pub items: Vec<Transaction>,
     /// Pass back to get the next page; absent on the last page.
     pub next_cursor: Option<String>,
+}
+
+impl TransactionPage {
+    /// Keeps the longest prefix of the page whose items take at most `budget` bytes as JSON
+    /// (always at least one item, so paging moves on); if items were dropped, the cursor
+    /// points after the last one kept.
+    pub fn truncate_to_bytes(&mut self, budget: usize) {
+        let mut used = 0usize;
+        let keep = self
+            .items
+            .iter()
+            .position(|t| {
+                used += serde_json::to_vec(t).map(|v| v.len() + 1).unwrap_or(usize::MAX / 2);
+                used > budget
+            })
+            .map(|n| n.max(1))
+            .unwrap_or(self.items.len());
+        if keep < self.items.len() {
+            self.items.truncate(keep);
+            self.next_cursor = self.items.last().map(|t| encode_cursor(&t.transaction_id));
+        }
+    }
 }
 
 /// The transactions table, keyed by transaction_id (a later write of the same id replaces it).
@@ -183,14 +209,17 @@ pub(crate) fn encode_cursor(last_id: &str) -> String {
     last_id.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Works on bytes, never slicing the `&str`: a cursor is client input and may hold any UTF-8.
 pub(crate) fn decode_cursor(cursor: &str) -> Result<String, StorageError> {
     if !cursor.len().is_multiple_of(2) || cursor.len() > 2048 {
         return Err(StorageError::invalid_cursor());
     }
-    let bytes = (0..cursor.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).map_err(|_| StorageError::invalid_cursor()))
-        .collect::<Result<Vec<u8>, _>>()?;
+    let digit = |b: u8| (b as char).to_digit(16).ok_or_else(StorageError::invalid_cursor);
+    let bytes = cursor
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| Ok((digit(pair[0])? * 16 + digit(pair[1])?) as u8))
+        .collect::<Result<Vec<u8>, StorageError>>()?;
     String::from_utf8(bytes).map_err(|_| StorageError::invalid_cursor())
 }
 
@@ -216,7 +245,7 @@ mod tests {
         for id in ["t1", "ü/?&= x", ""] {
             assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
         }
-        for bad in ["xyz", "zz", "0"] {
+        for bad in ["xyz", "zz", "0", "0é0", "é1", "+1", "0x"] {
             assert_eq!(decode_cursor(bad).unwrap_err().kind(), StorageErrorKind::InvalidCursor, "{bad}");
         }
     }

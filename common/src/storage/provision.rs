@@ -1,7 +1,7 @@
 //! `txpipe provision` / `txpipe teardown` for the aws backend: create or remove the bucket
 //! and both tables of a namespace, idempotently, saying what was done.
 
-use super::aws::{S3ObjectStore, FILE_INDEX};
+use super::aws::{S3ObjectStore, FILE_INDEX, UNANNOUNCED_INDEX, UNANNOUNCED_KEY, UNANNOUNCED_SINCE};
 use super::StorageError;
 use crate::names::Names;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
@@ -57,12 +57,23 @@ pub async fn provision(
     }
 
     let status = names.status_table();
+    // sparse: only unannounced uploads carry its keys; the sweeper needs just their ids
+    let unannounced = GlobalSecondaryIndex::builder()
+        .index_name(UNANNOUNCED_INDEX)
+        .key_schema(key(UNANNOUNCED_KEY, KeyType::Hash))
+        .key_schema(key(UNANNOUNCED_SINCE, KeyType::Range))
+        .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
+        .build()
+        .expect("complete index");
     let req = ddb
         .create_table()
         .table_name(&status)
         .billing_mode(BillingMode::PayPerRequest)
         .attribute_definitions(string_attr("file_id"))
-        .key_schema(key("file_id", KeyType::Hash));
+        .attribute_definitions(string_attr(UNANNOUNCED_KEY))
+        .attribute_definitions(string_attr(UNANNOUNCED_SINCE))
+        .key_schema(key("file_id", KeyType::Hash))
+        .global_secondary_indexes(unannounced);
     done.push(create_table(&status, req).await?);
 
     let tx = names.transactions_table();

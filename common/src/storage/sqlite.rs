@@ -44,6 +44,7 @@ impl SqliteStore {
         let status_table = quoted(&names.status_table());
         let tx_table = quoted(&names.transactions_table());
         let by_file = quoted(&format!("{}-by-file", names.transactions_table()));
+        let unannounced = quoted(&format!("{}-unannounced", names.status_table()));
         let (st, tt) = (status_table.clone(), tx_table.clone());
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
             if let Some(dir) = path.parent() {
@@ -74,7 +75,9 @@ impl SqliteStore {
                     status TEXT NOT NULL,
                     processed_at TEXT NOT NULL
                  ) WITHOUT ROWID;
-                 CREATE INDEX IF NOT EXISTS {by_file} ON {tt} (file_id, transaction_id);"
+                 CREATE INDEX IF NOT EXISTS {by_file} ON {tt} (file_id, transaction_id);
+                 CREATE INDEX IF NOT EXISTS {unannounced} ON {st} (file_id)
+                    WHERE json_extract(record, '$.announced') = 0;"
             ))
             .map_err(db_err)?;
             Ok(conn)
@@ -163,6 +166,25 @@ impl StatusStore for SqliteStore {
                 }
                 _ => Ok(false),
             }
+        })
+        .await
+    }
+
+    async fn unannounced(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<FileId>, StorageError> {
+        // the partial index on unannounced records keeps this from reading the whole table
+        let sql =
+            format!("SELECT record FROM {} WHERE json_extract(record, '$.announced') = 0 LIMIT ?1", self.status_table);
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let mut rows = stmt.query(params![limit as i64]).map_err(db_err)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(db_err)? {
+                let record = from_json(&r.get::<_, String>(0).map_err(db_err)?)?;
+                if !record.announced && record.created_at < before {
+                    out.push(record.file_id);
+                }
+            }
+            Ok(out)
         })
         .await
     }
