@@ -64,14 +64,24 @@ impl GatewayError {
     /// Storage failures, answered with the status their class maps to
     /// ([`txpipe_common::storage::StorageClass::http_status`]): an unavailable store is the
     /// client's cue to retry (503), a bad cursor or a broken upload stream its own fault (400).
+    /// A server-side failure's detail is logged here, under the request id, and only `what`
+    /// failed goes into the error (and so to the client).
     pub fn from_storage(what: &str, e: StorageError) -> Self {
-        let message = format!("{what}: {}", Chain(&e));
         match e.class().http_status() {
-            StatusCode::NOT_FOUND => GatewayError::NotFound(message),
-            StatusCode::SERVICE_UNAVAILABLE => GatewayError::Unavailable(message),
-            StatusCode::BAD_REQUEST => GatewayError::BadRequest(message),
-            _ => GatewayError::Internal(message),
+            StatusCode::NOT_FOUND => GatewayError::NotFound(format!("{what}: {}", Chain(&e))),
+            StatusCode::BAD_REQUEST => GatewayError::BadRequest(format!("{what}: {}", Chain(&e))),
+            StatusCode::SERVICE_UNAVAILABLE => GatewayError::unavailable(what, &e),
+            _ => {
+                log_detail(what, &e);
+                GatewayError::Internal(what.to_owned())
+            }
         }
+    }
+
+    /// 503 saying `what` failed; `detail` (internal) only in the log, under the request id.
+    pub fn unavailable(what: &str, detail: &(dyn std::error::Error + 'static)) -> Self {
+        log_detail(what, detail);
+        GatewayError::Unavailable(what.to_owned())
     }
 
     /// The short code of the error, as in the response body's `error` field.
@@ -92,6 +102,18 @@ impl GatewayError {
             GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             GatewayError::Rejected(status, _) => (*status, rejection_code(*status)),
         }
+    }
+}
+
+fn log_detail(what: &str, detail: &(dyn std::error::Error + 'static)) {
+    tracing::warn!(request_id = %request_id().unwrap_or_default(), what, error = %Chain(detail), "request failed");
+}
+
+/// Runs `f` (a task spawned for the current request) with the request's id in scope.
+pub(crate) async fn with_request_id<F: std::future::Future>(id: Option<String>, f: F) -> F::Output {
+    match id {
+        Some(id) => REQUEST_ID.scope(id, f).await,
+        None => f.await,
     }
 }
 
@@ -116,13 +138,9 @@ impl IntoResponse for GatewayError {
         let (status, code) = self.parts();
         let id = request_id().unwrap_or_default();
         let body = if status.is_server_error() {
-            // the detail goes to the log under the request id; the client gets only the id
-            tracing::warn!(request_id = %id, error = %self, "request failed");
-            let message = match status {
-                StatusCode::SERVICE_UNAVAILABLE => "service unavailable, try again later",
-                _ => "internal error",
-            };
-            json!({"error": code, "message": format!("{message} (request id {id})"), "request_id": id})
+            // what failed, never why: the detail was logged under the request id
+            tracing::warn!(request_id = %id, error = %self, "answered with a server error");
+            json!({"error": code, "message": format!("{self} (request id {id})"), "request_id": id})
         } else {
             json!({"error": code, "message": self.to_string()})
         };
@@ -147,7 +165,7 @@ pub(crate) async fn request_scope(mut req: Request, next: Next) -> Response {
         .scope(id.clone(), async move {
             let resp = next.run(req).await;
             let status = resp.status();
-            if (status.is_client_error() || status.is_server_error()) && resp.extensions().get::<Shaped>().is_none() {
+            if (status.is_client_error() || status.is_server_error()) && !is_json(&resp) {
                 let text = match axum::body::to_bytes(resp.into_body(), REJECTION_TEXT_MAX).await {
                     Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
                     Err(_) => String::new(),
@@ -163,6 +181,15 @@ pub(crate) async fn request_scope(mut req: Request, next: Next) -> Response {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
+}
+
+/// Whether an answer is already JSON: ours, or a route's own (`/readyz` says why it is not ready).
+fn is_json(resp: &Response) -> bool {
+    resp.extensions().get::<Shaped>().is_some()
+        || resp
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
 }
 
 /// The answer to a panic the catch-panic layer caught (reshaped by [`request_scope`]).
@@ -184,9 +211,11 @@ mod tests {
 
     #[tokio::test]
     async fn server_errors_carry_the_request_id_and_no_internal_text() {
+        let secret = std::io::Error::other("sqlite at /secret/path is locked, amqp://user:pw@host refused");
         for e in [
-            GatewayError::Internal("sqlite at /secret/path is locked".into()),
-            GatewayError::Unavailable("amqp://user:pw@host refused".into()),
+            GatewayError::from_storage("reading", StorageError::unavailable("x").with_source(secret)),
+            GatewayError::from_storage("reading", StorageError::corrupt("/secret/path")),
+            GatewayError::unavailable("announcing", &std::io::Error::other("amqp://user:pw@host")),
         ] {
             let (status, body) = body_of(e).await;
             assert!(status.is_server_error());

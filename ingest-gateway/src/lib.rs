@@ -21,8 +21,7 @@ pub use error::{GatewayError, REQUEST_ID_HEADER};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,7 +93,7 @@ pub async fn run(
     Ok(())
 }
 
-/// One task per connection, at most `max_connections` at once (past that, connections wait
+/// One task per HTTP/1.1 connection, at most `max_connections` at once (past that, connections wait
 /// in the listen backlog); the request head must arrive within `header_read_timeout_ms`. On
 /// `stop`, stops accepting, asks every connection to finish its request and close, and waits
 /// up to `shutdown_grace_ms` for them.
@@ -106,15 +105,16 @@ async fn serve(
 ) {
     let connections = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1 only: hyper's head timeout then also covers a connection that never sends a
+    // byte and an idle keep-alive connection (auto-detecting HTTP/2 would first wait, with no
+    // deadline, for enough bytes to tell the versions apart)
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(settings.header_read_timeout_ms))
         // a client that closes its side once its body is sent still gets its upload accepted
         // (without this, hyper drops the request on that EOF, half-way through storing it)
         .half_close(true);
-    builder.http2().timer(TokioTimer::new());
     let service = hyper_util::service::TowerToHyperService::new(app);
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(stop);
@@ -140,8 +140,7 @@ async fn serve(
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service.clone()).into_owned();
-        let conn = graceful.watch(conn);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service.clone()));
         tasks.spawn(async move {
             let _permit = permit;
             if let Err(e) = conn.await {

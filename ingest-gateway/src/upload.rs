@@ -133,7 +133,7 @@ async fn accept(deps: Deps, slots: UploadSlots, headers: HeaderMap, body: Body) 
     // from here on the upload completes even if the client goes: this task is not cancelled
     // when the request is (an unread 202 is harmless; a half-done upload is not)
     // (the task keeps the trace, a task-local, so the messages still carry it)
-    let work = commit(deps.clone(), file_id, key, size);
+    let work = crate::error::with_request_id(crate::error::request_id(), commit(deps.clone(), file_id, key, size));
     let commit = match txpipe_common::trace::current() {
         Some(trace) => tokio::spawn(trace.scope("upload", work)),
         None => tokio::spawn(work.in_current_span()),
@@ -192,10 +192,13 @@ async fn commit(deps: Deps, file_id: FileId, key: String, size: u64) -> Result<R
     let event = StageMessage::uploaded(file_id, key.clone());
     let announced = match announce(&deps, &event).await {
         // withdrawn meanwhile (the record is gone): the upload is refused like any other
-        Ok(()) => deps.storage.statuses.mark_announced(file_id).await.map_err(|e| {
-            GatewayError::Unavailable(format!("recording the announcement: {}", txpipe_common::error::Chain(&e)))
-        }),
-        Err(e) => Err(GatewayError::Unavailable(format!("announcing the upload failed: {e}"))),
+        Ok(()) => deps
+            .storage
+            .statuses
+            .mark_announced(file_id)
+            .await
+            .map_err(|e| GatewayError::unavailable("recording the announcement", &e)),
+        Err(e) => Err(GatewayError::unavailable("announcing the upload", &e)),
     };
     if let Err(e) = announced {
         // undo, so nothing claims an upload the client is told was refused: the object first,

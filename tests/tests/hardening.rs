@@ -116,8 +116,11 @@ async fn a_request_head_that_never_ends_is_cut_off() {
     let fleet = TestFleet::spawn_with(|s| s.header_read_timeout_ms = 500).await;
     let (k, v) = fleet.key_header();
     let mut s = send_raw(&fleet, format!("GET /healthz HTTP/1.1\r\n{k}: {v}\r\nHost: x").as_bytes()).await;
+    // and one that never sends a byte
+    let mut silent = TcpStream::connect(fleet.addr()).await.unwrap();
     let started = Instant::now();
     assert!(read_until_closed(&mut s, Duration::from_secs(5)).await.is_some(), "closed");
+    assert!(read_until_closed(&mut silent, Duration::from_secs(5)).await.is_some(), "silent one closed");
     assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     fleet.shutdown().await;
 }

@@ -250,6 +250,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_page_stops_at_its_byte_budget_with_a_cursor_after_the_last_row_kept() {
+        let at = Utc::now();
+        let ts = DateTime::parse_from_rfc3339("2024-01-15T10:30:00Z").unwrap();
+        let items: Vec<Transaction> = (0..10)
+            .map(|i| Transaction {
+                transaction_id: format!("t{i}"),
+                amount: Decimal::ONE,
+                currency: "USD".into(),
+                timestamp: ts,
+                timestamp_epoch: ts.timestamp(),
+                merchant: "m".repeat(100),
+                status: TxStatus::Completed,
+                file_id: FileId::new(),
+                processed_at: at,
+            })
+            .collect();
+        let one = serde_json::to_vec(&items[0]).unwrap().len() + 1;
+        let mut page = TransactionPage { items: items.clone(), next_cursor: None };
+        page.truncate_to_bytes(one * 3 + 1);
+        assert_eq!(page.items.len(), 3);
+        assert_eq!(decode_cursor(page.next_cursor.as_deref().unwrap()).unwrap(), "t2");
+        let mut tiny = TransactionPage { items: items.clone(), next_cursor: None };
+        tiny.truncate_to_bytes(1);
+        assert_eq!(tiny.items.len(), 1, "always at least one row, so paging moves on");
+        let mut whole = TransactionPage { items, next_cursor: Some("ab".into()) };
+        whole.truncate_to_bytes(usize::MAX);
+        assert_eq!((whole.items.len(), whole.next_cursor.as_deref()), (10, Some("ab")), "under budget: unchanged");
+    }
+
     /// An object store whose `get` fails with a storage error, or whose object breaks mid-stream.
     #[derive(Debug)]
     enum Fake {
