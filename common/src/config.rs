@@ -95,6 +95,23 @@ pub struct Settings {
     /// The key the CLI's client commands send (`txpipe upload`, `txpipe status`); services
     /// accept the variable and ignore it, so a user may export it in any shell.
     pub api_key: Option<crate::auth::Secret>,
+    /// Where `/metrics` is served instead of the main HTTP address; unset: on the main address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Gateway: how long a client has to send a request's head (line and headers), in ms.
+    pub header_read_timeout_ms: u64,
+    /// Gateway: how long an upload body may go without a byte before the upload is dropped, in ms.
+    pub body_idle_timeout_ms: u64,
+    /// Gateway: uploads whose bodies are being read at once; past it, 503 before the body is read.
+    pub max_uploads_in_flight: usize,
+    /// Gateway: open client connections; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Gateway: how long shutdown waits for requests in flight before closing their connections, in ms.
+    pub shutdown_grace_ms: u64,
+    /// Gateway: an upload recorded but still unannounced this long after it was recorded is
+    /// withdrawn (its record and object removed) by the sweeper, in ms.
+    pub unannounced_sweep_after_ms: u64,
+    /// Gateway: most bytes of transactions (as JSON) in one page of `GET /files/{id}/transactions`.
+    pub max_page_bytes: usize,
 }
 
 impl Default for Settings {
@@ -126,6 +143,14 @@ impl Default for Settings {
             rate_per_second: 10.0,
             rate_burst: 20,
             api_key: None,
+            metrics_addr: None,
+            header_read_timeout_ms: 10_000,
+            body_idle_timeout_ms: 30_000,
+            max_uploads_in_flight: 64,
+            max_connections: 1024,
+            shutdown_grace_ms: 30_000,
+            unannounced_sweep_after_ms: 300_000,
+            max_page_bytes: 1024 * 1024,
         }
     }
 }
@@ -197,6 +222,28 @@ impl Settings {
         }
         if self.aws_operation_timeout_ms < 100 {
             return bad("TXPIPE_AWS_OPERATION_TIMEOUT_MS", "must be at least 100");
+        }
+        if self.header_read_timeout_ms < 100 {
+            return bad("TXPIPE_HEADER_READ_TIMEOUT_MS", "must be at least 100");
+        }
+        if self.body_idle_timeout_ms < 100 {
+            return bad("TXPIPE_BODY_IDLE_TIMEOUT_MS", "must be at least 100");
+        }
+        if self.max_uploads_in_flight == 0 {
+            return bad("TXPIPE_MAX_UPLOADS_IN_FLIGHT", "must be at least 1");
+        }
+        if self.max_connections == 0 || self.max_connections < self.max_uploads_in_flight {
+            return bad("TXPIPE_MAX_CONNECTIONS", "must be at least 1 and at least TXPIPE_MAX_UPLOADS_IN_FLIGHT");
+        }
+        // too short only costs uploads (withdrawn mid-announce, answered 503), never data
+        if self.unannounced_sweep_after_ms < 1000 {
+            return bad("TXPIPE_UNANNOUNCED_SWEEP_AFTER_MS", "must be at least 1000");
+        }
+        if self.max_page_bytes < 1024 {
+            return bad("TXPIPE_MAX_PAGE_BYTES", "must be at least 1024");
+        }
+        if self.metrics_addr.is_some() && self.metrics_addr == self.http_addr {
+            return bad("TXPIPE_METRICS_ADDR", "must differ from TXPIPE_HTTP_ADDR");
         }
         Ok(())
     }
@@ -294,6 +341,12 @@ mod tests {
         assert!(err.contains("TXPIPE_RATE_BURST"), "{err}");
         let err = with_env(&[("TXPIPE_AUTH", "basic")]).unwrap_err();
         assert!(err.to_lowercase().contains("auth"), "{err}");
+        let err = with_env(&[("TXPIPE_MAX_UPLOADS_IN_FLIGHT", "0")]).unwrap_err();
+        assert!(err.contains("TXPIPE_MAX_UPLOADS_IN_FLIGHT"), "{err}");
+        let err = with_env(&[("TXPIPE_BODY_IDLE_TIMEOUT_MS", "soon")]).unwrap_err();
+        assert!(err.to_lowercase().contains("body_idle_timeout_ms"), "{err}");
+        let err = with_env(&[("TXPIPE_METRICS_ADDR", "nowhere")]).unwrap_err();
+        assert!(err.to_lowercase().contains("metrics_addr"), "{err}");
         let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
         assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
     }

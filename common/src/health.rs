@@ -8,15 +8,30 @@ use crate::metrics::{DlqDepth, InternalEvent};
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
 use serde_json::{json, Value};
 
-/// The health routes, for any service holding [`Deps`].
-pub fn routes<S>(deps: Deps) -> Router<S> {
+/// The health routes, for any service holding [`Deps`]; `/metrics` too if `with_metrics`
+/// (not when `TXPIPE_METRICS_ADDR` serves it apart). `/metrics` needs a key; the probes never do.
+pub fn routes<S>(deps: Deps, with_metrics: bool) -> Router<S> {
+    let router =
+        Router::new().route("/healthz", get(|| async { Json(json!({"status": "ok"})) })).route("/readyz", get(readyz));
+    let router = if with_metrics { router.merge(metrics_routes(deps.clone())) } else { router };
+    router.with_state(deps)
+}
+
+/// `/metrics`, behind the API key check, with its own state.
+fn metrics_routes<S: Clone + Send + Sync + 'static>(deps: Deps) -> Router<S> {
     Router::new()
         .route("/metrics", get(metrics))
-        // a route layer covers only the routes added before it: the probes stay open
         .route_layer(axum::middleware::from_fn_with_state(deps.clone(), crate::auth::require_key))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
         .with_state(deps)
+}
+
+/// Serves `/metrics` alone on `listener` (`TXPIPE_METRICS_ADDR`) until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    deps: Deps,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_routes::<()>(deps)).with_graceful_shutdown(shutdown).await
 }
 
 /// The metrics, with the DLQ's depth read from the broker now (bounded: a broker that does not
@@ -45,5 +60,6 @@ pub async fn serve(
     deps: Deps,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, routes::<()>(deps)).with_graceful_shutdown(shutdown).await
+    let with_metrics = deps.settings.metrics_addr.is_none();
+    axum::serve(listener, routes::<()>(deps, with_metrics)).with_graceful_shutdown(shutdown).await
 }

@@ -44,12 +44,28 @@ where
         Err(e) => return failed(service, &format!("cannot listen on {addr} (set TXPIPE_HTTP_ADDR)"), e),
     };
     let stop = CancellationToken::new();
+    // metrics on their own address, if asked, so they need not face the internet
+    let metrics = match deps.settings.metrics_addr {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(addr = %bound, "metrics on /metrics");
+                Some(tokio::spawn(crate::health::serve_metrics(l, deps.clone(), stop.clone().cancelled_owned())))
+            }
+            Err(e) => return failed(service, &format!("cannot listen on {addr} (set TXPIPE_METRICS_ADDR)"), e),
+        },
+    };
     let signal = stop.clone();
     tokio::spawn(async move {
         crate::shutdown::shutdown_signal().await;
         signal.cancel();
     });
-    let result = run(listener, deps.clone(), stop.cancelled_owned()).await;
+    let result = run(listener, deps.clone(), stop.clone().cancelled_owned()).await;
+    stop.cancel();
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     deps.broker.close().await;
     match result {
         Ok(()) => {

@@ -2,9 +2,13 @@
 //! `GET /files/{file_id}/transactions` (the rows the file stored, a page at a time).
 //! A file is shown only to the key that uploaded it and to admin keys; any other key gets the
 //! same 404 as for a file that does not exist, so it cannot learn that it does.
+//!
+//! Path and query parameters become types at the edge ([`FileIdParam`], [`Page`]): a bad
+//! one is a [`GatewayError`] before any handler runs, in the one JSON error shape.
 
 use crate::GatewayError;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -16,8 +20,51 @@ use txpipe_common::{Deps, FileId};
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-fn parse_id(raw: &str) -> Result<FileId, GatewayError> {
-    raw.parse().map_err(|_| GatewayError::NotFound(format!("no file with id {raw:?}")))
+/// The `{file_id}` of a path; a malformed id is a file that does not exist (404).
+pub(crate) struct FileIdParam(FileId);
+
+impl<S: Send + Sync> FromRequestParts<S> for FileIdParam {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, GatewayError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| GatewayError::BadRequest(e.body_text()))?;
+        raw.parse().map(FileIdParam).map_err(|_| GatewayError::NotFound(format!("no file with id {raw:?}")))
+    }
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `?limit=&cursor=`: a limit from 1 to [`MAX_PAGE`] and an opaque cursor (checked by the
+/// store). A repeated or malformed parameter is a 400.
+pub(crate) struct Page {
+    limit: usize,
+    cursor: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Page {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, GatewayError> {
+        let Query(q) = Query::<PageQuery>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| GatewayError::BadRequest(e.body_text()))?;
+        let limit = match q.limit.as_deref() {
+            None => DEFAULT_PAGE,
+            Some(l) => match l.parse::<usize>() {
+                Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+                _ => {
+                    return Err(GatewayError::BadRequest(format!("limit must be a whole number from 1 to {MAX_PAGE}")))
+                }
+            },
+        };
+        Ok(Page { limit, cursor: q.cursor })
+    }
 }
 
 async fn find(deps: &Deps, caller: &Caller, file_id: FileId) -> Result<StatusRecord, GatewayError> {
@@ -33,37 +80,26 @@ async fn find(deps: &Deps, caller: &Caller, file_id: FileId) -> Result<StatusRec
 pub(crate) async fn file_status(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,
-    Path(raw): Path<String>,
+    FileIdParam(file_id): FileIdParam,
 ) -> Result<Json<StatusRecord>, GatewayError> {
-    Ok(Json(find(&deps, &caller, parse_id(&raw)?).await?))
+    Ok(Json(find(&deps, &caller, file_id).await?))
 }
 
-#[derive(Deserialize)]
-pub(crate) struct PageQuery {
-    limit: Option<String>,
-    cursor: Option<String>,
-}
-
+/// A page stops at `limit` rows or at `TXPIPE_MAX_PAGE_BYTES` of JSON, whichever comes first;
+/// `next_cursor` then points at the rest.
 pub(crate) async fn file_transactions(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,
-    Path(raw): Path<String>,
-    Query(q): Query<PageQuery>,
+    FileIdParam(file_id): FileIdParam,
+    page: Page,
 ) -> Result<Response, GatewayError> {
-    let file_id = parse_id(&raw)?;
-    let limit = match q.limit.as_deref() {
-        None => DEFAULT_PAGE,
-        Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-            _ => return Err(GatewayError::BadRequest(format!("limit must be a whole number from 1 to {MAX_PAGE}"))),
-        },
-    };
     find(&deps, &caller, file_id).await?;
-    let page = deps
+    let mut out = deps
         .storage
         .transactions
-        .list_by_file(file_id, limit, q.cursor.as_deref())
+        .list_by_file(file_id, page.limit, page.cursor.as_deref())
         .await
         .map_err(|e| GatewayError::from_storage("reading transactions", e))?;
-    Ok(Json(page).into_response())
+    out.truncate_to_bytes(deps.settings.max_page_bytes);
+    Ok(Json(out).into_response())
 }

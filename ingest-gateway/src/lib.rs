@@ -9,27 +9,40 @@
 //! Claim check: the broker carries only a small message pointing at the stored object. If
 //! the store or the broker cannot take an upload, the client gets 503 and nothing is left
 //! behind claiming it was accepted.
+//!
+//! It faces the internet, so no client can wedge it: connections are served by hyper
+//! directly (axum::serve has no timeouts) with a deadline for the request head, a cap on open
+//! connections, a per-chunk idle deadline on upload bodies, a cap on uploads in flight, and a
+//! bounded wait for requests in flight at shutdown.
 
 mod error;
 mod files;
 pub mod limits;
+mod sweep;
 mod upload;
 
-pub use error::GatewayError;
+pub use error::{GatewayError, REQUEST_ID_HEADER};
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use txpipe_common::stage::Service;
-use txpipe_common::Deps;
+use txpipe_common::{Deps, Settings};
 
 /// The gateway's routes over `deps`.
 pub fn router(deps: Deps) -> Router {
     let limiter = Arc::new(limits::RateLimiter::default());
+    let slots = upload::UploadSlots::new(deps.settings.max_uploads_in_flight);
+    let with_metrics = deps.settings.metrics_addr.is_none();
     Router::new()
         .route("/upload", post(upload::upload))
         .route("/files/{file_id}", get(files::file_status))
@@ -38,22 +51,29 @@ pub fn router(deps: Deps) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(limiter, limits::rate_limit))
         .route_layer(axum::middleware::from_fn_with_state(deps.clone(), txpipe_common::auth::require_key))
         .with_state(deps.clone())
-        .merge(txpipe_common::health::routes(deps))
+        .merge(txpipe_common::health::routes(deps, with_metrics))
+        .fallback(|| async { GatewayError::NotFound("no such endpoint".into()) })
+        .layer(Extension(slots))
         // the upload body is streamed and its size checked as it arrives
         .layer(DefaultBodyLimit::disable())
-        // the access log: one line per request at info, with method, path, status and latency
+        .layer(CatchPanicLayer::custom(error::panicked))
+        // the access log: one line per request at info, with method, path, status, latency and request id
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .make_span_with(|req: &axum::extract::Request| {
+                    let id = req.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+                    tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+                })
                 .on_request(())
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
+        .layer(axum::middleware::from_fn(error::request_scope))
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves. Declares the queue uploads go
 /// to first, so an upload accepted before any validator runs still waits for one. While the
 /// broker is unreachable, uploads get 503; if reconnecting is given up, the gateway stops
-/// with an error so a supervisor restarts it.
+/// with an error so a supervisor restarts it. The sweeper of unannounced uploads runs beside it.
 pub async fn run(
     listener: tokio::net::TcpListener,
     deps: Deps,
@@ -69,14 +89,79 @@ pub async fn run(
             _ = broker.gave_up() => flag.store(true, Ordering::SeqCst),
         }
     };
-    axum::serve(listener, router(deps.clone()))
-        .with_graceful_shutdown(stop)
-        .await
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let sweeping = CancellationToken::new();
+    let sweeper = tokio::spawn(sweep::run(deps.clone(), sweeping.clone()));
+    serve(listener, router(deps.clone()), &deps.settings, stop).await;
+    sweeping.cancel();
+    let _ = sweeper.await;
     if lost.load(Ordering::SeqCst) {
         return Err(GatewayError::Unavailable(
             "lost RabbitMQ for longer than TXPIPE_RECONNECT_TIMEOUT_MS; stopping".into(),
         ));
     }
     Ok(())
+}
+
+/// One task per HTTP/1.1 connection, at most `max_connections` at once (past that, connections wait
+/// in the listen backlog); the request head must arrive within `header_read_timeout_ms`. On
+/// `stop`, stops accepting, asks every connection to finish its request and close, and waits
+/// up to `shutdown_grace_ms` for them.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    settings: &Settings,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let connections = Arc::new(Semaphore::new(settings.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // HTTP/1 only: hyper's head timeout then also covers a connection that never sends a
+    // byte and an idle keep-alive connection (auto-detecting HTTP/2 would first wait, with no
+    // deadline, for enough bytes to tell the versions apart)
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(settings.header_read_timeout_ms))
+        // a client that closes its side once its body is sent still gets its upload accepted
+        // (without this, hyper drops the request on that EOF, half-way through storing it)
+        .half_close(true);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // out of file descriptors, say: let connections close before trying again
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service.clone()));
+        tasks.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let grace = Duration::from_millis(settings.shutdown_grace_ms);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "requests still in flight at the end of the shutdown grace; closing them");
+        tasks.abort_all();
+    }
+    while tasks.join_next().await.is_some() {}
 }

@@ -3,6 +3,12 @@
 //! announced and answers 202; if the store or the broker cannot take it, undoes what was done
 //! and answers 503. The upload is counted against its key's daily quota first, and belongs to
 //! that key.
+//!
+//! All or nothing, whatever the client does: while the body streams in, the upload holds one
+//! of the `TXPIPE_MAX_UPLOADS_IN_FLIGHT` slots (none free: 503 before a byte is read) and a
+//! body that stops arriving for `TXPIPE_BODY_IDLE_TIMEOUT_MS` is dropped with its partial
+//! object. Once the body is stored, recording and announcing run in a task of their own, so
+//! a client that hangs up then cannot stop them half-way: the file is processed and notified.
 
 use crate::GatewayError;
 use axum::body::Body;
@@ -12,8 +18,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 use txpipe_common::auth::Caller;
 use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, UploadFinished, UploadStored};
@@ -26,6 +34,30 @@ use txpipe_common::{Deps, FileId};
 const ACCEPTED_TYPES: [&str; 4] = ["text/csv", "application/csv", "text/plain", "application/octet-stream"];
 /// How long an upload waits for a lost broker link to come back before answering 503.
 const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The uploads allowed to stream their bodies at once.
+#[derive(Clone)]
+pub(crate) struct UploadSlots(Arc<Semaphore>);
+
+impl UploadSlots {
+    pub(crate) fn new(n: usize) -> Self {
+        Self(Arc::new(Semaphore::new(n)))
+    }
+
+    /// A slot now, or `Busy` (503 with Retry-After): never waits, so a flood is refused cheaply.
+    fn take(&self) -> Result<OwnedSemaphorePermit, GatewayError> {
+        self.0.clone().try_acquire_owned().map_err(|_| GatewayError::Busy)
+    }
+}
+
+/// Why an upload body stopped: its own stream failed, it went over the size limit, or it
+/// stopped arriving.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    None,
+    TooLarge,
+    Idle,
+}
 
 fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
     let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -40,6 +72,7 @@ fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
 pub(crate) async fn upload(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,
+    Extension(slots): Extension<UploadSlots>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
@@ -51,7 +84,9 @@ pub(crate) async fn upload(
         .unwrap_or_else(txpipe_common::trace::TraceContext::start);
     let owner = caller.name().map(str::to_owned);
     let result = match crate::limits::Charge::take(&deps, &caller).await {
-        Ok(charge) => charge.settle(trace.scope("upload", accept(deps.clone(), owner, headers, body)).await).await,
+        Ok(charge) => {
+            charge.settle(trace.scope("upload", accept(deps.clone(), slots, owner, headers, body)).await).await
+        }
         Err(e) => Err(e),
     };
     let result = result.map(|mut resp| {
@@ -68,7 +103,13 @@ pub(crate) async fn upload(
     result
 }
 
-async fn accept(deps: Deps, owner: Option<String>, headers: HeaderMap, body: Body) -> Result<Response, GatewayError> {
+async fn accept(
+    deps: Deps,
+    slots: UploadSlots,
+    owner: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
     content_type_ok(&headers)?;
     let limit = deps.settings.max_upload_bytes;
     let declared =
@@ -79,31 +120,26 @@ async fn accept(deps: Deps, owner: Option<String>, headers: HeaderMap, body: Bod
     if declared == Some(0) {
         return Err(GatewayError::EmptyBody);
     }
+    let slot = slots.take()?;
 
     let file_id = FileId::new();
     let key = deps.names.object_key(&file_id);
-    let over_limit = Arc::new(AtomicBool::new(false));
-    let flag = over_limit.clone();
-    let mut seen = 0u64;
-    let stream = body
-        .into_data_stream()
-        .map_err(std::io::Error::other)
-        .map(move |chunk| {
-            let chunk = chunk?;
-            seen += chunk.len() as u64;
-            if seen > limit {
-                flag.store(true, Ordering::Relaxed);
-                return Err(std::io::Error::other(format!("upload larger than {limit} bytes")));
-            }
-            Ok(chunk)
-        })
-        .boxed();
+    let idle = Duration::from_millis(deps.settings.body_idle_timeout_ms);
+    let cut = Arc::new(std::sync::Mutex::new(Cut::None));
+    let stream = limited(body, limit, idle, cut.clone());
     let objects = &deps.storage.objects;
-    let size = match objects.put(&key, stream).await {
+    let stored = objects.put(&key, stream).await;
+    drop(slot);
+    let cut = *cut.lock().unwrap_or_else(|p| p.into_inner());
+    let size = match stored {
         Ok(size) => size,
-        // the stream failed because it went over the limit: say that, not "bad request"
-        Err(e) if e.kind() == StorageErrorKind::UploadFailed && over_limit.load(Ordering::Relaxed) => {
+        // the stream failed because it went over the limit or stalled: say that, not "bad request"
+        Err(e) if e.kind() == StorageErrorKind::UploadFailed && cut == Cut::TooLarge => {
             return Err(GatewayError::TooLarge(limit))
+        }
+        Err(e) if e.kind() == StorageErrorKind::UploadFailed && cut == Cut::Idle => {
+            tracing::warn!(%file_id, ?idle, "upload body stalled; dropped");
+            return Err(GatewayError::BodyTimeout(idle));
         }
         Err(e) => return Err(GatewayError::from_storage("storing the upload", e)),
     };
@@ -111,7 +147,65 @@ async fn accept(deps: Deps, owner: Option<String>, headers: HeaderMap, body: Bod
         let _ = objects.delete(&key).await;
         return Err(GatewayError::EmptyBody);
     }
+    // from here on the upload completes even if the client goes: this task is not cancelled
+    // when the request is (an unread 202 is harmless; a half-done upload is not)
+    // (the task keeps the trace, a task-local, so the messages still carry it)
+    let work =
+        crate::error::with_request_id(crate::error::request_id(), commit(deps.clone(), file_id, key, size, owner));
+    let commit = match txpipe_common::trace::current() {
+        Some(trace) => tokio::spawn(trace.scope("upload", work)),
+        None => tokio::spawn(work.in_current_span()),
+    };
+    commit.await.map_err(|e| GatewayError::Internal(format!("the upload task failed: {e}")))?
+}
 
+/// The body as a stream that fails once it passes `limit` bytes or goes `idle` without a
+/// chunk, noting which in `cut`.
+fn limited(
+    body: Body,
+    limit: u64,
+    idle: Duration,
+    cut: Arc<std::sync::Mutex<Cut>>,
+) -> txpipe_common::storage::ByteStream {
+    let chunks = body.into_data_stream().map_err(std::io::Error::other);
+    let state = (chunks, 0u64, cut, false);
+    futures::stream::unfold(state, move |(mut chunks, mut seen, cut, done)| async move {
+        if done {
+            return None;
+        }
+        let fail = |why: Cut, msg: String| {
+            *cut.lock().unwrap_or_else(|p| p.into_inner()) = why;
+            Err(std::io::Error::other(msg))
+        };
+        let item = match tokio::time::timeout(idle, chunks.next()).await {
+            Err(_) => fail(Cut::Idle, format!("no body bytes for {idle:?}")),
+            Ok(None) => return None,
+            Ok(Some(Err(e))) => Err(e),
+            Ok(Some(Ok(chunk))) => {
+                seen += chunk.len() as u64;
+                if seen > limit {
+                    fail(Cut::TooLarge, format!("upload larger than {limit} bytes"))
+                } else {
+                    Ok(chunk)
+                }
+            }
+        };
+        let done = item.is_err();
+        Some((item, (chunks, seen, cut, done)))
+    })
+    .boxed()
+}
+
+/// Records the stored upload, announces it and marks it announced; undoes it all and answers
+/// 503 if it cannot be announced (or was withdrawn meanwhile by a validator or a sweeper).
+async fn commit(
+    deps: Deps,
+    file_id: FileId,
+    key: String,
+    size: u64,
+    owner: Option<String>,
+) -> Result<Response, GatewayError> {
+    let objects = &deps.storage.objects;
     // recorded as not yet announced: no worker starts on it until the broker has confirmed
     let mut record = StatusRecord::uploaded(file_id, key.clone(), size, chrono::Utc::now());
     record.announced = false;
@@ -122,13 +216,14 @@ async fn accept(deps: Deps, owner: Option<String>, headers: HeaderMap, body: Bod
     }
     let event = StageMessage::from_record(RoutingKey::FileUploaded, &record);
     let announced = match announce(&deps, &event).await {
+        // withdrawn meanwhile (the record is gone): the upload is refused like any other
         Ok(()) => deps
             .storage
             .statuses
             .mark_announced(file_id)
             .await
-            .map_err(|e| GatewayError::from_storage("recording the announcement", e)),
-        Err(e) => Err(GatewayError::Unavailable(format!("announcing the upload failed: {e}"))),
+            .map_err(|e| GatewayError::unavailable("recording the announcement", &e)),
+        Err(e) => Err(GatewayError::unavailable("announcing the upload", &e)),
     };
     if let Err(e) = announced {
         // undo, so nothing claims an upload the client is told was refused: the object first,

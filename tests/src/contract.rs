@@ -133,6 +133,25 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
     assert!(store.withdraw(withdrawn.file_id).await.unwrap());
     assert_eq!(store.get(withdrawn.file_id).await.unwrap(), None);
     assert!(!store.withdraw(withdrawn.file_id).await.unwrap(), "unknown: nothing to do");
+
+    // the sweeper's query: unannounced records older than a time, and only those
+    let hour_ago = t - chrono::Duration::hours(1);
+    let mut stale = record(hour_ago);
+    stale.announced = false;
+    let mut fresh = record(t);
+    fresh.announced = false;
+    let old_announced = record(hour_ago);
+    for r in [&stale, &fresh, &old_announced] {
+        store.create(r).await.unwrap();
+    }
+    let cutoff = t - chrono::Duration::minutes(10);
+    assert_eq!(store.unannounced(cutoff, 100).await.unwrap(), vec![stale.file_id]);
+    let everything = store.unannounced(t + chrono::Duration::minutes(1), 100).await.unwrap();
+    assert_eq!(everything.len(), 2, "both unannounced, neither announced one: {everything:?}");
+    store.mark_announced(stale.file_id).await.unwrap();
+    assert_eq!(store.unannounced(cutoff, 100).await.unwrap(), vec![], "announced: out of the index");
+    assert!(store.withdraw(fresh.file_id).await.unwrap());
+    assert_eq!(store.unannounced(t + chrono::Duration::minutes(1), 100).await.unwrap(), vec![]);
 }
 
 fn tx(id: &str, file_id: FileId, amount: &str) -> Transaction {

@@ -221,6 +221,17 @@ impl TestFleet {
         }
     }
 
+    /// The gateway's `host:port`, for raw TCP clients.
+    pub fn addr(&self) -> &str {
+        self.base_url.trim_start_matches("http://")
+    }
+
+    /// Uploads recorded but never announced (with any age): what must never be left behind.
+    pub async fn unannounced(&self) -> Vec<FileId> {
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
+        self.deps.storage.statuses.unannounced(later, 1000).await.expect("list unannounced uploads")
+    }
+
     /// POSTs `body` to /upload with `content_type`, returning the raw response.
     pub async fn post_upload(&self, body: impl Into<reqwest::Body>, content_type: &str) -> reqwest::Response {
         self.http

@@ -301,3 +301,50 @@ async fn sigterm_during_processing_finishes_the_file_and_exits_zero() {
     assert_eq!(dlq, 0);
     eprintln!("chaos f (SIGTERM mid-file): files pushed 1, completed 1, lost 0, rows {ROWS} (duplicates 0), DLQ {dlq}");
 }
+
+/// A free port on 127.0.0.1 (bound and released; the process binds it again at once).
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn metrics_can_be_served_on_their_own_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = txpipe_tests::fresh_namespace();
+    let http = reqwest::Client::new();
+    for name in ["ingest-gateway", "validator"] {
+        let (main, metrics) = (free_addr(), free_addr());
+        let mut cmd = Command::new(binary(name));
+        cmd.env("TXPIPE_NAMESPACE", &ns)
+            .env("TXPIPE_DATA_DIR", dir.path())
+            .env("TXPIPE_HTTP_ADDR", &main)
+            .env("TXPIPE_METRICS_ADDR", &metrics)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Ok(url) = std::env::var("TXPIPE_AMQP_URL") {
+            cmd.env("TXPIPE_AMQP_URL", url);
+        }
+        let child = cmd.spawn().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let scraped = loop {
+            if let Ok(r) = http.get(format!("http://{metrics}/metrics")).send().await {
+                break r;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{name}: no metrics on {metrics}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(scraped.status(), 200, "{name}");
+        assert!(scraped.text().await.unwrap().contains("txpipe_"), "{name}");
+        let main_metrics = http.get(format!("http://{main}/metrics")).send().await.unwrap();
+        assert_eq!(main_metrics.status(), 404, "{name}: /metrics is not on the main address");
+        assert_eq!(http.get(format!("http://{main}/healthz")).send().await.unwrap().status(), 200, "{name}");
+        assert!(stop(child).await.success(), "{name}");
+    }
+    let mut settings = txpipe_tests::test_settings(dir.path());
+    settings.namespace = ns;
+    let broker = txpipe_common::amqp::Broker::connect(&settings).await.unwrap();
+    broker.teardown().await.unwrap();
+    broker.close().await;
+}

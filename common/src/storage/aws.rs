@@ -33,6 +33,13 @@ pub const BATCH_WRITE_MAX: usize = 25;
 const BATCH_WRITES_IN_FLIGHT: usize = 4;
 /// The transactions table's index on file_id, for `GET /files/{id}/transactions`.
 pub const FILE_INDEX: &str = "file_id-index";
+/// The status table's sparse index of uploads recorded but not yet announced: only such items
+/// carry its key attributes ([`UNANNOUNCED_KEY`] = [`UNANNOUNCED_VALUE`], [`UNANNOUNCED_SINCE`]),
+/// so the sweeper reads just them, never the whole table.
+pub const UNANNOUNCED_INDEX: &str = "unannounced-index";
+pub const UNANNOUNCED_KEY: &str = "unannounced";
+pub const UNANNOUNCED_VALUE: &str = "1";
+pub const UNANNOUNCED_SINCE: &str = "unannounced_since";
 /// Optimistic-concurrency attempts for one status change before giving up (transient).
 const STATUS_CAS_ATTEMPTS: usize = 16;
 
@@ -316,6 +323,10 @@ pub struct DynamoStore {
     pub(super) keys_table: String,
 }
 
+fn sortable_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
@@ -416,13 +427,20 @@ impl DynamoStore {
     }
 
     fn status_item(record: &StatusRecord, version: u64) -> HashMap<String, AttributeValue> {
-        HashMap::from([
+        let mut item = HashMap::from([
             ("file_id".into(), s(record.file_id.to_string())),
             ("status".into(), s(record.status.as_str())),
             ("updated_at".into(), s(record.updated_at.to_rfc3339())),
             ("version".into(), AttributeValue::N(version.to_string())),
             ("record".into(), s(serde_json::to_string(record).expect("a status record always serializes"))),
-        ])
+        ]);
+        if !record.announced {
+            // the sparse index's keys, present only while unannounced (a put without them drops
+            // the item from the index); fixed-width UTC times sort as text
+            item.insert(UNANNOUNCED_KEY.into(), s(UNANNOUNCED_VALUE));
+            item.insert(UNANNOUNCED_SINCE.into(), s(sortable_time(record.created_at)));
+        }
+        item
     }
 
     async fn write_chunk(&self, chunk: Vec<WriteRequest>) -> Result<(), StorageError> {
@@ -568,6 +586,29 @@ impl StatusStore for DynamoStore {
             }
         }
         Err(StorageError::unavailable(format!("status of file {file_id} kept changing under us")))
+    }
+
+    async fn unannounced(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<FileId>, StorageError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.status_table)
+            .index_name(UNANNOUNCED_INDEX)
+            .key_condition_expression("#k = :k AND #t < :t")
+            .expression_attribute_names("#k", UNANNOUNCED_KEY)
+            .expression_attribute_names("#t", UNANNOUNCED_SINCE)
+            .expression_attribute_values(":k", s(UNANNOUNCED_VALUE))
+            .expression_attribute_values(":t", s(sortable_time(before)))
+            .limit(limit.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| classify("listing unannounced uploads", e))?;
+        out.items()
+            .iter()
+            .map(|item| {
+                get_s(item, "file_id")?.parse().map_err(|_| StorageError::corrupt("a file_id in the status table"))
+            })
+            .collect()
     }
 
     async fn check(&self) -> Result<(), StorageError> {

@@ -68,6 +68,15 @@ impl LocalObjectStore {
     }
 }
 
+/// Removes a temporary file when dropped (a no-op once it was renamed into place).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[async_trait]
 impl ObjectStore for LocalObjectStore {
     async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, StorageError> {
@@ -75,6 +84,8 @@ impl ObjectStore for LocalObjectStore {
         let dir = path.parent().expect("a key has a parent directory");
         tokio::fs::create_dir_all(dir).await.map_err(|e| unavailable("cannot create", dir, e))?;
         let tmp = dir.join(format!(".{}.part", uuid::Uuid::new_v4()));
+        // a put dropped half-way (its client gone) removes its temporary file too
+        let _guard = RemoveOnDrop(tmp.clone());
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| unavailable("cannot create", &tmp, e))?;
             let mut size = 0u64;
@@ -88,9 +99,6 @@ impl ObjectStore for LocalObjectStore {
             Ok(size)
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
         result
     }
 

@@ -75,6 +75,10 @@ pub trait StatusStore: Send + Sync + 'static {
     /// could not announce), atomically; true if it was forgotten, false if it is announced
     /// or unknown.
     async fn withdraw(&self, file_id: FileId) -> Result<bool, StorageError>;
+    /// Files recorded but still unannounced, recorded before `before`, at most `limit`: the
+    /// uploads a crash left between recording and announcing (the gateway's sweeper withdraws
+    /// them). Reads only such records, not the whole table.
+    async fn unannounced(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<FileId>, StorageError>;
     async fn check(&self) -> Result<(), StorageError>;
 }
 
@@ -119,6 +123,28 @@ pub struct TransactionPage {
     pub items: Vec<Transaction>,
     /// Pass back to get the next page; absent on the last page.
     pub next_cursor: Option<String>,
+}
+
+impl TransactionPage {
+    /// Keeps the longest prefix of the page whose items take at most `budget` bytes as JSON
+    /// (always at least one item, so paging moves on); if items were dropped, the cursor
+    /// points after the last one kept.
+    pub fn truncate_to_bytes(&mut self, budget: usize) {
+        let mut used = 0usize;
+        let keep = self
+            .items
+            .iter()
+            .position(|t| {
+                used += serde_json::to_vec(t).map(|v| v.len() + 1).unwrap_or(usize::MAX / 2);
+                used > budget
+            })
+            .map(|n| n.max(1))
+            .unwrap_or(self.items.len());
+        if keep < self.items.len() {
+            self.items.truncate(keep);
+            self.next_cursor = self.items.last().map(|t| encode_cursor(&t.transaction_id));
+        }
+    }
 }
 
 /// The transactions table, keyed by transaction_id (a later write of the same id replaces it).
@@ -238,14 +264,17 @@ pub(crate) fn encode_cursor(last_id: &str) -> String {
     last_id.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Works on bytes, never slicing the `&str`: a cursor is client input and may hold any UTF-8.
 pub(crate) fn decode_cursor(cursor: &str) -> Result<String, StorageError> {
     if !cursor.len().is_multiple_of(2) || cursor.len() > 2048 {
         return Err(StorageError::invalid_cursor());
     }
-    let bytes = (0..cursor.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).map_err(|_| StorageError::invalid_cursor()))
-        .collect::<Result<Vec<u8>, _>>()?;
+    let digit = |b: u8| (b as char).to_digit(16).ok_or_else(StorageError::invalid_cursor);
+    let bytes = cursor
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| Ok((digit(pair[0])? * 16 + digit(pair[1])?) as u8))
+        .collect::<Result<Vec<u8>, StorageError>>()?;
     String::from_utf8(bytes).map_err(|_| StorageError::invalid_cursor())
 }
 
@@ -271,9 +300,39 @@ mod tests {
         for id in ["t1", "ü/?&= x", ""] {
             assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
         }
-        for bad in ["xyz", "zz", "0"] {
+        for bad in ["xyz", "zz", "0", "0é0", "é1", "+1", "0x"] {
             assert_eq!(decode_cursor(bad).unwrap_err().kind(), StorageErrorKind::InvalidCursor, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget_with_a_cursor_after_the_last_row_kept() {
+        let at = Utc::now();
+        let ts = DateTime::parse_from_rfc3339("2024-01-15T10:30:00Z").unwrap();
+        let items: Vec<Transaction> = (0..10)
+            .map(|i| Transaction {
+                transaction_id: format!("t{i}"),
+                amount: Decimal::ONE,
+                currency: "USD".into(),
+                timestamp: ts,
+                timestamp_epoch: ts.timestamp(),
+                merchant: "m".repeat(100),
+                status: TxStatus::Completed,
+                file_id: FileId::new(),
+                processed_at: at,
+            })
+            .collect();
+        let one = serde_json::to_vec(&items[0]).unwrap().len() + 1;
+        let mut page = TransactionPage { items: items.clone(), next_cursor: None };
+        page.truncate_to_bytes(one * 3 + 1);
+        assert_eq!(page.items.len(), 3);
+        assert_eq!(decode_cursor(page.next_cursor.as_deref().unwrap()).unwrap(), "t2");
+        let mut tiny = TransactionPage { items: items.clone(), next_cursor: None };
+        tiny.truncate_to_bytes(1);
+        assert_eq!(tiny.items.len(), 1, "always at least one row, so paging moves on");
+        let mut whole = TransactionPage { items, next_cursor: Some("ab".into()) };
+        whole.truncate_to_bytes(usize::MAX);
+        assert_eq!((whole.items.len(), whole.next_cursor.as_deref()), (10, Some("ab")), "under budget: unchanged");
     }
 
     /// An object store whose `get` fails with a storage error, or whose object breaks mid-stream.

@@ -1,14 +1,14 @@
 //! `txpipe provision` / `txpipe teardown` for the aws backend: create or remove the bucket
 //! and the tables of a namespace (status, transactions, API keys), idempotently, saying what was done.
 
-use super::aws::{S3ObjectStore, FILE_INDEX};
+use super::aws::{S3ObjectStore, FILE_INDEX, UNANNOUNCED_INDEX, UNANNOUNCED_KEY, UNANNOUNCED_SINCE};
 use super::StorageError;
 use crate::names::Names;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
-    PointInTimeRecoverySpecification, Projection, ProjectionType, ScalarAttributeType, TableStatus,
-    TimeToLiveSpecification,
+    AttributeDefinition, BillingMode, CreateGlobalSecondaryIndexAction, GlobalSecondaryIndex,
+    GlobalSecondaryIndexUpdate, KeySchemaElement, KeyType, PointInTimeRecoverySpecification, Projection,
+    ProjectionType, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration, Delete, ObjectIdentifier};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -59,13 +59,27 @@ pub async fn provision(
     }
 
     let status = names.status_table();
+    // sparse: only unannounced uploads carry its keys; the sweeper needs just their ids
+    let unannounced = GlobalSecondaryIndex::builder()
+        .index_name(UNANNOUNCED_INDEX)
+        .key_schema(key(UNANNOUNCED_KEY, KeyType::Hash))
+        .key_schema(key(UNANNOUNCED_SINCE, KeyType::Range))
+        .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
+        .build()
+        .expect("complete index");
     let req = ddb
         .create_table()
         .table_name(&status)
         .billing_mode(BillingMode::PayPerRequest)
         .attribute_definitions(string_attr("file_id"))
-        .key_schema(key("file_id", KeyType::Hash));
+        .attribute_definitions(string_attr(UNANNOUNCED_KEY))
+        .attribute_definitions(string_attr(UNANNOUNCED_SINCE))
+        .key_schema(key("file_id", KeyType::Hash))
+        .global_secondary_indexes(unannounced.clone());
     done.push(create_table(&status, req).await?);
+    if let Some(added) = add_missing_index(ddb, &status, unannounced).await? {
+        done.push(added);
+    }
 
     let tx = names.transactions_table();
     let index = GlobalSecondaryIndex::builder()
@@ -126,6 +140,35 @@ async fn create_table(
         Err(e) if e.code() == Some("ResourceInUseException") => Ok(format!("DynamoDB table {table} already exists")),
         Err(e) => Err(fail(&format!("creating DynamoDB table {table}"), e)),
     }
+}
+
+/// Adds `index` to a table provisioned before it existed (a status table from an older txpipe).
+async fn add_missing_index(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    index: GlobalSecondaryIndex,
+) -> Result<Option<String>, StorageError> {
+    let out = ddb.describe_table().table_name(table).send().await.map_err(|e| fail("describing a table", e))?;
+    let name = index.index_name().to_owned();
+    let has = out.table().map(|t| t.global_secondary_indexes().iter().any(|i| i.index_name() == Some(name.as_str())));
+    if has != Some(false) {
+        return Ok(None);
+    }
+    let create = CreateGlobalSecondaryIndexAction::builder()
+        .index_name(&name)
+        .set_key_schema(Some(index.key_schema().to_vec()))
+        .set_projection(index.projection().cloned())
+        .build()
+        .map_err(|e| StorageError::misconfigured("building an index update").with_source(e))?;
+    ddb.update_table()
+        .table_name(table)
+        .attribute_definitions(string_attr(UNANNOUNCED_KEY))
+        .attribute_definitions(string_attr(UNANNOUNCED_SINCE))
+        .global_secondary_index_updates(GlobalSecondaryIndexUpdate::builder().create(create).build())
+        .send()
+        .await
+        .map_err(|e| fail(&format!("adding index {name} to {table}"), e))?;
+    Ok(Some(format!("added index {name} to DynamoDB table {table}")))
 }
 
 async fn wait_active(ddb: &aws_sdk_dynamodb::Client, table: &str) -> Result<(), StorageError> {

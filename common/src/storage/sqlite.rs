@@ -50,6 +50,7 @@ impl SqliteStore {
         let keys_table = quoted(&names.api_keys_table());
         let usage_table = quoted(&format!("{}-usage", names.api_keys_table()));
         let (st, tt, kt, ut) = (status_table.clone(), tx_table.clone(), keys_table.clone(), usage_table.clone());
+        let unannounced = quoted(&format!("{}-unannounced", names.status_table()));
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -90,7 +91,9 @@ impl SqliteStore {
                     day TEXT NOT NULL,
                     count INTEGER NOT NULL,
                     PRIMARY KEY (name, day)
-                 ) WITHOUT ROWID;"
+                 ) WITHOUT ROWID;
+                 CREATE INDEX IF NOT EXISTS {unannounced} ON {st} (file_id)
+                    WHERE json_extract(record, '$.announced') = 0;"
             ))
             .map_err(db_err)?;
             Ok(conn)
@@ -179,6 +182,25 @@ impl StatusStore for SqliteStore {
                 }
                 _ => Ok(false),
             }
+        })
+        .await
+    }
+
+    async fn unannounced(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<FileId>, StorageError> {
+        // the partial index on unannounced records keeps this from reading the whole table
+        let sql =
+            format!("SELECT record FROM {} WHERE json_extract(record, '$.announced') = 0 LIMIT ?1", self.status_table);
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let mut rows = stmt.query(params![limit as i64]).map_err(db_err)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(db_err)? {
+                let record = from_json(&r.get::<_, String>(0).map_err(db_err)?)?;
+                if !record.announced && record.created_at < before {
+                    out.push(record.file_id);
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -68,16 +68,29 @@ impl Handler for Validator {
     /// The file's record once the gateway has confirmed the upload. The gateway records an
     /// upload before publishing and marks it announced after the broker's confirm; until then
     /// it may still withdraw it (answering 503), so the validator waits for one or the other.
+    /// Past [`ANNOUNCE_GRACE`] the validator withdraws it itself: atomically, only while it is
+    /// still unannounced, so either the gateway's `mark_announced` wins (and the file is
+    /// processed) or the withdrawal does (the gateway then answers 503). The client was never
+    /// told of the file, so no `file.failed` goes out: the message is simply acked.
     async fn record(&self, deps: &Deps, msg: &StageMessage) -> Result<Option<StatusRecord>, Failure> {
         let file_id = msg.file_id();
         let deadline = tokio::time::Instant::now() + ANNOUNCE_GRACE;
         loop {
             match deps.storage.statuses.get(file_id).await {
                 Ok(Some(r)) if r.announced => return Ok(Some(r)),
-                Ok(Some(_)) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Failure::DeadLetter(format!(
-                        "the gateway never confirmed the upload of file {file_id} within {ANNOUNCE_GRACE:?}"
-                    )))
+                Ok(Some(r)) if tokio::time::Instant::now() >= deadline => {
+                    match deps.storage.statuses.withdraw(file_id).await {
+                        Ok(true) => {
+                            tracing::warn!(%file_id, grace = ?ANNOUNCE_GRACE, "the gateway never confirmed this upload; withdrew it");
+                            if let Err(e) = deps.storage.objects.delete(&r.object_key).await {
+                                tracing::warn!(%file_id, error = %e, "cannot delete the withdrawn upload's object");
+                            }
+                            return Ok(None);
+                        }
+                        // announced (or withdrawn) meanwhile: read it again
+                        Ok(false) => continue,
+                        Err(e) => return Err(Failure::storage("withdrawing an unannounced upload", &e)),
+                    }
                 }
                 Ok(Some(_)) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
                 Ok(None) => return self.unknown_file(msg).await,
