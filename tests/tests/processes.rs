@@ -312,7 +312,8 @@ fn free_addr() -> String {
 async fn metrics_can_be_served_on_their_own_address() {
     let dir = tempfile::tempdir().unwrap();
     let ns = txpipe_tests::fresh_namespace();
-    let http = reqwest::Client::new();
+    // the metrics address asks for a key too (it need not face the internet, but may)
+    let (_, http) = keyed_client(&ns, dir.path()).await;
     for name in ["ingest-gateway", "validator"] {
         let (main, metrics) = (free_addr(), free_addr());
         let mut cmd = Command::new(binary(name));
@@ -336,6 +337,8 @@ async fn metrics_can_be_served_on_their_own_address() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_eq!(scraped.status(), 200, "{name}");
+        let anonymous = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap();
+        assert_eq!(anonymous.status(), 401, "{name}: the metrics address wants a key");
         assert!(scraped.text().await.unwrap().contains("txpipe_"), "{name}");
         let main_metrics = http.get(format!("http://{main}/metrics")).send().await.unwrap();
         assert_eq!(main_metrics.status(), 404, "{name}: /metrics is not on the main address");
