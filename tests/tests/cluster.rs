@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 use txpipe_common::stage::Stage;
 use txpipe_common::status::FileStatus;
-use txpipe_common::FileId;
+use txpipe_common::{FileId, Settings};
 use txpipe_tests::{valid_csv, TestFleet};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/rabbitmq-cluster");
@@ -125,6 +125,11 @@ async fn a_three_node_cluster_loses_a_follower_then_a_leader_and_nothing_is_lost
         s.amqp_url = urls;
         s.storage = txpipe_common::config::StorageKind::Local;
         s.reconnect_timeout_ms = 120_000;
+        // the default retry schedule (2 s, then 4 s, ...), not the tests' fast one: a publish
+        // that fails while a queue elects its new leader must outlast the election, as it does
+        // in production
+        s.retry_initial_delay_ms = Settings::default().retry_initial_delay_ms;
+        s.retry_attempts = 5;
     })
     .await;
     let broker = &fleet.deps.broker;
