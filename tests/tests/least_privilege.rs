@@ -62,27 +62,17 @@ fn load_definitions(suffix: &str) -> Loaded {
     let text = std::fs::read_to_string(format!("{ROOT}/compose/rabbitmq/definitions.json")).unwrap();
     let defs: Json = serde_json::from_str(&text).unwrap();
     let vhost = format!("txpipe-lp-{suffix}");
-    let users: Vec<Json> = defs["users"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| {
-            let mut u = u.clone();
-            u["name"] = format!("{}-{suffix}", u["name"].as_str().unwrap()).into();
-            u
-        })
-        .collect();
-    let permissions: Vec<Json> = defs["permissions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            let mut p = p.clone();
-            p["user"] = format!("{}-{suffix}", p["user"].as_str().unwrap()).into();
-            p["vhost"] = vhost.clone().into();
-            p
-        })
-        .collect();
+    // every entry of a list, its `field` (a user name) suffixed, and `also` applied
+    let renamed = |list: &str, field: &str, also: &dyn Fn(&mut Json)| -> Vec<Json> {
+        let mut out: Vec<Json> = defs[list].as_array().unwrap().clone();
+        for e in &mut out {
+            e[field] = format!("{}-{suffix}", e[field].as_str().unwrap()).into();
+            also(e);
+        }
+        out
+    };
+    let users = renamed("users", "name", &|_| {});
+    let permissions = renamed("permissions", "user", &|p| p["vhost"] = vhost.clone().into());
     let loaded =
         Loaded { vhost: vhost.clone(), users: users.iter().map(|u| u["name"].as_str().unwrap().to_owned()).collect() };
     let doc = serde_json::json!({"vhosts": [{"name": vhost}], "users": users, "permissions": permissions});
