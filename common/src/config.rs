@@ -69,6 +69,12 @@ pub struct Settings {
     pub delivery_limit: u32,
     /// Rows per write batch in the transformer.
     pub batch_size: usize,
+    /// What a row does whose transaction another file already stored with other values:
+    /// `reject` (the file is refused, or in partial mode the row) or `update` (a new version).
+    pub on_conflict: crate::status::OnConflict,
+    /// Lets an upload choose with `?on_conflict=reject|update`; otherwise asking for anything
+    /// but `TXPIPE_ON_CONFLICT` is refused with 400.
+    pub allow_upload_on_conflict: bool,
     /// `json` or `pretty`.
     pub log_format: LogFormat,
     /// S3 path-style addressing (`http://host/bucket/key`); unset: on when the SDK has a
@@ -130,6 +136,8 @@ impl Default for Settings {
             retry_factor: 2.0,
             delivery_limit: 5,
             batch_size: 500,
+            on_conflict: crate::status::OnConflict::Reject,
+            allow_upload_on_conflict: false,
             log_format: LogFormat::Json,
             s3_force_path_style: None,
             s3_sse: None,

@@ -415,6 +415,12 @@ pub struct ValidationReport {
     pub error_count: u64,
     /// The first problems, in row order, up to the cap.
     pub errors: Vec<RowError>,
+    /// Data rows with at least one problem (what partial mode leaves out).
+    #[serde(default)]
+    pub rejected_rows: u64,
+    /// Reading stopped at a row too long to read: the rows after it are unknown.
+    #[serde(default)]
+    pub stopped_early: bool,
 }
 
 impl ValidationReport {
@@ -422,13 +428,26 @@ impl ValidationReport {
         self.error_count == 0
     }
 
+    /// True when partial mode can store the rest: the file was read to its end and some rows
+    /// are valid.
+    pub fn has_valid_rows(&self) -> bool {
+        !self.stopped_early && self.row_count > self.rejected_rows
+    }
+
     fn from_header(errors: Vec<RowError>, cap: usize) -> Self {
         let error_count = errors.len() as u64;
-        Self { row_count: 0, error_count, errors: errors.into_iter().take(cap).collect() }
+        Self {
+            row_count: 0,
+            error_count,
+            errors: errors.into_iter().take(cap).collect(),
+            rejected_rows: 0,
+            stopped_early: false,
+        }
     }
 }
 
-fn id_hash(id: &[u8]) -> u64 {
+/// The 64-bit hash by which ids are told apart on a first pass.
+pub fn id_hash(id: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(id)
 }
 
@@ -449,8 +468,11 @@ pub fn validate<R: Read>(mut open: impl FnMut() -> io::Result<R>, max_errors: us
     let mut log = ErrorLog::new(max_errors);
     let mut seen: FxHashSet<u64> = FxHashSet::default();
     let mut suspects: FxHashSet<u64> = FxHashSet::default();
+    let mut rejected_rows = 0u64;
     while scanner.advance()? {
-        scanner.parse(&mut log);
+        if scanner.parse(&mut log).is_none() {
+            rejected_rows += 1;
+        }
         if let Some(id) = scanner.raw_id() {
             let h = id_hash(id);
             if !seen.insert(h) {
@@ -460,6 +482,7 @@ pub fn validate<R: Read>(mut open: impl FnMut() -> io::Result<R>, max_errors: us
     }
     if let Some(e) = scanner.too_long() {
         log.push(e.clone());
+        rejected_rows += 1;
     }
     let row_count = scanner.row();
     drop(seen);
@@ -468,18 +491,22 @@ pub fn validate<R: Read>(mut open: impl FnMut() -> io::Result<R>, max_errors: us
     }
     let (mut errors, mut error_count) = log.into_parts();
     if !suspects.is_empty() {
-        let (dups, dup_count) = find_duplicates(open()?, &suspects, max_errors)?;
+        let (dups, dup_count, valid_dups) = find_duplicates(open()?, &suspects, max_errors)?;
         error_count += dup_count;
+        rejected_rows += valid_dups;
         errors.extend(dups);
         // stable: within a row, field errors stay before the duplicate-id error
         errors.sort_by_key(|e| e.row);
         errors.truncate(max_errors);
     }
-    Ok(ValidationReport { row_count, error_count, errors })
+    let stopped_early = scanner.too_long().is_some();
+    Ok(ValidationReport { row_count, error_count, errors, rejected_rows, stopped_early })
 }
 
-/// Second pass: exact duplicate detection among the rows whose id hash was seen twice.
-fn find_duplicates<R: Read>(source: R, suspects: &FxHashSet<u64>, cap: usize) -> io::Result<(Vec<RowError>, u64)> {
+/// Second pass: exact duplicate detection among the rows whose id hash was seen twice. Returns
+/// the errors, their count, and how many of the duplicate rows had no other problem (rows not
+/// yet counted as rejected).
+fn find_duplicates<R: Read>(source: R, suspects: &FxHashSet<u64>, cap: usize) -> io::Result<(Vec<RowError>, u64, u64)> {
     let mut scanner = match Scanner::new(source) {
         Ok(s) => s,
         Err(ScanError::Io(e)) => return Err(e),
@@ -487,23 +514,30 @@ fn find_duplicates<R: Read>(source: R, suspects: &FxHashSet<u64>, cap: usize) ->
     };
     let mut first_seen: FxHashMap<Vec<u8>, u64> = FxHashMap::default();
     let mut log = ErrorLog::new(cap);
+    let mut valid_dups = 0u64;
     while scanner.advance()? {
         let Some(id) = scanner.raw_id() else { continue };
         if !suspects.contains(&id_hash(id)) {
             continue;
         }
         match first_seen.get(id) {
-            Some(first) => log.push(RowError::new(
-                scanner.row(),
-                Some(ID),
-                format!("transaction_id '{}' already appears in row {first}", show(&String::from_utf8_lossy(id))),
-            )),
+            Some(first) => {
+                log.push(RowError::new(
+                    scanner.row(),
+                    Some(ID),
+                    format!("transaction_id '{}' already appears in row {first}", show(&String::from_utf8_lossy(id))),
+                ));
+                if scanner.parse(&mut ErrorLog::new(0)).is_some() {
+                    valid_dups += 1;
+                }
+            }
             None => {
                 first_seen.insert(id.to_vec(), scanner.row());
             }
         }
     }
-    Ok(log.into_parts())
+    let (errors, total) = log.into_parts();
+    Ok((errors, total, valid_dups))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod error;
 pub mod file_id;
 pub mod headers;
 pub mod health;
+pub mod ledger;
 pub mod messages;
 pub mod metrics;
 pub mod names;

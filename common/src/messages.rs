@@ -222,6 +222,12 @@ pub struct Notification {
     pub records_processed: u64,
     pub error_count: u64,
     pub row_count: u64,
+    /// Rows whose transaction was already stored with the same values by another file.
+    #[serde(default)]
+    pub already_stored: u64,
+    /// In partial mode, the rows refused while the rest were stored.
+    #[serde(default)]
+    pub rejected_rows: u64,
     pub timestamp: DateTime<Utc>,
     /// The name of the API key that uploaded the file (absent when it had none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -238,6 +244,8 @@ impl Notification {
             records_processed: record.records_processed.unwrap_or(0),
             error_count: record.error_count.unwrap_or(0),
             row_count: record.row_count.unwrap_or(0),
+            already_stored: record.already_stored.unwrap_or(0),
+            rejected_rows: record.rejected_rows.unwrap_or(0),
             timestamp: Utc::now(),
             uploaded_by: record.uploaded_by.clone(),
         }

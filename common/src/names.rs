@@ -71,6 +71,12 @@ impl Names {
         format!("{}-transactions", self.ns)
     }
 
+    /// `{ns}-transaction-versions`: every version of a transaction, keyed by the file that
+    /// wrote it and transaction_id.
+    pub fn transaction_versions_table(&self) -> String {
+        format!("{}-transaction-versions", self.ns)
+    }
+
     /// `{ns}-processing-status`, keyed by file_id.
     pub fn status_table(&self) -> String {
         format!("{}-processing-status", self.ns)

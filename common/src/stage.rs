@@ -137,7 +137,8 @@ pub static STAGES: [StageSpec; 3] = [
         working: FileStatus::Processing,
         done: FileStatus::Processed,
         failed: FileStatus::ProcessingFailed,
-        publishes: &[RoutingKey::FileProcessed],
+        // file.rejected: a row conflicting with a transaction stored after validation
+        publishes: &[RoutingKey::FileProcessed, RoutingKey::FileRejected],
         notifies: &[],
     },
     StageSpec {

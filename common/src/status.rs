@@ -110,6 +110,64 @@ impl fmt::Display for FileStatus {
     }
 }
 
+/// Which rows of a file are stored (chosen per upload with `?mode=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every row or none: one invalid row rejects the file (the seed's behaviour).
+    #[default]
+    All,
+    /// The valid rows are stored; the invalid ones are reported and counted (`rejected_rows`).
+    Partial,
+}
+
+/// What happens to a row whose transaction another file already stored with other values
+/// (`TXPIPE_ON_CONFLICT`, or `?on_conflict=` where the deployment allows it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnConflict {
+    /// The row is refused (the file, unless it is uploaded in partial mode).
+    #[default]
+    Reject,
+    /// The row becomes the transaction's new version; earlier ones stay with their files.
+    Update,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::All => "all",
+            Mode::Partial => "partial",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Mode::All, Mode::Partial].into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+impl OnConflict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnConflict::Reject => "reject",
+            OnConflict::Update => "update",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [OnConflict::Reject, OnConflict::Update].into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+/// How an upload asked for its rows to be taken; kept with the file for every stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadOptions {
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+}
+
 /// One status change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -136,8 +194,19 @@ pub struct StatusRecord {
     /// Row errors, capped; `error_count` is the total.
     #[serde(default)]
     pub errors: Vec<RowError>,
+    /// Rows this file stored (new transactions, or new versions with `on_conflict=update`).
     #[serde(default)]
     pub records_processed: Option<u64>,
+    /// Rows whose transaction another file had already stored with the same values: stored
+    /// once, by that file, and not counted in `records_processed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub already_stored: Option<u64>,
+    /// In partial mode, the rows refused (invalid or conflicting) while the rest were stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_rows: Option<u64>,
+    /// How the upload asked for its rows to be taken.
+    #[serde(default)]
+    pub options: UploadOptions,
     /// Why the file failed, for the `*_failed` statuses.
     #[serde(default)]
     pub reason: Option<String>,
@@ -162,6 +231,8 @@ pub struct StatusUpdate {
     pub error_count: Option<u64>,
     pub errors: Option<Vec<RowError>>,
     pub records_processed: Option<u64>,
+    pub already_stored: Option<u64>,
+    pub rejected_rows: Option<u64>,
     pub reason: Option<String>,
 }
 
@@ -180,6 +251,9 @@ impl StatusRecord {
             error_count: None,
             errors: Vec::new(),
             records_processed: None,
+            already_stored: None,
+            rejected_rows: None,
+            options: UploadOptions::default(),
             reason: None,
             announced: true,
             uploaded_by: None,
@@ -193,8 +267,15 @@ impl StatusRecord {
     }
 
     /// Moves to `to` if that is forward; returns false (and changes nothing) otherwise.
+    ///
+    /// One move goes back: `processing` to `validation_failed` with row errors, the verdict
+    /// the transformer reaches when a row conflicts with a transaction another file stored
+    /// after this one was validated (a failure never carries an error count, so a stage's
+    /// failure cannot take this edge).
     pub fn advance(&mut self, to: FileStatus, update: StatusUpdate, at: DateTime<Utc>) -> bool {
-        if !self.status.can_move_to(to) {
+        let verdict_while_storing =
+            self.status == FileStatus::Processing && to == FileStatus::ValidationFailed && update.error_count.is_some();
+        if !(self.status.can_move_to(to) || verdict_while_storing) {
             return false;
         }
         self.status = to;
@@ -211,6 +292,12 @@ impl StatusRecord {
         }
         if let Some(v) = update.records_processed {
             self.records_processed = Some(v);
+        }
+        if let Some(v) = update.already_stored {
+            self.already_stored = Some(v);
+        }
+        if let Some(v) = update.rejected_rows {
+            self.rejected_rows = Some(v);
         }
         if update.reason.is_some() {
             self.reason = update.reason;
@@ -283,6 +370,13 @@ mod tests {
         let seen: Vec<_> = r.history.iter().map(|h| h.status).collect();
         assert_eq!(seen, [Uploaded, Validating, Validated]);
         assert!(Completed.is_at_or_past(Validated));
+        let conflict = StatusUpdate { error_count: Some(1), ..Default::default() };
+        assert!(!r.advance(ValidationFailed, conflict.clone(), t0), "only from processing");
+        assert!(r.advance(Processing, StatusUpdate::default(), t0));
+        let failure = StatusUpdate { reason: Some("validator: gave up".into()), ..Default::default() };
+        assert!(!r.advance(ValidationFailed, failure, t0), "a stage's failure never goes back");
+        assert!(r.advance(ValidationFailed, conflict, t0), "a conflict found while storing is a verdict");
+        assert!(r.is_rejected());
         assert!(!Validating.is_at_or_past(Validated));
     }
 }

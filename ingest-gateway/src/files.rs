@@ -1,7 +1,10 @@
-//! The read endpoints: `GET /files/{file_id}` (the status record) and
-//! `GET /files/{file_id}/transactions` (the rows the file stored, a page at a time).
+//! The read endpoints: `GET /files/{file_id}` (the status record),
+//! `GET /files/{file_id}/transactions` (the rows the file stored, with the values it wrote, a
+//! page at a time) and `GET /transactions/{transaction_id}` (a transaction's current version,
+//! the file that stored it, and its earlier versions).
 //! A file is shown only to the key that uploaded it and to admin keys; any other key gets the
-//! same 404 as for a file that does not exist, so it cannot learn that it does.
+//! same 404 as for a file that does not exist, so it cannot learn that it does. The same goes
+//! for a transaction (by the file of its current version) and each of its earlier versions.
 //!
 //! Path and query parameters become types at the edge ([`FileIdParam`], [`Page`]): a bad
 //! one is a [`GatewayError`] before any handler runs, in the one JSON error shape.
@@ -14,6 +17,7 @@ use axum::Json;
 use serde::Deserialize;
 use txpipe_common::auth::Caller;
 use txpipe_common::status::StatusRecord;
+use txpipe_common::storage::Transaction;
 use txpipe_common::{Deps, FileId};
 
 /// Page size of `GET /files/{id}/transactions` when `limit` is not given, and its maximum.
@@ -102,4 +106,62 @@ pub(crate) async fn file_transactions(
         .map_err(|e| GatewayError::from_storage("reading transactions", e))?;
     out.truncate_to_bytes(deps.settings.max_page_bytes);
     Ok(Json(out).into_response())
+}
+
+/// Earlier versions shown with a transaction, newest first; older ones are left out (the
+/// response says so).
+const MAX_EARLIER_VERSIONS: usize = 100;
+/// Longer path segments cannot be a transaction id of the CSV contract.
+const MAX_ID_BYTES: usize = 1024;
+
+/// `GET /transactions/{transaction_id}`.
+#[derive(serde::Serialize)]
+pub(crate) struct TransactionView {
+    #[serde(flatten)]
+    current: Transaction,
+    /// The versions it replaced, newest first, each with the file that wrote it.
+    earlier_versions: Vec<Transaction>,
+    /// True when there are more earlier versions than shown (or some are not the caller's).
+    earlier_versions_truncated: bool,
+}
+
+pub(crate) async fn transaction(
+    State(deps): State<Deps>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<TransactionView>, GatewayError> {
+    let missing = || GatewayError::NotFound(format!("no transaction with id {id:?}"));
+    if id.is_empty() || id.len() > MAX_ID_BYTES {
+        return Err(missing());
+    }
+    let store = &deps.storage.transactions;
+    let read = |e| GatewayError::from_storage("reading the transaction", e);
+    let current =
+        store.current(std::slice::from_ref(&id)).await.map_err(read)?.into_iter().next().ok_or_else(missing)?;
+    if !readable(&deps, &caller, current.file_id).await? {
+        return Err(missing());
+    }
+    let mut earlier = Vec::new();
+    let mut truncated = false;
+    let mut next = current.replaces;
+    while let Some(r) = next {
+        if earlier.len() == MAX_EARLIER_VERSIONS || !readable(&deps, &caller, r.file_id).await? {
+            truncated = true;
+            break;
+        }
+        let Some(v) = store.version(r.file_id, &id).await.map_err(read)? else { break };
+        next = v.replaces;
+        earlier.push(v);
+    }
+    Ok(Json(TransactionView { current, earlier_versions: earlier, earlier_versions_truncated: truncated }))
+}
+
+/// Whether the caller may see what `file_id` wrote.
+async fn readable(deps: &Deps, caller: &Caller, file_id: FileId) -> Result<bool, GatewayError> {
+    if caller.key().is_none_or(|k| k.admin) {
+        return Ok(true); // an admin key, or keys are off
+    }
+    let record =
+        deps.storage.statuses.get(file_id).await.map_err(|e| GatewayError::from_storage("reading the status", e))?;
+    Ok(record.is_some_and(|r| caller.may_read(r.uploaded_by.as_deref())))
 }

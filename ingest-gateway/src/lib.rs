@@ -47,6 +47,7 @@ pub fn router(deps: Deps) -> Router {
         .route("/upload", post(upload::upload))
         .route("/files/{file_id}", get(files::file_status))
         .route("/files/{file_id}/transactions", get(files::file_transactions))
+        .route("/transactions/{transaction_id}", get(files::transaction))
         // the last layer runs first: the key is checked, then its rate
         .route_layer(axum::middleware::from_fn_with_state(limiter, limits::rate_limit))
         .route_layer(axum::middleware::from_fn_with_state(deps.clone(), txpipe_common::auth::require_key))

@@ -26,7 +26,7 @@ use txpipe_common::auth::Caller;
 use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, UploadFinished, UploadStored};
 use txpipe_common::stage::RoutingKey;
-use txpipe_common::status::StatusRecord;
+use txpipe_common::status::{Mode, OnConflict, StatusRecord, UploadOptions};
 use txpipe_common::storage::StorageErrorKind;
 use txpipe_common::{Deps, FileId};
 
@@ -69,10 +69,54 @@ fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct OptionsQuery {
+    mode: Option<String>,
+    on_conflict: Option<String>,
+}
+
+/// `?mode=all|partial&on_conflict=reject|update`, checked before anything is read or counted:
+/// an unknown value, or an `on_conflict` the deployment does not let uploads choose, is a 400.
+pub(crate) struct Options(UploadOptions);
+
+impl axum::extract::FromRequestParts<Deps> for Options {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, deps: &Deps) -> Result<Self, GatewayError> {
+        let axum::extract::Query(q) = axum::extract::Query::<OptionsQuery>::from_request_parts(parts, deps)
+            .await
+            .map_err(|e| GatewayError::BadRequest(e.body_text()))?;
+        let mode = match q.mode.as_deref() {
+            None => Mode::All,
+            Some(m) => Mode::parse(m)
+                .ok_or_else(|| GatewayError::BadRequest(format!("mode must be all or partial, not {m:?}")))?,
+        };
+        let deployment = deps.settings.on_conflict;
+        let on_conflict = match q.on_conflict.as_deref() {
+            None => deployment,
+            Some(c) => {
+                let asked = OnConflict::parse(c).ok_or_else(|| {
+                    GatewayError::BadRequest(format!("on_conflict must be reject or update, not {c:?}"))
+                })?;
+                if asked != deployment && !deps.settings.allow_upload_on_conflict {
+                    return Err(GatewayError::BadRequest(format!(
+                        "this deployment does not let uploads choose on_conflict: it is {} (TXPIPE_ON_CONFLICT; \
+                         TXPIPE_ALLOW_UPLOAD_ON_CONFLICT=true lets them)",
+                        deployment.as_str()
+                    )));
+                }
+                asked
+            }
+        };
+        Ok(Options(UploadOptions { mode, on_conflict }))
+    }
+}
+
 pub(crate) async fn upload(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,
     Extension(slots): Extension<UploadSlots>,
+    Options(options): Options,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
@@ -85,7 +129,7 @@ pub(crate) async fn upload(
     let owner = caller.name().map(str::to_owned);
     let result = match crate::limits::Charge::take(&deps, &caller).await {
         Ok(charge) => {
-            charge.settle(trace.scope("upload", accept(deps.clone(), slots, owner, headers, body)).await).await
+            charge.settle(trace.scope("upload", accept(deps.clone(), slots, owner, options, headers, body)).await).await
         }
         Err(e) => Err(e),
     };
@@ -107,6 +151,7 @@ async fn accept(
     deps: Deps,
     slots: UploadSlots,
     owner: Option<String>,
+    options: UploadOptions,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
@@ -150,8 +195,10 @@ async fn accept(
     // from here on the upload completes even if the client goes: this task is not cancelled
     // when the request is (an unread 202 is harmless; a half-done upload is not)
     // (the task keeps the trace, a task-local, so the messages still carry it)
-    let work =
-        crate::error::with_request_id(crate::error::request_id(), commit(deps.clone(), file_id, key, size, owner));
+    let work = crate::error::with_request_id(
+        crate::error::request_id(),
+        commit(deps.clone(), file_id, key, size, owner, options),
+    );
     let commit = match txpipe_common::trace::current() {
         Some(trace) => tokio::spawn(trace.scope("upload", work)),
         None => tokio::spawn(work.in_current_span()),
@@ -204,12 +251,14 @@ async fn commit(
     key: String,
     size: u64,
     owner: Option<String>,
+    options: UploadOptions,
 ) -> Result<Response, GatewayError> {
     let objects = &deps.storage.objects;
     // recorded as not yet announced: no worker starts on it until the broker has confirmed
     let mut record = StatusRecord::uploaded(file_id, key.clone(), size, chrono::Utc::now());
     record.announced = false;
     record.uploaded_by = owner;
+    record.options = options;
     if let Err(e) = deps.storage.statuses.create(&record).await {
         let _ = objects.delete(&key).await;
         return Err(GatewayError::from_storage("recording the upload", e));
@@ -234,7 +283,10 @@ async fn commit(
     }
     UploadStored { file_id, bytes: size }.emit();
     let status_url = format!("/files/{file_id}");
-    let body = json!({"file_id": file_id, "status": "uploaded", "status_url": status_url, "size_bytes": size});
+    let body = json!({
+        "file_id": file_id, "status": "uploaded", "status_url": status_url, "size_bytes": size,
+        "mode": options.mode, "on_conflict": options.on_conflict,
+    });
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())
 }
 

@@ -12,7 +12,7 @@ use txpipe_common::csv_schema::TxStatus;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{
     Advance, ApiKeyRecord, ApiKeyStore, ObjectStore, QuotaUse, StatusStore, StorageError, StorageErrorKind,
-    Transaction, TransactionStore,
+    Transaction, TransactionStore, VersionRef, WriteOutcome,
 };
 use txpipe_common::FileId;
 
@@ -166,17 +166,34 @@ fn tx(id: &str, file_id: FileId, amount: &str) -> Transaction {
         status: TxStatus::Pending,
         file_id,
         processed_at: Utc::now(),
+        version: 1,
+        replaces: None,
     }
 }
 
-/// Transactions: exact amounts, upserts by id naming the last file, paginated by file.
+fn written(o: WriteOutcome) {
+    assert_eq!(o, WriteOutcome::Written);
+}
+
+/// Transactions: exact amounts; conditional versions (a write lands only over the version it
+/// expects, all or nothing); each file's versions paged by id; a transaction's current version
+/// and its history; reverting a version brings back the one it replaced.
 pub async fn transaction_store(store: Arc<dyn TransactionStore>) {
     store.check().await.unwrap();
-    let (f1, f2) = (FileId::new(), FileId::new());
+    let (f1, f2, f3) = (FileId::new(), FileId::new(), FileId::new());
     let p = uuid::Uuid::new_v4().simple().to_string();
     let rows: Vec<_> = (0..5).map(|i| tx(&format!("{p}-{i}"), f1, "12345678901234567890.12345678")).collect();
-    store.put_batch(&rows).await.unwrap();
-    store.put_batch(&rows).await.expect("writing the same rows again is harmless");
+    written(store.write(&rows).await.unwrap());
+    let ids: Vec<String> = rows.iter().map(|r| r.transaction_id.clone()).collect();
+    let mut current = store.current(&ids).await.unwrap();
+    current.sort_by(|a, b| a.transaction_id.cmp(&b.transaction_id));
+    assert_eq!(current, rows);
+    assert_eq!(store.current(&[format!("{p}-none")]).await.unwrap(), vec![], "an unknown id is left out");
+
+    // the same first versions again: refused, each naming what is there
+    let WriteOutcome::Stale(stale) = store.write(&rows[..2]).await.unwrap() else { panic!("a second first version") };
+    assert_eq!(stale.len(), 2);
+    assert!(stale.iter().all(|(id, now)| now.as_ref().map(|t| &t.transaction_id) == Some(id)));
 
     let page = store.list_by_file(f1, 2, None).await.unwrap();
     assert_eq!(page.items, rows[..2]);
@@ -187,14 +204,54 @@ pub async fn transaction_store(store: Arc<dyn TransactionStore>) {
     assert_eq!(page3.next_cursor, None);
     assert_eq!(page.items[0].amount.to_string(), "12345678901234567890.12345678");
 
-    // a later file carrying the same transaction takes it over
-    let moved = tx(&format!("{p}-0"), f2, "0.10");
-    store.put_batch(std::slice::from_ref(&moved)).await.unwrap();
-    assert_eq!(store.list_by_file(f2, 10, None).await.unwrap().items, vec![moved]);
-    assert_eq!(store.list_by_file(f1, 10, None).await.unwrap().items.len(), 4);
+    // all or nothing: one refused version keeps the others of the call from being written
+    let new_id = format!("{p}-new");
+    let mixed = vec![tx(&new_id, f2, "1"), tx(&format!("{p}-0"), f2, "2")];
+    let WriteOutcome::Stale(stale) = store.write(&mixed).await.unwrap() else { panic!("refused") };
+    assert_eq!(stale.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), vec![format!("{p}-0")]);
+    assert_eq!(store.current(std::slice::from_ref(&new_id)).await.unwrap(), vec![], "nothing written");
+
+    // a later version replaces the current one; the earlier stays with its file
+    let v2 = tx(&format!("{p}-0"), f2, "0.10").replacing(&rows[0]);
+    written(store.write(&[v2.clone(), tx(&new_id, f2, "1")]).await.unwrap());
+    assert_eq!(store.current(&[format!("{p}-0")]).await.unwrap(), vec![v2.clone()]);
+    assert_eq!(store.list_by_file(f1, 10, None).await.unwrap().items, rows, "f1's rows as f1 wrote them");
+    assert_eq!(store.list_by_file(f2, 10, None).await.unwrap().items.len(), 2);
+    assert_eq!(store.version(f1, &format!("{p}-0")).await.unwrap(), Some(rows[0].clone()));
+    assert_eq!(store.version(f2, &format!("{p}-0")).await.unwrap(), Some(v2.clone()));
+    assert_eq!(v2.replaces, Some(VersionRef { file_id: f1, version: 1 }));
+    // a stale expectation (replacing version 1 again) is refused
+    let late = tx(&format!("{p}-0"), f3, "9").replacing(&rows[0]);
+    let WriteOutcome::Stale(stale) = store.write(&[late]).await.unwrap() else { panic!("stale version") };
+    assert_eq!(stale[0].1, Some(v2.clone()));
+
+    // reverting the current version brings back the one it replaced; a first version goes
+    store.revert(f2, &format!("{p}-0")).await.unwrap();
+    assert_eq!(store.current(&[format!("{p}-0")]).await.unwrap(), vec![rows[0].clone()]);
+    assert_eq!(store.version(f2, &format!("{p}-0")).await.unwrap(), None);
+    store.revert(f2, &new_id).await.unwrap();
+    assert_eq!(store.current(std::slice::from_ref(&new_id)).await.unwrap(), vec![]);
+    assert!(store.list_by_file(f2, 10, None).await.unwrap().items.is_empty());
+    store.revert(f2, &new_id).await.expect("reverting what is not there is harmless");
+    // reverting a version a later one replaced forgets it and leaves the current alone
+    let v2 = tx(&format!("{p}-1"), f2, "5").replacing(&rows[1]);
+    written(store.write(std::slice::from_ref(&v2)).await.unwrap());
+    store.revert(f1, &format!("{p}-1")).await.unwrap();
+    assert_eq!(store.current(&[format!("{p}-1")]).await.unwrap(), vec![v2]);
+    assert_eq!(store.version(f1, &format!("{p}-1")).await.unwrap(), None);
 
     assert_eq!(kind_of(store.list_by_file(f1, 10, Some("not-a-cursor")).await), StorageErrorKind::InvalidCursor);
     assert!(store.list_by_file(FileId::new(), 10, None).await.unwrap().items.is_empty());
+
+    // many writers racing for one new transaction: exactly one wins
+    let race = format!("{p}-race");
+    let tries = (0..8).map(|i| {
+        let (s, t) = (store.clone(), tx(&race, FileId::new(), &format!("{i}")));
+        tokio::spawn(async move { s.write(&[t]).await.unwrap() })
+    });
+    let won =
+        futures::future::join_all(tries).await.into_iter().filter(|r| r.as_ref().unwrap() == &WriteOutcome::Written);
+    assert_eq!(won.count(), 1);
 }
 
 fn key(name: &str, admin: bool) -> ApiKeyRecord {

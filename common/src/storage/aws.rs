@@ -4,8 +4,8 @@
 //! settings (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, profiles, roles...).
 
 use super::{
-    decode_cursor, encode_cursor, Advance, ByteStream, ObjectReader, ObjectStore, StatusStore, StorageError,
-    StorageErrorKind, Transaction, TransactionPage, TransactionStore,
+    decode_cursor, encode_cursor, stale, Advance, ByteStream, ObjectReader, ObjectStore, StatusStore, StorageError,
+    StorageErrorKind, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
 };
 use crate::config::Settings;
 use crate::csv_schema::TxStatus;
@@ -15,7 +15,7 @@ use crate::names::Names;
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, TransactWriteItem};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -27,12 +27,13 @@ use futures::{StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// Items per BatchWriteItem call: DynamoDB's limit (moto does not enforce it; we do).
-pub const BATCH_WRITE_MAX: usize = 25;
-/// BatchWriteItem calls in flight at once for one batch of rows.
-const BATCH_WRITES_IN_FLIGHT: usize = 4;
-/// The transactions table's index on file_id, for `GET /files/{id}/transactions`.
-pub const FILE_INDEX: &str = "file_id-index";
+/// Keys per BatchGetItem call: DynamoDB's limit.
+const BATCH_GET_MAX: usize = 100;
+/// Conditional writes of a batch in flight at once (each a TransactWriteItems of up to
+/// [`super::MAX_WRITE`] versions).
+const TRANSACT_WRITES_IN_FLIGHT: usize = 4;
+/// Tries of a transaction that DynamoDB cancelled for a concurrent one on the same items.
+const TRANSACT_ATTEMPTS: usize = 8;
 /// The status table's sparse index of uploads recorded but not yet announced: only such items
 /// carry its key attributes ([`UNANNOUNCED_KEY`] = [`UNANNOUNCED_VALUE`], [`UNANNOUNCED_SINCE`]),
 /// so the sweeper reads just them, never the whole table.
@@ -320,6 +321,7 @@ pub struct DynamoStore {
     pub(super) client: aws_sdk_dynamodb::Client,
     status_table: String,
     tx_table: String,
+    versions_table: String,
     pub(super) keys_table: String,
 }
 
@@ -339,7 +341,7 @@ pub(super) fn get_s<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -
 }
 
 fn to_item(t: &Transaction) -> HashMap<String, AttributeValue> {
-    HashMap::from([
+    let mut item = HashMap::from([
         ("transaction_id".into(), s(&t.transaction_id)),
         ("file_id".into(), s(t.file_id.to_string())),
         // a string keeps the exact decimal as written (a DynamoDB number would drop "10.50"'s zero)
@@ -350,7 +352,17 @@ fn to_item(t: &Transaction) -> HashMap<String, AttributeValue> {
         ("merchant".into(), s(&t.merchant)),
         ("status".into(), s(t.status.as_str())),
         ("processed_at".into(), s(t.processed_at.to_rfc3339())),
-    ])
+    ]);
+    item.insert("version".into(), AttributeValue::N(t.version.to_string()));
+    if let Some(r) = t.replaces {
+        item.insert("replaces_file".into(), s(r.file_id.to_string()));
+        item.insert("replaces_version".into(), AttributeValue::N(r.version.to_string()));
+    }
+    item
+}
+
+fn get_n(item: &HashMap<String, AttributeValue>, name: &str) -> Option<u64> {
+    item.get(name).and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok())
 }
 
 fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Transaction, StorageError> {
@@ -371,26 +383,16 @@ fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Transaction, Stor
         processed_at: DateTime::parse_from_rfc3339(get_s(item, "processed_at")?)
             .map_err(|_| corrupt("processed_at"))?
             .with_timezone(&Utc),
+        // rows written before versions existed are first versions
+        version: get_n(item, "version").unwrap_or(1),
+        replaces: match (item.get("replaces_file"), get_n(item, "replaces_version")) {
+            (Some(f), Some(version)) => Some(VersionRef {
+                file_id: f.as_s().ok().and_then(|f| f.parse().ok()).ok_or_else(|| corrupt("replaces_file"))?,
+                version,
+            }),
+            _ => None,
+        },
     })
-}
-
-/// Splits rows into BatchWriteItem-sized groups, the last write of an id winning (a request
-/// may not name one key twice).
-pub fn write_batches(rows: &[Transaction]) -> Vec<Vec<WriteRequest>> {
-    let mut last: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
-    for (i, r) in rows.iter().enumerate() {
-        last.insert(&r.transaction_id, i);
-    }
-    let requests: Vec<WriteRequest> = rows
-        .iter()
-        .enumerate()
-        .filter(|(i, r)| last[r.transaction_id.as_str()] == *i)
-        .map(|(_, r)| {
-            let put = PutRequest::builder().set_item(Some(to_item(r))).build().expect("item is set");
-            WriteRequest::builder().put_request(put).build()
-        })
-        .collect();
-    requests.chunks(BATCH_WRITE_MAX).map(<[WriteRequest]>::to_vec).collect()
 }
 
 impl DynamoStore {
@@ -401,6 +403,7 @@ impl DynamoStore {
             ),
             status_table: names.status_table(),
             tx_table: names.transactions_table(),
+            versions_table: names.transaction_versions_table(),
             keys_table: names.api_keys_table(),
         }
     }
@@ -443,41 +446,80 @@ impl DynamoStore {
         item
     }
 
-    async fn write_chunk(&self, chunk: Vec<WriteRequest>) -> Result<(), StorageError> {
-        debug_assert!(chunk.len() <= BATCH_WRITE_MAX);
-        let mut pending = chunk;
-        let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(10)
-            .with_jitter()
-            .build();
-        loop {
-            let out = self
-                .client
-                .batch_write_item()
-                .request_items(&self.tx_table, pending.clone())
-                .send()
-                .await
-                .map_err(|e| classify("writing transactions", e))?;
-            let left = out.unprocessed_items.and_then(|mut m| m.remove(&self.tx_table)).unwrap_or_default();
-            if left.is_empty() {
-                return Ok(());
-            }
-            match backoff.next() {
-                Some(wait) => {
-                    tracing::debug!(unprocessed = left.len(), "resubmitting unprocessed items");
-                    tokio::time::sleep(wait).await;
-                    pending = left;
-                }
-                None => {
-                    return Err(StorageError::unavailable(format!(
-                        "{} transactions still unprocessed by DynamoDB after retries (throttled?)",
-                        left.len()
-                    )))
-                }
+    /// A put of `t` into `table`, on the condition that the table's current version of the
+    /// item is `expected` (none: no such item). Rows from before versions carry no version:
+    /// they are first versions.
+    fn put(table: &str, t: &Transaction, expected: Option<Option<VersionRef>>) -> Put {
+        let put = Put::builder().table_name(table).set_item(Some(to_item(t)));
+        match expected {
+            None => put,
+            Some(None) => put.condition_expression("attribute_not_exists(transaction_id)"),
+            Some(Some(r)) => {
+                let version = if r.version == 1 { "(#v = :v OR attribute_not_exists(#v))" } else { "#v = :v" };
+                put.condition_expression(format!("file_id = :f AND {version}"))
+                    .expression_attribute_names("#v", "version")
+                    .expression_attribute_values(":f", s(r.file_id.to_string()))
+                    .expression_attribute_values(":v", AttributeValue::N(r.version.to_string()))
             }
         }
+        .build()
+        .expect("table and item are set")
+    }
+
+    /// One TransactWriteItems of at most [`super::MAX_WRITE`] versions: each version into the
+    /// versions table, and into the transactions table on the condition of what it replaces.
+    async fn write_chunk(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError> {
+        debug_assert!(versions.len() <= super::MAX_WRITE);
+        let items: Vec<TransactWriteItem> = versions
+            .iter()
+            .flat_map(|v| {
+                [
+                    TransactWriteItem::builder().put(Self::put(&self.versions_table, v, None)).build(),
+                    TransactWriteItem::builder().put(Self::put(&self.tx_table, v, Some(v.replaces))).build(),
+                ]
+            })
+            .collect();
+        let mut backoff = contention_backoff();
+        loop {
+            match self.client.transact_write_items().set_transact_items(Some(items.clone())).send().await {
+                Ok(_) => return Ok(WriteOutcome::Written),
+                Err(e) if is_code(&e, "TransactionCanceledException") => {
+                    // a condition failed, or another transaction held an item: read what is there
+                    let ids: Vec<String> = versions.iter().map(|v| v.transaction_id.clone()).collect();
+                    let refused = stale(versions, &self.current(&ids).await?);
+                    if !refused.is_empty() {
+                        return Ok(WriteOutcome::Stale(refused));
+                    }
+                    let Some(wait) = backoff.next() else {
+                        return Err(classify("writing transactions (kept colliding with other writes)", e));
+                    };
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(classify("writing transactions", e)),
+            }
+        }
+    }
+
+    /// Reads one item by its key, consistently.
+    async fn get_item(
+        &self,
+        table: &str,
+        key: HashMap<String, AttributeValue>,
+    ) -> Result<Option<HashMap<String, AttributeValue>>, StorageError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(table)
+            .set_key(Some(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify("reading a transaction", e))?;
+        Ok(out.item)
+    }
+
+    fn version_key(file_id: FileId, id: &str) -> HashMap<String, AttributeValue> {
+        HashMap::from([("file_id".to_owned(), s(file_id.to_string())), ("transaction_id".to_owned(), s(id))])
     }
 
     /// Changes a status record with optimistic concurrency: the write lands only if nobody
@@ -616,15 +658,145 @@ impl StatusStore for DynamoStore {
     }
 }
 
+/// Backoff between tries of a DynamoDB transaction that collided with another.
+fn contention_backoff() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_delay(Duration::from_secs(1))
+        .with_max_times(TRANSACT_ATTEMPTS)
+        .with_jitter()
+        .build()
+}
+
 #[async_trait]
 impl TransactionStore for DynamoStore {
-    async fn put_batch(&self, rows: &[Transaction]) -> Result<(), StorageError> {
-        futures::stream::iter(write_batches(rows))
-            .map(|chunk| self.write_chunk(chunk))
-            .buffer_unordered(BATCH_WRITES_IN_FLIGHT)
-            .try_collect::<Vec<()>>()
-            .await
-            .map(|_| ())
+    async fn current(&self, ids: &[String]) -> Result<Vec<Transaction>, StorageError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH_GET_MAX) {
+            let mut keys: Vec<HashMap<String, AttributeValue>> =
+                chunk.iter().map(|id| HashMap::from([("transaction_id".to_owned(), s(id))])).collect();
+            let mut backoff = contention_backoff();
+            while !keys.is_empty() {
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(std::mem::take(&mut keys)))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| StorageError::misconfigured("building a read").with_source(e))?;
+                let got = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.tx_table, request)
+                    .send()
+                    .await
+                    .map_err(|e| classify("reading transactions", e))?;
+                for item in got.responses.as_ref().and_then(|r| r.get(&self.tx_table)).into_iter().flatten() {
+                    out.push(from_item(item)?);
+                }
+                keys =
+                    got.unprocessed_keys.and_then(|mut u| u.remove(&self.tx_table)).map(|k| k.keys).unwrap_or_default();
+                if !keys.is_empty() {
+                    let wait = backoff.next().ok_or_else(|| {
+                        StorageError::unavailable("DynamoDB kept transactions unread after retries (throttled?)")
+                    })?;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError> {
+        let chunks: Vec<Vec<Transaction>> = versions.chunks(super::MAX_WRITE).map(<[_]>::to_vec).collect();
+        let outcomes: Vec<WriteOutcome> = futures::stream::iter(chunks)
+            .map(|chunk| async move { self.write_chunk(&chunk).await })
+            .buffered(TRANSACT_WRITES_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let mut refused = Vec::new();
+        for o in outcomes {
+            if let WriteOutcome::Stale(s) = o {
+                refused.extend(s);
+            }
+        }
+        // a call over MAX_WRITE may be written in part: the caller sees which ids were refused
+        Ok(if refused.is_empty() { WriteOutcome::Written } else { WriteOutcome::Stale(refused) })
+    }
+
+    async fn revert(&self, file_id: FileId, transaction_id: &str) -> Result<(), StorageError> {
+        let Some(mine) = self.version(file_id, transaction_id).await? else { return Ok(()) };
+        let earlier = match mine.replaces {
+            Some(r) => self.version(r.file_id, transaction_id).await?,
+            None => None,
+        };
+        let current_key = HashMap::from([("transaction_id".to_owned(), s(transaction_id))]);
+        let forget = Delete::builder()
+            .table_name(&self.versions_table)
+            .set_key(Some(Self::version_key(file_id, transaction_id)));
+        let (cond_names, cond_values) = (
+            HashMap::from([("#v".to_owned(), "version".to_owned())]),
+            HashMap::from([
+                (":f".to_owned(), s(file_id.to_string())),
+                (":v".to_owned(), AttributeValue::N(mine.version.to_string())),
+            ]),
+        );
+        let restore = match &earlier {
+            Some(e) => TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.tx_table)
+                        .set_item(Some(to_item(e)))
+                        .condition_expression("file_id = :f AND #v = :v")
+                        .set_expression_attribute_names(Some(cond_names))
+                        .set_expression_attribute_values(Some(cond_values))
+                        .build()
+                        .expect("table and item are set"),
+                )
+                .build(),
+            None => TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.tx_table)
+                        .set_key(Some(current_key))
+                        .condition_expression("file_id = :f AND (#v = :v OR attribute_not_exists(#v))")
+                        .set_expression_attribute_names(Some(cond_names))
+                        .set_expression_attribute_values(Some(cond_values))
+                        .build()
+                        .expect("table and key are set"),
+                )
+                .build(),
+        };
+        let both = [restore, TransactWriteItem::builder().delete(forget.clone().build().expect("key set")).build()];
+        let mut backoff = contention_backoff();
+        loop {
+            match self.client.transact_write_items().set_transact_items(Some(both.to_vec())).send().await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_code(&e, "TransactionCanceledException") => {
+                    let current = self.current(&[transaction_id.to_owned()]).await?;
+                    if current.first().map(Transaction::version_ref) != Some(mine.version_ref()) {
+                        // not current (any more): only the file's own version is left to forget
+                        let key = Self::version_key(file_id, transaction_id);
+                        self.client
+                            .delete_item()
+                            .table_name(&self.versions_table)
+                            .set_key(Some(key))
+                            .send()
+                            .await
+                            .map_err(|e| classify("forgetting a transaction version", e))?;
+                        return Ok(());
+                    }
+                    let Some(wait) = backoff.next() else {
+                        return Err(classify("reverting a transaction (kept colliding with other writes)", e));
+                    };
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(classify("reverting a transaction", e)),
+            }
+        }
+    }
+
+    async fn version(&self, file_id: FileId, transaction_id: &str) -> Result<Option<Transaction>, StorageError> {
+        let item = self.get_item(&self.versions_table, Self::version_key(file_id, transaction_id)).await?;
+        item.as_ref().map(from_item).transpose()
     }
 
     async fn list_by_file(
@@ -633,21 +805,15 @@ impl TransactionStore for DynamoStore {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<TransactionPage, StorageError> {
-        let start = match cursor {
-            Some(c) => Some(HashMap::from([
-                ("transaction_id".to_owned(), s(decode_cursor(c)?)),
-                ("file_id".to_owned(), s(file_id.to_string())),
-            ])),
-            None => None,
-        };
+        let start = cursor.map(decode_cursor).transpose()?.map(|after| Self::version_key(file_id, &after));
         let out = self
             .client
             .query()
-            .table_name(&self.tx_table)
-            .index_name(FILE_INDEX)
+            .table_name(&self.versions_table)
             .key_condition_expression("file_id = :f")
             .expression_attribute_values(":f", s(file_id.to_string()))
             .limit(limit.clamp(1, 1000) as i32)
+            .consistent_read(true)
             .set_exclusive_start_key(start)
             .send()
             .await
@@ -666,7 +832,8 @@ impl TransactionStore for DynamoStore {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        self.describe(&self.tx_table).await
+        self.describe(&self.tx_table).await?;
+        self.describe(&self.versions_table).await
     }
 }
 
@@ -687,6 +854,8 @@ mod tests {
             status: TxStatus::Completed,
             file_id: FileId::new(),
             processed_at: Utc::now(),
+            version: 1,
+            replaces: None,
         }
     }
 
@@ -735,20 +904,15 @@ mod tests {
     }
 
     #[test]
-    fn batches_hold_at_most_25_writes_and_no_key_twice() {
-        let rows: Vec<_> = (0..101).map(|i| tx(&format!("t{i}"))).collect();
-        let batches = write_batches(&rows);
-        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [25, 25, 25, 25, 1]);
-        let dup = vec![tx("a"), tx("b"), tx("a")];
-        let b = write_batches(&dup);
-        assert_eq!(b[0].len(), 2, "the last write of an id wins");
-    }
-
-    #[test]
     fn items_round_trip_with_exact_amounts() {
         let t = tx("x");
         let back = from_item(&to_item(&t)).unwrap();
         assert_eq!(back, t);
         assert_eq!(back.amount.to_string(), "10.50");
+        let later = tx("x").replacing(&t);
+        assert_eq!(from_item(&to_item(&later)).unwrap(), later, "a later version keeps what it replaced");
+        let mut old = to_item(&t);
+        old.remove("version");
+        assert_eq!(from_item(&old).unwrap().version, 1, "rows from before versions are first versions");
     }
 }

@@ -82,7 +82,17 @@ pub trait StatusStore: Send + Sync + 'static {
     async fn check(&self) -> Result<(), StorageError>;
 }
 
-/// One stored transaction, as the transformer writes it.
+/// A version of a transaction that a later one replaced: the file that wrote it and its number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRef {
+    pub file_id: FileId,
+    pub version: u64,
+}
+
+/// One version of a transaction, as one file wrote it. The transactions table holds each
+/// transaction's current version (keyed by transaction_id, as in the seed); the versions table
+/// holds every version by the file that wrote it, so a file's rows and a transaction's history
+/// survive later files.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transaction {
     pub transaction_id: String,
@@ -96,12 +106,26 @@ pub struct Transaction {
     pub timestamp_epoch: i64,
     pub merchant: String,
     pub status: TxStatus,
-    /// The file that last wrote this transaction.
+    /// The file that wrote this version.
     pub file_id: FileId,
     pub processed_at: DateTime<Utc>,
+    /// 1 for the first version of the transaction, one more for each later one.
+    #[serde(default = "first_version")]
+    pub version: u64,
+    /// The version this one replaced (absent for a first version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<VersionRef>,
 }
 
+fn first_version() -> u64 {
+    1
+}
+
+/// The columns of a transaction that a file gives (the rest is bookkeeping).
+pub const VALUE_COLUMNS: [&str; 5] = ["amount", "currency", "timestamp", "merchant", "status"];
+
 impl Transaction {
+    /// A first version of the row, written by `file_id`.
     pub fn from_row(row: &Row<'_>, file_id: FileId, processed_at: DateTime<Utc>) -> Self {
         Self {
             transaction_id: row.transaction_id.to_owned(),
@@ -113,6 +137,43 @@ impl Transaction {
             status: row.status,
             file_id,
             processed_at,
+            version: 1,
+            replaces: None,
+        }
+    }
+
+    /// The columns whose values differ from `other`'s, in the contract's order. An amount is
+    /// compared as a number (`1.0` is `1.00`), a timestamp as an instant with its offset.
+    pub fn differing_columns(&self, other: &Transaction) -> Vec<&'static str> {
+        let same = [
+            self.amount == other.amount,
+            self.currency == other.currency,
+            self.timestamp == other.timestamp && self.timestamp.offset() == other.timestamp.offset(),
+            self.merchant == other.merchant,
+            self.status == other.status,
+        ];
+        VALUE_COLUMNS.iter().zip(same).filter(|(_, same)| !same).map(|(c, _)| *c).collect()
+    }
+
+    /// This row as the next version after `current`, which it replaces.
+    pub fn replacing(mut self, current: &Transaction) -> Self {
+        self.version = current.version + 1;
+        self.replaces = Some(VersionRef { file_id: current.file_id, version: current.version });
+        self
+    }
+
+    /// The reference to this version.
+    pub fn version_ref(&self) -> VersionRef {
+        VersionRef { file_id: self.file_id, version: self.version }
+    }
+
+    /// True when `current` (the table's current version of this id, if any) is what this
+    /// version expects to replace.
+    pub fn expects(&self, current: Option<&Transaction>) -> bool {
+        match (self.replaces, current) {
+            (None, None) => true,
+            (Some(r), Some(c)) => r == c.version_ref(),
+            _ => false,
         }
     }
 }
@@ -147,12 +208,38 @@ impl TransactionPage {
     }
 }
 
-/// The transactions table, keyed by transaction_id (a later write of the same id replaces it).
+/// How a batch of versions was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Every version was written, each one now current.
+    Written,
+    /// Nothing was written: for these transaction ids the current version was not the one the
+    /// write expected to replace; here is what is current (None: the id is not stored).
+    Stale(Vec<(String, Option<Transaction>)>),
+}
+
+/// The transactions: the current version of each (the `{ns}-transactions` table, keyed by
+/// transaction_id as in the seed) and every version by the file that wrote it (the
+/// `{ns}-transaction-versions` table, keyed by file_id and transaction_id). Writes are
+/// conditional, so two files never overwrite each other's rows unseen (see `crate::ledger`).
 #[async_trait]
 pub trait TransactionStore: Send + Sync + 'static {
-    /// Writes every row or fails; writing the same rows again is harmless.
-    async fn put_batch(&self, rows: &[Transaction]) -> Result<(), StorageError>;
-    /// The rows a file wrote, ordered by transaction_id, at most `limit`, after `cursor`.
+    /// The current versions of these ids (ids not stored are left out), in no order.
+    async fn current(&self, ids: &[String]) -> Result<Vec<Transaction>, StorageError>;
+    /// Makes each version current and records it with its file, all or nothing: only if, for
+    /// every one, the current version is the one it [`Transaction::replaces`] (none: the id is
+    /// not stored yet). Ids are distinct within a call. A backend may split a call into
+    /// atomic parts of [`MAX_WRITE`] versions (DynamoDB): then the parts without a refused id
+    /// may be written even when the outcome is `Stale`.
+    async fn write(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError>;
+    /// Undoes one file's version of a transaction: if it is current, the version it replaced
+    /// becomes current again (or the transaction is removed, for a first version), and the
+    /// file's version is forgotten; if a later version replaced it, only the file's version is
+    /// forgotten. Atomic; undoing what is not there is not an error.
+    async fn revert(&self, file_id: FileId, transaction_id: &str) -> Result<(), StorageError>;
+    /// The version `file_id` wrote of a transaction, if it wrote one.
+    async fn version(&self, file_id: FileId, transaction_id: &str) -> Result<Option<Transaction>, StorageError>;
+    /// The versions a file wrote, ordered by transaction_id, at most `limit`, after `cursor`.
     async fn list_by_file(
         &self,
         file_id: FileId,
@@ -160,6 +247,24 @@ pub trait TransactionStore: Send + Sync + 'static {
         cursor: Option<&str>,
     ) -> Result<TransactionPage, StorageError>;
     async fn check(&self) -> Result<(), StorageError>;
+}
+
+/// The most versions one [`TransactionStore::write`] takes (a DynamoDB transaction holds 100
+/// actions: two per version).
+pub const MAX_WRITE: usize = 50;
+
+/// The ids in `versions` whose expectation `current` (the current versions, as read) does not
+/// meet, with what is current: what a refused conditional write reports.
+pub fn stale(versions: &[Transaction], current: &[Transaction]) -> Vec<(String, Option<Transaction>)> {
+    let by_id: std::collections::HashMap<&str, &Transaction> =
+        current.iter().map(|t| (t.transaction_id.as_str(), t)).collect();
+    versions
+        .iter()
+        .filter_map(|v| {
+            let now = by_id.get(v.transaction_id.as_str()).copied();
+            (!v.expects(now)).then(|| (v.transaction_id.clone(), now.cloned()))
+        })
+        .collect()
 }
 
 /// One API key as stored: never the secret, only its SHA-256 (see `crate::auth`).
@@ -320,6 +425,8 @@ mod tests {
                 status: TxStatus::Completed,
                 file_id: FileId::new(),
                 processed_at: at,
+                version: 1,
+                replaces: None,
             })
             .collect();
         let one = serde_json::to_vec(&items[0]).unwrap().len() + 1;

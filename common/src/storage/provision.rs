@@ -1,7 +1,7 @@
 //! `txpipe provision` / `txpipe teardown` for the aws backend: create or remove the bucket
 //! and the tables of a namespace (status, transactions, API keys), idempotently, saying what was done.
 
-use super::aws::{S3ObjectStore, FILE_INDEX, UNANNOUNCED_INDEX, UNANNOUNCED_KEY, UNANNOUNCED_SINCE};
+use super::aws::{S3ObjectStore, UNANNOUNCED_INDEX, UNANNOUNCED_KEY, UNANNOUNCED_SINCE};
 use super::StorageError;
 use crate::names::Names;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
@@ -33,8 +33,8 @@ fn string_attr(name: &str) -> AttributeDefinition {
         .expect("complete attribute")
 }
 
-/// Creates what is missing: the bucket, the status table, the transactions table with its
-/// file_id index, the API-key table (with a TTL on old upload counters); turns on
+/// Creates what is missing: the bucket, the status table, the transactions and
+/// transaction-versions tables, the API-key table (with a TTL on old upload counters); turns on
 /// point-in-time recovery where the service supports it.
 pub async fn provision(
     s3: &S3ObjectStore,
@@ -81,23 +81,26 @@ pub async fn provision(
         done.push(added);
     }
 
+    // the current version of each transaction, keyed as in the seed
     let tx = names.transactions_table();
-    let index = GlobalSecondaryIndex::builder()
-        .index_name(FILE_INDEX)
-        .key_schema(key("file_id", KeyType::Hash))
-        .key_schema(key("transaction_id", KeyType::Range))
-        .projection(Projection::builder().projection_type(ProjectionType::All).build())
-        .build()
-        .expect("complete index");
     let req = ddb
         .create_table()
         .table_name(&tx)
         .billing_mode(BillingMode::PayPerRequest)
         .attribute_definitions(string_attr("transaction_id"))
-        .attribute_definitions(string_attr("file_id"))
-        .key_schema(key("transaction_id", KeyType::Hash))
-        .global_secondary_indexes(index);
+        .key_schema(key("transaction_id", KeyType::Hash));
     done.push(create_table(&tx, req).await?);
+    // every version by the file that wrote it: a file's rows are one Query
+    let versions = names.transaction_versions_table();
+    let req = ddb
+        .create_table()
+        .table_name(&versions)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(string_attr("file_id"))
+        .attribute_definitions(string_attr("transaction_id"))
+        .key_schema(key("file_id", KeyType::Hash))
+        .key_schema(key("transaction_id", KeyType::Range));
+    done.push(create_table(&versions, req).await?);
 
     let keys = names.api_keys_table();
     let req = ddb
@@ -115,7 +118,7 @@ pub async fn provision(
         Err(e) => done.push(format!("TTL not changed for {keys} ({})", e.code().unwrap_or("unsupported"))),
     }
 
-    for table in [&status, &tx, &keys] {
+    for table in [&status, &tx, &versions, &keys] {
         wait_active(ddb, table).await?;
         let pitr =
             PointInTimeRecoverySpecification::builder().point_in_time_recovery_enabled(true).build().expect("complete");
@@ -233,7 +236,9 @@ pub async fn teardown(
             }
         }
     }
-    for table in [names.status_table(), names.transactions_table(), names.api_keys_table()] {
+    for table in
+        [names.status_table(), names.transactions_table(), names.transaction_versions_table(), names.api_keys_table()]
+    {
         match ddb.delete_table().table_name(&table).send().await {
             Ok(_) => done.push(format!("deleted DynamoDB table {table}")),
             Err(e) if e.code() == Some("ResourceNotFoundException") => {

@@ -3,8 +3,8 @@
 //! on the blocking pool so the async workers never stall on the database.
 
 use super::{
-    decode_cursor, encode_cursor, Advance, ApiKeyRecord, ApiKeyStore, QuotaUse, StatusStore, StorageError, Transaction,
-    TransactionPage, TransactionStore,
+    decode_cursor, encode_cursor, stale, Advance, ApiKeyRecord, ApiKeyStore, QuotaUse, StatusStore, StorageError,
+    Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
 };
 use crate::csv_schema::TxStatus;
 use crate::file_id::FileId;
@@ -21,6 +21,7 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     status_table: String,
     tx_table: String,
+    versions_table: String,
     keys_table: String,
     usage_table: String,
 }
@@ -47,6 +48,8 @@ impl SqliteStore {
         let status_table = quoted(&names.status_table());
         let tx_table = quoted(&names.transactions_table());
         let by_file = quoted(&format!("{}-by-file", names.transactions_table()));
+        let versions_table = quoted(&names.transaction_versions_table());
+        let vt = versions_table.clone();
         let keys_table = quoted(&names.api_keys_table());
         let usage_table = quoted(&format!("{}-usage", names.api_keys_table()));
         let (st, tt, kt, ut) = (status_table.clone(), tx_table.clone(), keys_table.clone(), usage_table.clone());
@@ -78,9 +81,27 @@ impl SqliteStore {
                     timestamp_epoch INTEGER NOT NULL,
                     merchant TEXT NOT NULL,
                     status TEXT NOT NULL,
-                    processed_at TEXT NOT NULL
+                    processed_at TEXT NOT NULL,
+                    version INTEGER NOT NULL DEFAULT 1,
+                    replaces_file TEXT,
+                    replaces_version INTEGER
                  ) WITHOUT ROWID;
                  CREATE INDEX IF NOT EXISTS {by_file} ON {tt} (file_id, transaction_id);
+                 CREATE TABLE IF NOT EXISTS {vt} (
+                    file_id TEXT NOT NULL,
+                    transaction_id TEXT NOT NULL,
+                    amount TEXT NOT NULL,
+                    currency TEXT NOT NULL,
+                    timestamp TEXT NOT NULL,
+                    timestamp_epoch INTEGER NOT NULL,
+                    merchant TEXT NOT NULL,
+                    status TEXT NOT NULL,
+                    processed_at TEXT NOT NULL,
+                    version INTEGER NOT NULL,
+                    replaces_file TEXT,
+                    replaces_version INTEGER,
+                    PRIMARY KEY (file_id, transaction_id)
+                 ) WITHOUT ROWID;
                  CREATE TABLE IF NOT EXISTS {kt} (
                     name TEXT PRIMARY KEY,
                     hash TEXT NOT NULL UNIQUE,
@@ -96,11 +117,12 @@ impl SqliteStore {
                     WHERE json_extract(record, '$.announced') = 0;"
             ))
             .map_err(db_err)?;
+            upgrade_transactions(&conn, &tt, &vt)?;
             Ok(conn)
         })
         .await
         .map_err(|e| StorageError::unavailable("opening the database failed").with_source(e))??;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), status_table, tx_table, keys_table, usage_table })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), status_table, tx_table, versions_table, keys_table, usage_table })
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -211,37 +233,178 @@ impl StatusStore for SqliteStore {
     }
 }
 
+/// The columns of both transaction tables, in the order [`tx_params`] binds and [`tx_from_row`] reads.
+const TX_COLUMNS: &str = "transaction_id, file_id, amount, currency, timestamp, timestamp_epoch, merchant, status, \
+                          processed_at, version, replaces_file, replaces_version";
+
+fn tx_params(r: &Transaction) -> [Box<dyn rusqlite::ToSql>; 12] {
+    [
+        Box::new(r.transaction_id.clone()),
+        Box::new(r.file_id.to_string()),
+        Box::new(r.amount.to_string()),
+        Box::new(r.currency.clone()),
+        Box::new(r.timestamp.to_rfc3339()),
+        Box::new(r.timestamp_epoch),
+        Box::new(r.merchant.clone()),
+        Box::new(r.status.as_str()),
+        Box::new(r.processed_at.to_rfc3339()),
+        Box::new(r.version as i64),
+        Box::new(r.replaces.map(|v| v.file_id.to_string())),
+        Box::new(r.replaces.map(|v| v.version as i64)),
+    ]
+}
+
+fn tx_from_row(r: &rusqlite::Row<'_>) -> Result<Transaction, StorageError> {
+    let text = |i: usize| r.get::<_, String>(i).map_err(db_err);
+    let corrupt = |what: &str| StorageError::corrupt(format!("transaction {what}"));
+    let replaces = match (r.get::<_, Option<String>>(10).map_err(db_err)?, r.get::<_, Option<i64>>(11).map_err(db_err)?)
+    {
+        (Some(f), Some(v)) => {
+            Some(VersionRef { file_id: f.parse().map_err(|_| corrupt("replaces_file"))?, version: v.max(0) as u64 })
+        }
+        _ => None,
+    };
+    Ok(Transaction {
+        transaction_id: text(0)?,
+        file_id: text(1)?.parse().map_err(|_| corrupt("file_id"))?,
+        amount: text(2)?.parse().map_err(|_| corrupt("amount"))?,
+        currency: text(3)?,
+        timestamp: DateTime::parse_from_rfc3339(&text(4)?).map_err(|_| corrupt("timestamp"))?,
+        timestamp_epoch: r.get(5).map_err(db_err)?,
+        merchant: text(6)?,
+        status: TxStatus::parse(&text(7)?).ok_or_else(|| corrupt("status"))?,
+        processed_at: DateTime::parse_from_rfc3339(&text(8)?).map_err(|_| corrupt("processed_at"))?.with_timezone(&Utc),
+        version: r.get::<_, i64>(9).map_err(db_err)?.max(1) as u64,
+        replaces,
+    })
+}
+
+/// Brings a database from before versions up to date: adds the version columns to the
+/// transactions table and records each stored row as its file's version, once.
+fn upgrade_transactions(conn: &Connection, tt: &str, vt: &str) -> Result<(), StorageError> {
+    let has_version: bool = conn
+        .prepare(&format!("SELECT 1 FROM pragma_table_info({}) WHERE name = 'version'", sql_text(tt)))
+        .and_then(|mut s| s.exists([]))
+        .map_err(db_err)?;
+    if has_version {
+        return Ok(());
+    }
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE {tt} ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+         ALTER TABLE {tt} ADD COLUMN replaces_file TEXT;
+         ALTER TABLE {tt} ADD COLUMN replaces_version INTEGER;
+         INSERT OR IGNORE INTO {vt} ({TX_COLUMNS}) SELECT {TX_COLUMNS} FROM {tt};
+         COMMIT;"
+    ))
+    .map_err(db_err)
+}
+
+/// A quoted table name (`"ns-transactions"`) as an SQL string literal, for pragma functions.
+fn sql_text(quoted_name: &str) -> String {
+    let bare = quoted_name.trim_matches('"').replace("\"\"", "\"");
+    format!("'{}'", bare.replace('\'', "''"))
+}
+
+impl SqliteStore {
+    fn select_current(tx: &Connection, table: &str, id: &str) -> Result<Option<Transaction>, StorageError> {
+        let sql = format!("SELECT {TX_COLUMNS} FROM {table} WHERE transaction_id = ?1");
+        let mut stmt = tx.prepare_cached(&sql).map_err(db_err)?;
+        let mut rows = stmt.query(params![id]).map_err(db_err)?;
+        rows.next().map_err(db_err)?.map(tx_from_row).transpose()
+    }
+
+    fn select_version(
+        c: &Connection,
+        table: &str,
+        file_id: FileId,
+        id: &str,
+    ) -> Result<Option<Transaction>, StorageError> {
+        let sql = format!("SELECT {TX_COLUMNS} FROM {table} WHERE file_id = ?1 AND transaction_id = ?2");
+        let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+        let mut rows = stmt.query(params![file_id.to_string(), id]).map_err(db_err)?;
+        rows.next().map_err(db_err)?.map(tx_from_row).transpose()
+    }
+
+    fn put_row(c: &Connection, table: &str, r: &Transaction) -> Result<(), StorageError> {
+        let sql = format!(
+            "INSERT OR REPLACE INTO {table} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        );
+        let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+        stmt.execute(rusqlite::params_from_iter(tx_params(r).iter())).map_err(db_err)?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl TransactionStore for SqliteStore {
-    async fn put_batch(&self, rows: &[Transaction]) -> Result<(), StorageError> {
-        let sql = format!(
-            "INSERT OR REPLACE INTO {} (transaction_id, file_id, amount, currency, timestamp, timestamp_epoch, merchant, status, processed_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            self.tx_table
-        );
-        let rows = rows.to_vec();
+    async fn current(&self, ids: &[String]) -> Result<Vec<Transaction>, StorageError> {
+        let (ids, table) = (ids.to_vec(), self.tx_table.clone());
+        self.with(move |c| {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                out.extend(Self::select_current(c, &table, id)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn write(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError> {
+        let (versions, tt, vt) = (versions.to_vec(), self.tx_table.clone(), self.versions_table.clone());
+        self.with(move |c| {
+            // IMMEDIATE: the checks and the writes are one step for every process on the file
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let mut current = Vec::new();
+            for v in &versions {
+                current.extend(Self::select_current(&tx, &tt, &v.transaction_id)?);
+            }
+            let refused = stale(&versions, &current);
+            if !refused.is_empty() {
+                return Ok(WriteOutcome::Stale(refused));
+            }
+            for v in &versions {
+                Self::put_row(&tx, &tt, v)?;
+                Self::put_row(&tx, &vt, v)?;
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(WriteOutcome::Written)
+        })
+        .await
+    }
+
+    async fn revert(&self, file_id: FileId, transaction_id: &str) -> Result<(), StorageError> {
+        let (id, tt, vt) = (transaction_id.to_owned(), self.tx_table.clone(), self.versions_table.clone());
         self.with(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-            {
-                let mut stmt = tx.prepare_cached(&sql).map_err(db_err)?;
-                for r in &rows {
-                    stmt.execute(params![
-                        r.transaction_id,
-                        r.file_id.to_string(),
-                        r.amount.to_string(),
-                        r.currency,
-                        r.timestamp.to_rfc3339(),
-                        r.timestamp_epoch,
-                        r.merchant,
-                        r.status.as_str(),
-                        r.processed_at.to_rfc3339(),
-                    ])
-                    .map_err(db_err)?;
+            let Some(mine) = Self::select_version(&tx, &vt, file_id, &id)? else { return Ok(()) };
+            let current = Self::select_current(&tx, &tt, &id)?;
+            if current.map(|t| t.version_ref()) == Some(mine.version_ref()) {
+                let earlier = match mine.replaces {
+                    Some(r) => Self::select_version(&tx, &vt, r.file_id, &id)?,
+                    None => None,
+                };
+                match earlier {
+                    Some(e) => Self::put_row(&tx, &tt, &e)?,
+                    None => {
+                        tx.execute(&format!("DELETE FROM {tt} WHERE transaction_id = ?1"), params![id])
+                            .map_err(db_err)?;
+                    }
                 }
             }
+            tx.execute(
+                &format!("DELETE FROM {vt} WHERE file_id = ?1 AND transaction_id = ?2"),
+                params![file_id.to_string(), id],
+            )
+            .map_err(db_err)?;
             tx.commit().map_err(db_err)
         })
         .await
+    }
+
+    async fn version(&self, file_id: FileId, transaction_id: &str) -> Result<Option<Transaction>, StorageError> {
+        let (id, vt) = (transaction_id.to_owned(), self.versions_table.clone());
+        self.with(move |c| Self::select_version(c, &vt, file_id, &id)).await
     }
 
     async fn list_by_file(
@@ -252,9 +415,8 @@ impl TransactionStore for SqliteStore {
     ) -> Result<TransactionPage, StorageError> {
         let after = cursor.map(decode_cursor).transpose()?;
         let sql = format!(
-            "SELECT transaction_id, amount, currency, timestamp, timestamp_epoch, merchant, status, processed_at
-             FROM {} WHERE file_id = ?1 AND transaction_id > ?2 ORDER BY transaction_id LIMIT ?3",
-            self.tx_table
+            "SELECT {TX_COLUMNS} FROM {} WHERE file_id = ?1 AND transaction_id > ?2 ORDER BY transaction_id LIMIT ?3",
+            self.versions_table
         );
         let limit = limit.max(1);
         self.with(move |c| {
@@ -264,21 +426,7 @@ impl TransactionStore for SqliteStore {
                 .map_err(db_err)?;
             let mut items = Vec::new();
             while let Some(r) = rows.next().map_err(db_err)? {
-                let text = |i: usize| r.get::<_, String>(i).map_err(db_err);
-                let corrupt = |what: &str| StorageError::corrupt(format!("transaction {what}"));
-                items.push(Transaction {
-                    transaction_id: text(0)?,
-                    amount: text(1)?.parse().map_err(|_| corrupt("amount"))?,
-                    currency: text(2)?,
-                    timestamp: DateTime::parse_from_rfc3339(&text(3)?).map_err(|_| corrupt("timestamp"))?,
-                    timestamp_epoch: r.get(4).map_err(db_err)?,
-                    merchant: text(5)?,
-                    status: TxStatus::parse(&text(6)?).ok_or_else(|| corrupt("status"))?,
-                    file_id,
-                    processed_at: DateTime::parse_from_rfc3339(&text(7)?)
-                        .map_err(|_| corrupt("processed_at"))?
-                        .with_timezone(&Utc),
-                });
+                items.push(tx_from_row(r)?);
             }
             let next_cursor = if items.len() > limit {
                 items.truncate(limit);
@@ -292,7 +440,7 @@ impl TransactionStore for SqliteStore {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.tx_table);
+        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.versions_table);
         self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
     }
 }
@@ -329,7 +477,7 @@ impl SqliteStore {
 
     /// Drops every table of the namespace (`txpipe teardown` for local storage).
     pub async fn drop_tables(&self) -> Result<(), StorageError> {
-        let sql = [&self.status_table, &self.tx_table, &self.keys_table, &self.usage_table]
+        let sql = [&self.status_table, &self.tx_table, &self.versions_table, &self.keys_table, &self.usage_table]
             .map(|t| format!("DROP TABLE IF EXISTS {t};"))
             .concat();
         self.with(move |c| c.execute_batch(&sql).map_err(db_err)).await

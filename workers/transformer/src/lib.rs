@@ -1,18 +1,27 @@
-//! The transformer: consumes `file.validated`, streams the object again and writes every row
-//! to the transactions table in batches (keyed by transaction_id, so a repeat overwrites the
-//! same rows); the loop in `txpipe_common::worker` then records `processed` and publishes
-//! `file.processed`.
+//! The transformer: consumes `file.validated`, streams the object again and stores every row
+//! as the file's version of its transaction by the ledger rules (`txpipe_common::ledger`):
+//! conditional writes in batches, so no other file's row is overwritten unseen. The loop in
+//! `txpipe_common::worker` then records `processed` and publishes `file.processed`; a file
+//! whose rows conflict with stored transactions is refused instead (`validation_failed` with
+//! one error per row, `file.rejected`), its rows reverted. In partial mode the rows the
+//! validator refused are skipped and conflicting rows are refused one by one.
 
 use async_trait::async_trait;
+use rustc_hash::FxHashSet;
 use tokio::sync::mpsc;
-use txpipe_common::csv_schema::{ErrorLog, ScanError, Scanner};
+use txpipe_common::csv_schema::{id_hash, ErrorLog, ScanError, Scanner};
+use txpipe_common::ledger::{self, Ledger, LedgerError, Row, Tally};
 use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, RowsStored};
 use txpipe_common::stage::Stage;
-use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
+use txpipe_common::status::{FileStatus, Mode, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_blocking, Transaction};
 use txpipe_common::worker::{Failure, Handler, Step};
 use txpipe_common::{Deps, FileId};
+
+/// Times a file starts over after yielding to an older upload before the attempt is given up
+/// (as a transient failure, retried later).
+const MAX_RESTARTS: usize = 20;
 
 /// The transformer stage.
 pub struct Transformer {
@@ -31,14 +40,57 @@ impl Transformer {
         Self { deps }
     }
 
-    /// Streams the object on the blocking pool, sending batches to this task, which writes them.
-    async fn store_rows(&self, file_id: FileId, key: &str) -> Result<u64, Failure> {
-        let (tx, mut rx) = mpsc::channel::<Vec<Transaction>>(2);
+    /// One pass over the file: streams the object on the blocking pool, sending batches of
+    /// rows to this task, which stores them through the ledger.
+    async fn store_rows(&self, record: &StatusRecord) -> Result<Pass, Failure> {
+        let partial = record.options.mode == Mode::Partial;
+        let storage = &self.deps.storage;
+        let mut ledger = Ledger::new(
+            storage.transactions.clone(),
+            storage.statuses.clone(),
+            record.file_id,
+            record.options.on_conflict,
+            !partial,
+            self.deps.settings.max_reported_errors,
+        );
+        let (tx, mut rx) = mpsc::channel::<Vec<Row>>(2);
+        let reader = self.read_rows(record.file_id, &record.object_key, partial, tx);
+        let mut stop = None;
+        while let Some(batch) = rx.recv().await {
+            if let Err(e) = ledger.store(batch).await {
+                stop = Some(e);
+                break;
+            }
+        }
+        drop(rx);
+        let read = reader.await.map_err(|e| Failure::Retry(format!("reading task failed: {e}")))?;
+        match stop {
+            Some(LedgerError::Storage(e)) => return Err(Failure::storage("writing transactions", &e)),
+            Some(LedgerError::Yield { holder, transaction_id }) => return Ok(Pass::Yield(holder, transaction_id)),
+            Some(stuck @ LedgerError::Stuck { .. }) => return Err(Failure::Retry(stuck.to_string())),
+            None => {}
+        }
+        match read {
+            Ok(()) => Ok(Pass::Done(ledger)),
+            Err(ReadError::Io(e)) => Err(Failure::read("reading the validated file", &e)),
+            Err(ReadError::Invalid(why)) => {
+                Err(Failure::DeadLetter(format!("the stored file changed after validation: {why}")))
+            }
+        }
+    }
+
+    fn read_rows(
+        &self,
+        file_id: FileId,
+        key: &str,
+        partial: bool,
+        tx: mpsc::Sender<Vec<Row>>,
+    ) -> tokio::task::JoinHandle<Result<(), ReadError>> {
         let objects = self.deps.storage.objects.clone();
         let key = key.to_owned();
         let batch_size = self.deps.settings.batch_size;
         let handle = tokio::runtime::Handle::current();
-        let reader = tokio::task::spawn_blocking(move || -> Result<(), ReadError> {
+        tokio::task::spawn_blocking(move || -> Result<(), ReadError> {
             let source = open_blocking(&objects, &key, &handle).map_err(ReadError::Io)?;
             let mut scanner = match Scanner::new(source) {
                 Ok(s) => s,
@@ -48,10 +100,20 @@ impl Transformer {
                 }
             };
             let now = chrono::Utc::now();
-            let mut log = ErrorLog::new(1);
+            // partial mode: the later rows with an id already seen are the duplicates the
+            // validator refused (it marks every occurrence after the first)
+            let mut seen: FxHashSet<u64> = FxHashSet::default();
             let mut batch = Vec::with_capacity(batch_size);
             while scanner.advance().map_err(ReadError::Io)? {
-                let Some(row) = scanner.parse(&mut log) else {
+                let mut log = ErrorLog::new(1);
+                let parsed = scanner.parse(&mut log);
+                if partial {
+                    let first = scanner.raw_id().map(|id| seen.insert(id_hash(id))).unwrap_or(true);
+                    if parsed.is_none() || !first {
+                        continue;
+                    }
+                }
+                let Some(row) = parsed else {
                     let (errors, _) = log.into_parts();
                     return Err(ReadError::Invalid(format!(
                         "row {} no longer passes: {}",
@@ -59,7 +121,7 @@ impl Transformer {
                         errors[0].message
                     )));
                 };
-                batch.push(Transaction::from_row(&row, file_id, now));
+                batch.push(Row { row: scanner.row(), tx: Transaction::from_row(&row, file_id, now) });
                 if batch.len() == batch_size
                     && tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))).is_err()
                 {
@@ -73,29 +135,76 @@ impl Transformer {
                 let _ = tx.blocking_send(batch);
             }
             Ok(())
-        });
-        let mut written = 0u64;
-        let mut write_error = None;
-        while let Some(batch) = rx.recv().await {
-            if let Err(e) = self.deps.storage.transactions.put_batch(&batch).await {
-                write_error = Some(e);
-                break;
-            }
-            written += batch.len() as u64;
-        }
-        drop(rx);
-        let read = reader.await.map_err(|e| Failure::Retry(format!("reading task failed: {e}")))?;
-        if let Some(e) = write_error {
-            return Err(Failure::storage("writing transactions", &e));
-        }
-        match read {
-            Ok(()) => Ok(written),
-            Err(ReadError::Io(e)) => Err(Failure::read("reading the validated file", &e)),
-            Err(ReadError::Invalid(why)) => {
-                Err(Failure::DeadLetter(format!("the stored file changed after validation: {why}")))
-            }
-        }
+        })
     }
+
+    /// Stores the file's rows, starting over each time it yields to an older upload that is
+    /// storing one of the same transactions (after releasing every row it wrote).
+    async fn store_all(&self, record: &StatusRecord) -> Result<Ledger, Failure> {
+        let storage = &self.deps.storage;
+        for _ in 0..MAX_RESTARTS {
+            let (holder, transaction_id) = match self.store_rows(record).await? {
+                Pass::Done(ledger) => return Ok(ledger),
+                Pass::Yield(holder, transaction_id) => (holder, transaction_id),
+            };
+            tracing::info!(file_id = %record.file_id, %holder, %transaction_id,
+                "an older upload is storing the same transaction; releasing this file's rows until it is done");
+            ledger::release(&storage.transactions, record.file_id)
+                .await
+                .map_err(|e| Failure::storage("releasing rows to an older upload", &e))?;
+            let settled = ledger::wait_settled(&storage.statuses, holder)
+                .await
+                .map_err(|e| Failure::storage("waiting for an older upload", &e))?;
+            if !settled {
+                return Err(Failure::Retry(format!(
+                    "file {holder} has been storing transaction '{transaction_id}' for too long"
+                )));
+            }
+        }
+        Err(Failure::Retry("kept yielding to other uploads of the same transactions".into()))
+    }
+}
+
+/// How one pass over the file ended.
+enum Pass {
+    Done(Ledger),
+    /// An older upload holds this transaction: release, wait for it, start over.
+    Yield(FileId, String),
+}
+
+/// The status update for a file refused for conflicts (all-or-nothing mode).
+fn refusal(tally: &Tally) -> StatusUpdate {
+    let first = tally.conflict_errors.first().map(|e| e.message.as_str()).unwrap_or("unknown");
+    StatusUpdate {
+        error_count: Some(tally.conflicts),
+        errors: Some(tally.conflict_errors.clone()),
+        records_processed: Some(0),
+        reason: Some(format!(
+            "{} row(s) conflict with transactions other files stored; nothing was stored; the first: {first}",
+            tally.conflicts
+        )),
+        ..Default::default()
+    }
+}
+
+/// The status update for a stored file; in partial mode its conflicts join the rows the
+/// validator refused.
+fn stored(record: &StatusRecord, tally: &Tally, max_errors: usize) -> StatusUpdate {
+    let mut update = StatusUpdate {
+        records_processed: Some(tally.stored),
+        already_stored: Some(tally.already_stored),
+        ..Default::default()
+    };
+    if record.options.mode == Mode::Partial {
+        let mut errors = record.errors.clone();
+        errors.extend(tally.conflict_errors.iter().cloned());
+        errors.sort_by_key(|e| e.row);
+        errors.truncate(max_errors);
+        update.rejected_rows = Some(record.rejected_rows.unwrap_or(0) + tally.conflicts);
+        update.error_count = Some(record.error_count.unwrap_or(0) + tally.conflicts);
+        update.errors = Some(errors);
+    }
+    update
 }
 
 #[async_trait]
@@ -106,9 +215,17 @@ impl Handler for Transformer {
 
     async fn work(&self, _msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
         let file_id = record.file_id;
-        let written = self.store_rows(file_id, &record.object_key).await?;
-        RowsStored { file_id, rows: written }.emit();
-        let update = StatusUpdate { records_processed: Some(written), ..Default::default() };
-        Ok(Step::Advance(FileStatus::Processed, update))
+        let ledger = self.store_all(record).await?;
+        let tally = ledger.tally();
+        if ledger.refused() {
+            // refused: none of its rows may stay
+            let reverted = ledger::release(&self.deps.storage.transactions, file_id)
+                .await
+                .map_err(|e| Failure::storage("reverting a refused file's rows", &e))?;
+            tracing::info!(%file_id, conflicts = tally.conflicts, reverted, "refused for conflicting transactions");
+            return Ok(Step::Advance(FileStatus::ValidationFailed, refusal(tally)));
+        }
+        RowsStored { file_id, rows: tally.stored }.emit();
+        Ok(Step::Advance(FileStatus::Processed, stored(record, tally, self.deps.settings.max_reported_errors)))
     }
 }

@@ -8,7 +8,7 @@ use txpipe_common::csv_schema::{self, ValidationReport};
 use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, ValidationFinished};
 use txpipe_common::stage::Stage;
-use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
+use txpipe_common::status::{FileStatus, Mode, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_blocking, StorageErrorKind};
 use txpipe_common::worker::{Failure, Handler, Step};
 use txpipe_common::Deps;
@@ -102,8 +102,19 @@ impl Handler for Validator {
     async fn work(&self, _msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
         let file_id = record.file_id;
         let report = self.validate(&record.object_key).await?;
+        let partial = record.options.mode == Mode::Partial;
         let (to, update) = if report.is_valid() {
             (FileStatus::Validated, StatusUpdate { row_count: Some(report.row_count), ..Default::default() })
+        } else if partial && report.has_valid_rows() {
+            // partial mode: the valid rows go on; the others are reported and counted
+            let update = StatusUpdate {
+                row_count: Some(report.row_count),
+                error_count: Some(report.error_count),
+                rejected_rows: Some(report.rejected_rows),
+                errors: Some(report.errors),
+                ..Default::default()
+            };
+            (FileStatus::Validated, update)
         } else {
             let reason = format!(
                 "{} problem(s) found in {} row(s); the first: {}",
