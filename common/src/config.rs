@@ -57,7 +57,8 @@ pub struct Settings {
     pub prefetch: u16,
     /// Largest accepted upload in bytes.
     pub max_upload_bytes: u64,
-    /// How many row errors a file's status keeps (the total is always counted).
+    /// How many row errors a file's status keeps (the total is always counted); at most
+    /// [`crate::status::MAX_RECORDED_ERRORS`], so the record fits a DynamoDB item.
     pub max_reported_errors: usize,
     /// Attempts for a transient fault before the message is dead-lettered.
     pub retry_attempts: usize,
@@ -198,6 +199,13 @@ impl Settings {
         }
         if self.max_upload_bytes == 0 {
             return bad("TXPIPE_MAX_UPLOAD_BYTES", "must be at least 1");
+        }
+        if self.max_reported_errors > crate::status::MAX_RECORDED_ERRORS {
+            return bad(
+                "TXPIPE_MAX_REPORTED_ERRORS",
+                "must be at most 500: a file's status record keeps that many row errors at most, so it fits \
+                 a DynamoDB item (400 KB); every error is still counted in error_count",
+            );
         }
         if self.retry_attempts == 0 {
             return bad("TXPIPE_RETRY_ATTEMPTS", "must be at least 1 (1 means no retry)");
@@ -355,6 +363,10 @@ mod tests {
         assert!(err.to_lowercase().contains("body_idle_timeout_ms"), "{err}");
         let err = with_env(&[("TXPIPE_METRICS_ADDR", "nowhere")]).unwrap_err();
         assert!(err.to_lowercase().contains("metrics_addr"), "{err}");
+        let cap = crate::status::MAX_RECORDED_ERRORS;
+        let err = with_env(&[("TXPIPE_MAX_REPORTED_ERRORS", &(cap + 1).to_string())]).unwrap_err();
+        assert!(err.contains("TXPIPE_MAX_REPORTED_ERRORS") && err.contains(&format!("at most {cap}")), "{err}");
+        assert_eq!(with_env(&[("TXPIPE_MAX_REPORTED_ERRORS", &cap.to_string())]).unwrap().max_reported_errors, cap);
         let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
         assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
     }

@@ -4,8 +4,10 @@
 //! Columns `transaction_id, amount, currency, timestamp, merchant, status` in any order (extra
 //! columns are ignored). Every field is non-empty; `amount` is an exact decimal; `currency` an
 //! ISO 4217 code; `timestamp` RFC 3339; `status` one of completed, pending, failed;
-//! `transaction_id` unique within the file. Files are streamed: memory does not grow with the
-//! file, except for 8 bytes per row to find duplicate ids (see [`validate`]).
+//! `transaction_id` unique within the file. Sizes are bounded ([`MAX_TRANSACTION_ID_BYTES`],
+//! [`MAX_FIELD_BYTES`], [`MAX_ROW_BYTES`]) so every accepted row fits every backend's keys and
+//! items. Files are streamed: memory does not grow with the file, except for 8 bytes per row
+//! to find duplicate ids (see [`validate`]).
 
 use chrono::{DateTime, FixedOffset};
 use rust_decimal::Decimal;
@@ -17,6 +19,20 @@ use std::sync::Arc;
 
 /// The columns every file must have.
 pub const REQUIRED_COLUMNS: [&str; 6] = ["transaction_id", "amount", "currency", "timestamp", "merchant", "status"];
+
+/// The longest `transaction_id`, in bytes of UTF-8 (after trimming spaces). It is the key of
+/// the transactions table and the sort key of its indexes: DynamoDB allows 2048 bytes in a
+/// partition key and 1024 in a sort key, and a page cursor is the id in hex (512 characters
+/// at most, well inside what `decode_cursor` accepts), so a quarter of the tightest limit
+/// leaves room for keys made of an id and something else.
+pub const MAX_TRANSACTION_ID_BYTES: usize = 256;
+/// The longest value of every other required field, in bytes of UTF-8 (after trimming). Only
+/// `merchant` can reach it in a valid row; the others have fixed shapes.
+pub const MAX_FIELD_BYTES: usize = 1024;
+/// The longest row, in bytes: its fields (extra columns included, as unquoted) and the commas
+/// between them. A stored transaction is then at most a few KiB, far below DynamoDB's 400 KB
+/// item, and a page of rows stays small.
+pub const MAX_ROW_BYTES: usize = 8 * 1024;
 
 const ID: usize = 0;
 const AMOUNT: usize = 1;
@@ -158,14 +174,36 @@ impl Columns {
     }
 }
 
-/// Shortens a value for an error message and makes control characters visible.
+/// Shortens a value for an error message (to [`SHOW_MAX_BYTES`] bytes, escapes counted) and
+/// makes control characters visible: an error quotes at most this much of any value, so the
+/// errors a status record keeps stay small whatever the file holds.
 fn show(s: &str) -> String {
-    const MAX: usize = 60;
-    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
-    if s.chars().nth(MAX).is_some() {
-        out.push('…');
+    let mut out = String::new();
+    for c in s.chars() {
+        let escaped: String = c.escape_debug().collect();
+        if out.len() + escaped.len() > SHOW_MAX_BYTES {
+            out.push('…');
+            break;
+        }
+        out.push_str(&escaped);
     }
     out
+}
+
+/// The most bytes of a value an error message quotes.
+const SHOW_MAX_BYTES: usize = 60;
+
+/// The error for a field over its size limit, or None.
+fn too_big(c: usize, value: &str) -> Option<String> {
+    let limit = if c == ID { MAX_TRANSACTION_ID_BYTES } else { MAX_FIELD_BYTES };
+    (value.len() > limit).then(|| {
+        format!(
+            "{} '{}' is {} bytes long; the limit is {limit} bytes (UTF-8)",
+            REQUIRED_COLUMNS[c],
+            show(value),
+            value.len()
+        )
+    })
 }
 
 fn parse_amount(s: &str) -> Result<Decimal, String> {
@@ -346,6 +384,17 @@ impl<R: Read> Scanner<R> {
             return None;
         }
         let before = log.total();
+        // the fields' bytes (unquoted) and the commas between them
+        let size = self.record.as_slice().len() + self.record.len().saturating_sub(1);
+        if size > MAX_ROW_BYTES {
+            log.push(RowError::new(
+                row,
+                None,
+                format!(
+                    "the row is {size} bytes long (its fields and the commas between them); the limit is {MAX_ROW_BYTES} bytes"
+                ),
+            ));
+        }
         let mut text = [""; 6];
         let mut amount = None;
         let mut timestamp = None;
@@ -363,6 +412,11 @@ impl<R: Read> Scanner<R> {
                     continue;
                 }
             };
+            if let Some(message) = too_big(c, value) {
+                // what the value is matters less than that it cannot be stored: say only that
+                log.push(RowError::new(row, Some(c), message));
+                continue;
+            }
             *slot = value;
             let problem = match c {
                 AMOUNT => parse_amount(value).map(|a| amount = Some(a)).err(),

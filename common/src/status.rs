@@ -218,6 +218,59 @@ pub struct StatusRecord {
     /// read the file). None for files uploaded with `TXPIPE_AUTH=none` or before keys existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uploaded_by: Option<String>,
+    /// History entries dropped to keep the record small (see [`MAX_HISTORY`]): those after the
+    /// first and before the last kept ones.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub history_omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The most row errors a record keeps (`TXPIPE_MAX_REPORTED_ERRORS` may not ask for more); the
+/// count of all of them is always kept.
+pub const MAX_RECORDED_ERRORS: usize = 500;
+/// The most history entries a record keeps: the first and the latest (a file retried again and
+/// again would otherwise grow its record for ever).
+pub const MAX_HISTORY: usize = 50;
+/// The most bytes (as JSON) of a row error's message, or of its column.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 256;
+pub const MAX_ERROR_COLUMN_BYTES: usize = 64;
+/// The most bytes (as JSON) of a reason, on the record or in its history.
+pub const MAX_REASON_BYTES: usize = 512;
+/// The most bytes a whole record takes as JSON. The bounds above make a record at most about
+/// 220 KB (500 errors of at most ~370 bytes, 50 history entries of at most ~600 bytes, the rest
+/// under 2 KB); this budget is the guarantee whatever a future field holds: a DynamoDB item
+/// takes 400 KB, and the record is one attribute of it.
+pub const MAX_STATUS_RECORD_BYTES: usize = 256 * 1024;
+
+/// Bytes `c` takes inside a JSON string (serde_json escapes quotes, backslashes and control
+/// characters, nothing else).
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// Cuts `s` so it takes at most `max` bytes inside a JSON string, marking the cut with `…`.
+fn clip(s: &mut String, max: usize) {
+    if s.chars().map(json_len).sum::<usize>() <= max {
+        return;
+    }
+    let room = max.saturating_sub('…'.len_utf8());
+    let mut used = 0;
+    let end = s
+        .char_indices()
+        .find(|&(_, c)| {
+            used += json_len(c);
+            used > room
+        })
+        .map_or(s.len(), |(i, _)| i);
+    s.truncate(end);
+    s.push('…');
 }
 
 fn announced_by_default() -> bool {
@@ -257,6 +310,7 @@ impl StatusRecord {
             reason: None,
             announced: true,
             uploaded_by: None,
+            history_omitted: 0,
         }
     }
 
@@ -302,7 +356,52 @@ impl StatusRecord {
         if update.reason.is_some() {
             self.reason = update.reason;
         }
+        self.bound();
         true
+    }
+
+    /// Keeps the record within [`MAX_STATUS_RECORD_BYTES`] as JSON, whatever a caller put in it: long
+    /// messages and reasons are cut, the error list capped, the history kept to its first and
+    /// latest entries; if it is still too big, kept errors are dropped from the end (their
+    /// count stays in `error_count`), then history entries.
+    pub fn bound(&mut self) {
+        self.errors.truncate(MAX_RECORDED_ERRORS);
+        for e in &mut self.errors {
+            clip(&mut e.message, MAX_ERROR_MESSAGE_BYTES);
+            if let Some(c) = &mut e.column {
+                clip(c, MAX_ERROR_COLUMN_BYTES);
+            }
+        }
+        if let Some(r) = &mut self.reason {
+            clip(r, MAX_REASON_BYTES);
+        }
+        for h in &mut self.history {
+            if let Some(r) = &mut h.reason {
+                clip(r, MAX_REASON_BYTES);
+            }
+        }
+        self.trim_history(MAX_HISTORY);
+        while self.json_len() > MAX_STATUS_RECORD_BYTES {
+            if self.errors.pop().is_none() && !self.trim_history(self.history.len().saturating_sub(1)) {
+                break;
+            }
+        }
+    }
+
+    /// Keeps the first entry and the latest `keep - 1`; true if any were dropped.
+    fn trim_history(&mut self, keep: usize) -> bool {
+        let keep = keep.max(2);
+        if self.history.len() <= keep {
+            return false;
+        }
+        let drop = self.history.len() - keep;
+        self.history.drain(1..1 + drop);
+        self.history_omitted += drop as u64;
+        true
+    }
+
+    fn json_len(&self) -> usize {
+        serde_json::to_vec(self).map(|v| v.len()).unwrap_or(0)
     }
 }
 
@@ -378,5 +477,72 @@ mod tests {
         assert!(r.advance(ValidationFailed, conflict, t0), "a conflict found while storing is a verdict");
         assert!(r.is_rejected());
         assert!(!Validating.is_at_or_past(Validated));
+    }
+
+    fn failed(reason: String) -> StatusUpdate {
+        StatusUpdate { reason: Some(reason), ..Default::default() }
+    }
+
+    #[test]
+    fn a_record_at_every_bound_at_once_fits_a_dynamodb_item_with_room() {
+        let t0 = Utc::now();
+        let mut r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 10, t0);
+        r.uploaded_by = Some("k".repeat(64));
+        // a file retried for ever, each failure with a long reason full of what JSON escapes
+        let nasty: String = "\u{1}\"\\é".repeat(2000);
+        for _ in 0..200 {
+            assert!(r.advance(Validating, StatusUpdate::default(), t0));
+            assert!(r.advance(ValidationFailed, failed(nasty.clone()), t0));
+        }
+        let errors: Vec<RowError> = (0..5000)
+            .map(|i| RowError { row: u64::MAX - i, column: Some(nasty.clone()), message: nasty.clone() })
+            .collect();
+        let update = StatusUpdate {
+            row_count: Some(u64::MAX),
+            error_count: Some(5000),
+            errors: Some(errors),
+            reason: Some(nasty.clone()),
+            ..Default::default()
+        };
+        assert!(r.advance(Validating, StatusUpdate::default(), t0));
+        assert!(r.advance(ValidationFailed, update, t0));
+
+        let size = serde_json::to_vec(&r).unwrap().len();
+        assert!(size <= MAX_STATUS_RECORD_BYTES, "{size} bytes");
+        assert!(size < 230_000, "the bounds alone keep it near 220 KB: {size} bytes");
+        assert_eq!(r.errors.len(), MAX_RECORDED_ERRORS, "the per-field bounds suffice: no error dropped for size");
+        assert_eq!(r.error_count, Some(5000), "every error is still counted");
+        assert_eq!(r.history.len(), MAX_HISTORY);
+        assert_eq!(r.history_omitted, 402 + 1 - MAX_HISTORY as u64);
+        assert_eq!(r.history[0].status, Uploaded, "the first entry stays");
+        assert_eq!(r.history.last().unwrap().status, ValidationFailed, "and the latest");
+        for text in r.errors.iter().map(|e| &e.message).chain(r.reason.iter()) {
+            assert!(text.ends_with('…'), "a cut is marked");
+            assert!(serde_json::to_string(text).unwrap().len() <= MAX_REASON_BYTES + 2);
+        }
+        let back: StatusRecord = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back, r, "a bounded record reads back as it is");
+    }
+
+    #[test]
+    fn the_byte_budget_holds_whatever_the_fields_hold() {
+        let t0 = Utc::now();
+        let mut r = StatusRecord::uploaded(FileId::new(), "k".repeat(400_000), 10, t0);
+        let errors = vec![RowError { row: 1, column: None, message: "m".into() }; 10];
+        assert!(r.advance(ValidationFailed, StatusUpdate { errors: Some(errors), ..Default::default() }, t0));
+        // nothing bounds object_key but the budget: errors then history go first, the key stays
+        assert!(r.errors.is_empty());
+        assert_eq!(r.object_key.len(), 400_000);
+        assert_eq!(r.history.len(), 2);
+    }
+
+    #[test]
+    fn short_values_are_kept_as_they_are() {
+        let mut s = "a \"short\" reason".to_owned();
+        clip(&mut s, 64);
+        assert_eq!(s, "a \"short\" reason");
+        let mut s = "é".repeat(10);
+        clip(&mut s, 8);
+        assert_eq!(s, "éé…", "cut on a character boundary, the mark counted");
     }
 }

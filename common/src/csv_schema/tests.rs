@@ -214,9 +214,65 @@ fn an_unclosed_quote_in_a_large_file_is_a_clear_error_not_a_memory_blowup() {
 }
 
 #[test]
-fn long_but_reasonable_rows_are_fine() {
-    let merchant = "m".repeat(200_000);
-    let body = format!("{HEADER}t1,1,USD,2024-01-15T10:30:00Z,{merchant},completed\nt2,1,USD,2024-01-15T10:30:00Z,{merchant},completed\n");
+fn values_at_the_size_limits_pass() {
+    // multi-byte characters: the limits count bytes, not characters
+    let id = "é".repeat(MAX_TRANSACTION_ID_BYTES / 2);
+    let merchant = "m".repeat(MAX_FIELD_BYTES);
+    let fixed = ",1,USD,2024-01-15T10:30:00Z,,completed,".len() + id.len() + merchant.len();
+    let extra = "x".repeat(MAX_ROW_BYTES - fixed);
+    let body = format!("{HEADER_X}{id},1,USD,2024-01-15T10:30:00Z,{merchant},completed,{extra}\n");
     let r = check_str(&body);
     assert!(r.is_valid(), "{:?}", messages(&r));
+}
+
+const HEADER_X: &str = "transaction_id,amount,currency,timestamp,merchant,status,note\n";
+
+#[test]
+fn one_byte_over_a_size_limit_is_a_row_error_naming_the_limit() {
+    let id = format!("a{}", "é".repeat(MAX_TRANSACTION_ID_BYTES / 2));
+    let r = check_str(&format!("{HEADER}{id},1,USD,2024-01-15T10:30:00Z,m,completed\n"));
+    let e = one_error(&r);
+    assert_eq!((e.row, e.column.as_deref()), (1, Some("transaction_id")));
+    assert!(e.message.contains("is 257 bytes long; the limit is 256 bytes"), "{}", e.message);
+    assert!(e.message.len() < 200, "the value is quoted short: {}", e.message);
+
+    let merchant = "m".repeat(MAX_FIELD_BYTES + 1);
+    let r = check_str(&format!("{HEADER}t1,1,USD,2024-01-15T10:30:00Z,{merchant},completed\n"));
+    let e = one_error(&r);
+    assert_eq!(e.column.as_deref(), Some("merchant"));
+    assert!(e.message.contains("is 1025 bytes long; the limit is 1024 bytes"), "{}", e.message);
+
+    // any required field, not only merchant: only the size is reported, not its shape
+    let amount = "1".repeat(MAX_FIELD_BYTES + 1);
+    let r = check_str(&format!("{HEADER}t1,{amount},USD,2024-01-15T10:30:00Z,m,completed\n"));
+    assert!(one_error(&r).message.starts_with("amount '111"), "{:?}", messages(&r));
+
+    let fixed = "t1,1,USD,2024-01-15T10:30:00Z,m,completed,".len();
+    let extra = "x".repeat(MAX_ROW_BYTES - fixed + 1);
+    let r = check_str(&format!("{HEADER_X}t1,1,USD,2024-01-15T10:30:00Z,m,completed,{extra}\n"));
+    let e = one_error(&r);
+    assert_eq!((e.row, e.column.as_deref()), (1, None));
+    assert!(e.message.contains("the row is 8193 bytes long") && e.message.contains("limit is 8192"), "{}", e.message);
+}
+
+#[test]
+fn rows_up_to_the_reader_limit_are_reported_and_scanning_goes_on() {
+    let merchant = "m".repeat(200_000);
+    let body = format!(
+        "{HEADER}t1,1,USD,2024-01-15T10:30:00Z,{merchant},completed\nt2,1,USD,2024-01-15T10:30:00Z,m,completed\nt3,x,USD,2024-01-15T10:30:00Z,m,completed\n"
+    );
+    let r = check_str(&body);
+    let cells: Vec<_> = r.errors.iter().map(|e| (e.row, e.column.as_deref())).collect();
+    assert_eq!(cells, [(1, None), (1, Some("merchant")), (3, Some("amount"))], "{:?}", messages(&r));
+    assert_eq!(r.row_count, 3);
+}
+
+#[test]
+fn quoted_values_are_short_whatever_they_hold() {
+    for value in ["\u{1}".repeat(5000), "é".repeat(5000), "x".repeat(5000)] {
+        let shown = show(&value);
+        assert!(shown.len() <= SHOW_MAX_BYTES + '…'.len_utf8(), "{} bytes", shown.len());
+        assert!(shown.ends_with('…'));
+    }
+    assert_eq!(show("a\tb"), "a\\tb");
 }

@@ -369,9 +369,14 @@ pub(crate) fn encode_cursor(last_id: &str) -> String {
     last_id.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The longest cursor accepted: the hex of a 1024-byte id, DynamoDB's sort-key limit.
+const MAX_CURSOR_CHARS: usize = 2048;
+// every id the CSV contract accepts has a cursor that decodes
+const _: () = assert!(2 * crate::csv_schema::MAX_TRANSACTION_ID_BYTES <= MAX_CURSOR_CHARS);
+
 /// Works on bytes, never slicing the `&str`: a cursor is client input and may hold any UTF-8.
 pub(crate) fn decode_cursor(cursor: &str) -> Result<String, StorageError> {
-    if !cursor.len().is_multiple_of(2) || cursor.len() > 2048 {
+    if !cursor.len().is_multiple_of(2) || cursor.len() > MAX_CURSOR_CHARS {
         return Err(StorageError::invalid_cursor());
     }
     let digit = |b: u8| (b as char).to_digit(16).ok_or_else(StorageError::invalid_cursor);
@@ -402,7 +407,8 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
-        for id in ["t1", "ü/?&= x", ""] {
+        let longest = "é".repeat(crate::csv_schema::MAX_TRANSACTION_ID_BYTES / 2);
+        for id in ["t1", "ü/?&= x", "", &longest] {
             assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
         }
         for bad in ["xyz", "zz", "0", "0é0", "é1", "+1", "0x"] {
