@@ -209,7 +209,10 @@ impl Broker {
         let mut args = FieldTable::default();
         args.insert(s("x-queue-type"), long("quorum"));
         args.insert(s("x-dead-letter-exchange"), long(self.inner.names.dead_letter_exchange()));
-        args.insert(s("x-delivery-limit"), AMQPValue::LongLongInt(broker_delivery_limit(self.inner.delivery_limit).into()));
+        args.insert(
+            s("x-delivery-limit"),
+            AMQPValue::LongLongInt(broker_delivery_limit(self.inner.delivery_limit).into()),
+        );
         // at-least-once dead-lettering: a dead-lettered message leaves the queue only once the
         // DLQ has confirmed it (needs overflow reject-publish)
         args.insert(s("x-dead-letter-strategy"), long("at-least-once"));

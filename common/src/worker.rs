@@ -254,7 +254,7 @@ enum Outcome {
     Duplicate(String),
     /// Attempts crashed on the file `TXPIPE_DELIVERY_LIMIT` times: it was failed; announce it
     /// and dead-letter the message.
-    Poisoned(StatusRecord),
+    Poisoned(Box<StatusRecord>),
     /// Leave the message unsettled (shutdown while waiting): the broker delivers it again.
     Abandon,
 }
@@ -265,7 +265,10 @@ enum Claimed {
     Mine(StatusRecord, Guard),
     Poisoned(StatusRecord),
     /// The file no longer lets this stage start; `waited`: this copy waited for another attempt.
-    Lost { record: StatusRecord, waited: bool },
+    Lost {
+        record: StatusRecord,
+        waited: bool,
+    },
     Stopping,
 }
 
@@ -282,8 +285,8 @@ enum Recorded {
     Failed,
     /// Another attempt is live on the file: it decides how the file ends.
     HeldByOther,
-    /// The file is past this stage (or unknown).
-    NotRecorded,
+    /// The file is past this stage (or unknown): nothing to record.
+    Moot,
     /// Storage could not be reached.
     Unreachable,
 }
@@ -415,34 +418,39 @@ impl Loop {
                 .with_max_delay(Duration::from_secs(30))
                 .without_max_times()
                 .build();
-            while tracks_status {
-                match self.record_failure(&msg, &attempt_id, &reason, true).await {
-                    Recorded::HeldByOther => {
-                        tracing::info!(%stage, %file_id, %reason, "another attempt holds the file and decides how it ends; acking this copy");
-                        self.ack(&delivery, file_id).await;
-                        MessageHandled { stage, outcome: MessageOutcome::Duplicate }.emit();
-                        return;
-                    }
-                    // storage is down: keep the message until the failure is recorded, so the
-                    // file never sits in a status no message will move it from (the DLQ would
-                    // hold its only message)
-                    Recorded::Unreachable => {
-                        let wait = hold.next().unwrap_or(Duration::from_secs(30));
-                        tracing::warn!(%stage, %file_id, retry_in_ms = wait.as_millis() as u64,
-                            "cannot record the failure; holding the message until storage answers");
-                        tokio::select! {
-                            _ = self.stopping.cancelled() => {}
-                            _ = tokio::time::sleep(wait) => {}
-                        }
-                        if self.stopping.is_cancelled() || delivery.acker.poisoned() || !self.deps.broker.is_connected() {
-                            // the broker delivers it again; the file's hold goes stale and is taken over
-                            MessageHandled { stage, outcome: MessageOutcome::Abandoned }.emit();
+            if tracks_status {
+                loop {
+                    match self.record_failure(&msg, &attempt_id, &reason, true).await {
+                        Recorded::HeldByOther => {
+                            tracing::info!(%stage, %file_id, %reason, "another attempt holds the file and decides how it ends; acking this copy");
+                            self.ack(&delivery, file_id).await;
+                            MessageHandled { stage, outcome: MessageOutcome::Duplicate }.emit();
                             return;
                         }
-                        let lease = self.lease(&attempt_id, false, false);
-                        let _ = self.deps.storage.statuses.update(file_id, Arc::new(move |r| lease.renew(r))).await;
+                        // storage is down: keep the message until the failure is recorded, so the
+                        // file never sits in a status no message will move it from (the DLQ would
+                        // hold its only message)
+                        Recorded::Unreachable => {
+                            let wait = hold.next().unwrap_or(Duration::from_secs(30));
+                            tracing::warn!(%stage, %file_id, retry_in_ms = wait.as_millis() as u64,
+                                "cannot record the failure; holding the message until storage answers");
+                            tokio::select! {
+                                _ = self.stopping.cancelled() => {}
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                            if self.stopping.is_cancelled()
+                                || delivery.acker.poisoned()
+                                || !self.deps.broker.is_connected()
+                            {
+                                // the broker delivers it again; the file's hold goes stale and is taken over
+                                MessageHandled { stage, outcome: MessageOutcome::Abandoned }.emit();
+                                return;
+                            }
+                            let lease = self.lease(&attempt_id, false, false);
+                            let _ = self.deps.storage.statuses.update(file_id, Arc::new(move |r| lease.renew(r))).await;
+                        }
+                        Recorded::Failed | Recorded::Moot => break,
                     }
-                    Recorded::Failed | Recorded::NotRecorded => break,
                 }
             }
             tracing::error!(%stage, %file_id, class = class.as_str(), %reason, "dead-lettering");
@@ -492,7 +500,12 @@ impl Loop {
             exchange: delivery.exchange.to_string(),
             routing_key: delivery.routing_key.to_string(),
             body: delivery.data.clone(),
-            message_id: delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_else(|| msg.message_id()),
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| msg.message_id()),
             mandatory: true,
             headers,
         };
@@ -530,7 +543,7 @@ impl Loop {
                         _guard = Some(guard);
                         record
                     }
-                    Claimed::Poisoned(record) => return Ok(Outcome::Poisoned(record)),
+                    Claimed::Poisoned(record) => return Ok(Outcome::Poisoned(Box::new(record))),
                     Claimed::Stopping => return Ok(Outcome::Abandon),
                     Claimed::Lost { record, waited } => return self.lost(msg, record, waited || resumed),
                 };
@@ -543,7 +556,9 @@ impl Loop {
         };
         match step {
             Step::Stay => Ok(Outcome::Publish(Vec::new())),
-            Step::Advance(to, update) => Ok(Outcome::Publish(self.announcing(&self.advance(file_id, to, update).await?))),
+            Step::Advance(to, update) => {
+                Ok(Outcome::Publish(self.announcing(&self.advance(file_id, to, update).await?)))
+            }
         }
     }
 
@@ -616,7 +631,10 @@ impl Loop {
         match self.spec.admit(msg.routing_key(), &record) {
             Admission::PassOn => Ok(Outcome::Publish(self.announcing(&record))),
             Admission::Refuse(why) => Err(Failure::DeadLetter(why)),
-            _ => Err(Failure::Retry(format!("the status of file {file_id} changed while claiming it ({})", record.status))),
+            _ => Err(Failure::Retry(format!(
+                "the status of file {file_id} changed while claiming it ({})",
+                record.status
+            ))),
         }
     }
 
@@ -635,7 +653,9 @@ impl Loop {
                     tracing::warn!(stage = %self.stage(), %file_id, status = %r.status, "this attempt no longer holds the file");
                     std::future::pending::<()>().await;
                 }
-                Err(e) => tracing::warn!(stage = %self.stage(), %file_id, error = %crate::error::Chain(&e), "heartbeat failed"),
+                Err(e) => {
+                    tracing::warn!(stage = %self.stage(), %file_id, error = %crate::error::Chain(&e), "heartbeat failed")
+                }
             }
         }
     }
@@ -712,14 +732,14 @@ impl Loop {
             Ok(Advance::Refused(record)) if record.status == self.spec.working => Recorded::HeldByOther,
             Ok(Advance::Refused(record)) => {
                 tracing::info!(%file_id, status = %record.status, "file already past this stage; status left as is");
-                Recorded::NotRecorded
+                Recorded::Moot
             }
             Err(e) => {
                 tracing::warn!(%file_id, error = %crate::error::Chain(&e), "cannot record the failure in the status table");
                 if e.is_transient() {
                     Recorded::Unreachable
                 } else {
-                    Recorded::NotRecorded
+                    Recorded::Moot
                 }
             }
         }

@@ -87,8 +87,12 @@ pub trait StatusStore: Send + Sync + 'static {
     /// Files in the working status `status` that have shown no sign of life
     /// ([`StatusRecord::last_sign_of_life`]) since `before`, at most `limit`: what the stuck-file
     /// sweep resumes. Reads only files in that status, not the whole table.
-    async fn stalled(&self, status: FileStatus, before: DateTime<Utc>, limit: usize)
-        -> Result<Vec<FileId>, StorageError>;
+    async fn stalled(
+        &self,
+        status: FileStatus,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<FileId>, StorageError>;
     async fn check(&self) -> Result<(), StorageError>;
 }
 

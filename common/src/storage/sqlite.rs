@@ -223,8 +223,7 @@ impl StatusStore for SqliteStore {
         // the repeated IN lets SQLite use the partial index of files in flight (a bound
         // parameter alone does not prove the index's condition); the heartbeat lives in the
         // JSON, so the few rows in flight are filtered here
-        let sql =
-            format!("SELECT record FROM {} WHERE status = ?1 AND status IN {WORKING}", self.status_table);
+        let sql = format!("SELECT record FROM {} WHERE status = ?1 AND status IN {WORKING}", self.status_table);
         self.with(move |c| {
             let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
             let mut rows = stmt.query(params![status.as_str()]).map_err(db_err)?;
