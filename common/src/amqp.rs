@@ -2,7 +2,8 @@
 //!
 //! Every service declares, idempotently, what it uses: the exchanges, the DLQ, the queue it
 //! consumes and the queue its messages go to (so nothing published is ever dropped for want
-//! of a queue). Queues are quorum queues with a delivery limit and a dead-letter exchange.
+//! of a queue). Queues are quorum queues with a delivery limit and a dead-letter exchange; the
+//! DLQ keeps what it holds until someone removes it (no expiry).
 
 use crate::config::Settings;
 use crate::messages::Outgoing;
@@ -26,8 +27,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a publish waits for the broker's confirm (and a channel for the broker's answer).
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long the DLQ keeps a message: 14 days, as the seed's SQS DLQ did.
-pub const DLQ_MESSAGE_TTL_MS: i64 = 14 * 24 * 60 * 60 * 1000;
+/// RabbitMQ's own `x-delivery-limit` on the stage queues, for txpipe's `TXPIPE_DELIVERY_LIMIT`:
+/// only a safety net. txpipe counts crashes itself (in the file's status record, or a header
+/// on a message that moves no file), because from RabbitMQ 4.3 a requeueing nack no longer
+/// counts, and because a worker that dies returns every message it had prefetched, each of
+/// which the broker counts, though only one of them killed it.
+pub fn broker_delivery_limit(limit: u32) -> u32 {
+    limit.saturating_mul(4).max(20)
+}
 
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +209,10 @@ impl Broker {
         let mut args = FieldTable::default();
         args.insert(s("x-queue-type"), long("quorum"));
         args.insert(s("x-dead-letter-exchange"), long(self.inner.names.dead_letter_exchange()));
-        args.insert(s("x-delivery-limit"), AMQPValue::LongLongInt(self.inner.delivery_limit.into()));
+        args.insert(
+            s("x-delivery-limit"),
+            AMQPValue::LongLongInt(broker_delivery_limit(self.inner.delivery_limit).into()),
+        );
         // at-least-once dead-lettering: a dead-lettered message leaves the queue only once the
         // DLQ has confirmed it (needs overflow reject-publish)
         args.insert(s("x-dead-letter-strategy"), long("at-least-once"));
@@ -229,14 +239,28 @@ impl Broker {
             ch.exchange_declare(s(&ex), ExchangeKind::Topic, durable, FieldTable::default()).await?;
         }
         // a classic queue: `txpipe dlq list` browses it by getting and requeueing messages,
-        // which a quorum queue would count toward a delivery limit
+        // which a quorum queue would count toward a delivery limit. No message TTL: a dead
+        // letter stays until someone replays or purges it (the DLQ-growth alert says it is there)
         let mut dlq_args = FieldTable::default();
         dlq_args.insert(s("x-queue-type"), long("classic"));
-        dlq_args.insert(s("x-message-ttl"), AMQPValue::LongLongInt(DLQ_MESSAGE_TTL_MS));
         let qopts = QueueDeclareOptions { durable: true, ..Default::default() };
         let mut ch = ch;
-        match ch.queue_declare(s(&n.dead_letter_queue()), qopts, dlq_args).await {
-            Ok(_) => {
+        let declared = match ch.queue_declare(s(&n.dead_letter_queue()), qopts, dlq_args).await {
+            Ok(_) => Ok(()),
+            // declared by an older txpipe, with a 14-day x-message-ttl: arguments cannot change on
+            // an existing queue, so keep it (refusing to start would stop the pipeline) and say
+            // how to migrate. The refusal closed the channel: go on with a new one
+            Err(e) if is_reply(&e, 406) => {
+                tracing::warn!(queue = %n.dead_letter_queue(), error = %e,
+                    "the DLQ exists with other arguments (an older txpipe gave it a 14-day x-message-ttl, so older dead letters \
+                     expire unseen); keeping it as it is: see docs/operations.md, \"The DLQ keeps everything\", to migrate");
+                ch = self.channel().await?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        match declared {
+            Ok(()) => {
                 ch.queue_bind(
                     s(&n.dead_letter_queue()),
                     s(&n.dead_letter_exchange()),
@@ -259,6 +283,14 @@ impl Broker {
             let queue = n.queue(stage);
             match ch.queue_declare(s(&queue), qopts, self.worker_queue_args()).await {
                 Ok(_) => {}
+                Err(e) if is_reply(&e, 406) => {
+                    // made by an older txpipe (x-delivery-limit was TXPIPE_DELIVERY_LIMIT itself) or
+                    // under another TXPIPE_DELIVERY_LIMIT: the queue keeps its arguments, and txpipe's
+                    // own crash count still applies; the broker's limit is only a safety net
+                    tracing::warn!(%queue, error = %e,
+                        "the queue exists with other arguments; keeping them (see docs/operations.md, \"Upgrading\")");
+                    ch = self.channel().await?;
+                }
                 Err(e) if is_reply(&e, 403) => {
                     // least privilege: declaring a queue with a dead-letter exchange needs read
                     // on it (the right to consume), which a service has only on its own queue;

@@ -66,7 +66,8 @@ pub struct Settings {
     pub retry_initial_delay_ms: u64,
     /// Growth of the retry delay per attempt.
     pub retry_factor: f32,
-    /// Deliveries of one message before RabbitMQ dead-letters it (quorum `x-delivery-limit`).
+    /// Crashes of a worker on one file (or one message) before it is failed and dead-lettered;
+    /// RabbitMQ's own `x-delivery-limit` is set well above it, as a safety net only.
     pub delivery_limit: u32,
     /// Rows per write batch in the transformer.
     pub batch_size: usize,
@@ -119,6 +120,10 @@ pub struct Settings {
     pub unannounced_sweep_after_ms: u64,
     /// Gateway: most bytes of transactions (as JSON) in one page of `GET /files/{id}/transactions`.
     pub max_page_bytes: usize,
+    /// Workers: a file in a working status whose attempt has shown no sign of life (a heartbeat,
+    /// every quarter of this) for this long is stuck: its attempt is taken as dead, a copy
+    /// waiting for it takes over, and the stuck-file sweep resumes it, in ms.
+    pub stuck_after_ms: u64,
 }
 
 impl Default for Settings {
@@ -160,6 +165,7 @@ impl Default for Settings {
             shutdown_grace_ms: 30_000,
             unannounced_sweep_after_ms: 300_000,
             max_page_bytes: 1024 * 1024,
+            stuck_after_ms: 60_000,
         }
     }
 }
@@ -254,6 +260,10 @@ impl Settings {
         // too short only costs uploads (withdrawn mid-announce, answered 503), never data
         if self.unannounced_sweep_after_ms < 1000 {
             return bad("TXPIPE_UNANNOUNCED_SWEEP_AFTER_MS", "must be at least 1000");
+        }
+        // shorter only risks taking a slow attempt for dead (a second copy then works with it)
+        if self.stuck_after_ms < 1000 {
+            return bad("TXPIPE_STUCK_AFTER_MS", "must be at least 1000");
         }
         if self.max_page_bytes < 1024 {
             return bad("TXPIPE_MAX_PAGE_BYTES", "must be at least 1024");

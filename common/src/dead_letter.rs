@@ -15,16 +15,21 @@ pub enum ErrorClass {
     Permanent,
     /// A transient fault outlasted every retry.
     RetriesExhausted,
+    /// Its worker crashed on it `TXPIPE_DELIVERY_LIMIT` times (counted by txpipe, so alike on
+    /// every RabbitMQ version; the same name RabbitMQ gives its own delivery-limit dead letters).
+    DeliveryLimit,
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 3] = [ErrorClass::Malformed, ErrorClass::Permanent, ErrorClass::RetriesExhausted];
+    pub const ALL: [ErrorClass; 4] =
+        [ErrorClass::Malformed, ErrorClass::Permanent, ErrorClass::RetriesExhausted, ErrorClass::DeliveryLimit];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::Malformed => "malformed",
             ErrorClass::Permanent => "permanent",
             ErrorClass::RetriesExhausted => "retries_exhausted",
+            ErrorClass::DeliveryLimit => "delivery_limit",
         }
     }
 
@@ -41,6 +46,11 @@ pub mod header {
     pub const ORIGINAL_EXCHANGE: &str = "x-txpipe-original-exchange";
     pub const ORIGINAL_ROUTING_KEY: &str = "x-txpipe-original-routing-key";
     pub const DEAD_LETTERED_AT: &str = "x-txpipe-dead-lettered-at";
+    /// On a message the worker gave back after a caught crash: crashes so far (for messages
+    /// that move no file, whose count cannot live in a status record).
+    pub const CRASHES: &str = "x-txpipe-crashes";
+    /// On a stage message the stuck-file sweep published to resume a file in its working status.
+    pub const RESUMED: &str = "x-txpipe-resumed";
     /// Every header of txpipe's dead-letter bookkeeping starts with this.
     pub const PREFIX: &str = "x-txpipe-";
 }

@@ -5,6 +5,7 @@
 //! around it. docs/DESIGN.md has a map from each behaviour to its module.
 
 pub mod amqp;
+pub mod attempt;
 pub mod auth;
 pub mod config;
 pub mod csv_schema;
@@ -24,6 +25,7 @@ pub mod shutdown;
 pub mod stage;
 pub mod status;
 pub mod storage;
+pub mod stuck;
 pub mod telemetry;
 pub mod trace;
 pub mod worker;

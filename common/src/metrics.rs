@@ -20,6 +20,7 @@
 //! | `txpipe_files_finished_total` | counter | `status` | [`FileFinished`] |
 //! | `txpipe_storage_calls_total` | counter | `service`, `operation` | [`StorageCall`] |
 //! | `txpipe_dlq_messages` | gauge | | [`DlqDepth`] |
+//! | `txpipe_files_resumed_total` | counter | `stage` | [`FileResumed`] |
 
 use crate::dead_letter::ErrorClass;
 use crate::file_id::FileId;
@@ -54,6 +55,7 @@ struct Metrics {
     files_finished: IntCounterVec,
     storage_calls: IntCounterVec,
     dlq_messages: IntGauge,
+    files_resumed: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -103,6 +105,13 @@ impl Metrics {
                 "Messages in the dead-letter queue, as last seen (read when /metrics is scraped)",
             ))
             .expect("valid gauge"),
+            files_resumed: counters(
+                Opts::new(
+                    "txpipe_files_resumed_total",
+                    "Files found stuck in a stage's working status (no live attempt) and resumed, by stage",
+                ),
+                &["stage"],
+            ),
         };
         for c in m.collectors() {
             m.registry.register(c).expect("each metric is registered once, under its own name");
@@ -126,6 +135,7 @@ impl Metrics {
             Box::new(self.files_finished.clone()),
             Box::new(self.storage_calls.clone()),
             Box::new(self.dlq_messages.clone()),
+            Box::new(self.files_resumed.clone()),
         ]
     }
 }
@@ -183,6 +193,8 @@ pub enum MessageOutcome {
     Malformed,
     Panicked,
     Abandoned,
+    /// A copy of a message whose file another attempt holds or has ended: acked, nothing done.
+    Duplicate,
 }
 
 impl MessageOutcome {
@@ -194,6 +206,7 @@ impl MessageOutcome {
             MessageOutcome::Malformed => "malformed",
             MessageOutcome::Panicked => "panicked",
             MessageOutcome::Abandoned => "abandoned",
+            MessageOutcome::Duplicate => "duplicate",
         }
     }
 }
@@ -335,6 +348,22 @@ impl InternalEvent for DlqDepth {
     }
 }
 
+/// The stuck-file sweep found a file in a working status with no live attempt and published
+/// its stage's message again.
+pub struct FileResumed {
+    pub stage: Stage,
+    pub file_id: FileId,
+    pub status: FileStatus,
+}
+
+impl InternalEvent for FileResumed {
+    fn emit(self) {
+        METRICS.files_resumed.with_label_values(&[self.stage.as_str()]).inc();
+        tracing::warn!(stage = %self.stage, file_id = %self.file_id, status = %self.status,
+            "resumed a file stuck in its working status (its last attempt left no outcome)");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +388,7 @@ mod tests {
             MessageOutcome::Malformed,
             MessageOutcome::Panicked,
             MessageOutcome::Abandoned,
+            MessageOutcome::Duplicate,
         ];
         for outcome in outcomes {
             MessageHandled { stage: Stage::Validator, outcome }.emit();
@@ -374,6 +404,7 @@ mod tests {
         FileFinished { status: FileStatus::Completed }.emit();
         StorageCall { service: "DynamoDB", operation: "UpdateItem" }.emit();
         DlqDepth { messages: 3 }.emit();
+        FileResumed { stage: Stage::Transformer, file_id: id, status: FileStatus::Processing }.emit();
         let after = render();
 
         let grew = |series: &str, by: f64| {
@@ -383,7 +414,8 @@ mod tests {
         grew(r#"txpipe_uploads_total{result="accepted"}"#, 1.0);
         grew(r#"txpipe_uploads_total{result="empty_body"}"#, 1.0);
         grew("txpipe_upload_bytes_total", 42.0);
-        for outcome in ["done", "retried", "dead_lettered", "malformed", "panicked", "abandoned"] {
+        grew(r#"txpipe_files_resumed_total{stage="transformer"}"#, 1.0);
+        for outcome in ["done", "retried", "dead_lettered", "malformed", "panicked", "abandoned", "duplicate"] {
             grew(&format!(r#"txpipe_messages_total{{outcome="{outcome}",stage="validator"}}"#), 1.0);
         }
         grew(r#"txpipe_message_seconds_bucket{stage="transformer",le="0.025"}"#, 1.0);
@@ -426,6 +458,7 @@ mod tests {
             "txpipe_dlq_messages",
             "txpipe_files_finished_total",
             "txpipe_files_rejected_total",
+            "txpipe_files_resumed_total",
             "txpipe_message_seconds",
             "txpipe_messages_total",
             "txpipe_rows_stored_total",

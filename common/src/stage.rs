@@ -329,6 +329,7 @@ mod tests {
             assert_eq!(Stage::parse(s.as_str()), Some(s));
             assert_eq!(Stage::failed_in(s.spec().failed), Some(s));
             assert_eq!(s.spec().failed.retry_of(), Some(s.spec().working), "the retry edge restarts the stage");
+            assert!(s.spec().working.is_working() && !s.spec().done.is_working());
         }
         for w in STAGES.windows(2) {
             assert_eq!(w[0].done, w[1].from, "{} hands over to {}", w[0].stage, w[1].stage);

@@ -98,6 +98,11 @@ impl FileStatus {
         self.next().is_empty()
     }
 
+    /// True for the statuses a stage holds a file in while it works on it.
+    pub fn is_working(self) -> bool {
+        matches!(self, FileStatus::Validating | FileStatus::Processing | FileStatus::Notifying)
+    }
+
     /// True when the file has reached `other` or gone past it.
     pub fn is_at_or_past(self, other: FileStatus) -> bool {
         self == other || other.ahead(self)
@@ -222,6 +227,10 @@ pub struct StatusRecord {
     /// first and before the last kept ones.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub history_omitted: u64,
+    /// The attempt holding (or last holding) the file's working status, while it is in one:
+    /// see `crate::attempt`. Cleared by every status change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<Attempt>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -273,6 +282,28 @@ fn clip(s: &mut String, max: usize) {
     s.push('…');
 }
 
+/// Who works on a file in its working status, and how the attempts so far went (see
+/// `crate::attempt`, which owns the rules).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Unique per delivery handled (a redelivery or a duplicate gets a new one).
+    pub id: String,
+    /// Attempts started on the file in this stage since it entered the stage.
+    pub started: u32,
+    /// Attempts that ended in a crash of their worker (what the delivery limit counts).
+    pub crashes: u32,
+    /// The holder's last heartbeat (or when the attempt was found dead or released).
+    pub renewed_at: DateTime<Utc>,
+    /// False once the attempt has ended without an outcome (released, or found dead).
+    pub live: bool,
+    /// The attempt ran alone in its worker, so a crash while it ran is its own.
+    #[serde(default)]
+    pub alone: bool,
+    /// An earlier attempt died without an outcome: the next one runs alone in its worker.
+    #[serde(default)]
+    pub suspect: bool,
+}
+
 fn announced_by_default() -> bool {
     true
 }
@@ -311,6 +342,7 @@ impl StatusRecord {
             announced: true,
             uploaded_by: None,
             history_omitted: 0,
+            attempt: None,
         }
     }
 
@@ -318,6 +350,12 @@ impl StatusRecord {
     /// so it is never retried (a failure for a fault has no error count).
     pub fn is_rejected(&self) -> bool {
         self.status == FileStatus::ValidationFailed && self.error_count.is_some()
+    }
+
+    /// The last time anything showed the file is being worked on: its attempt's heartbeat, or
+    /// its last status change (what the stuck-file sweep measures).
+    pub fn last_sign_of_life(&self) -> DateTime<Utc> {
+        self.attempt.as_ref().map_or(self.updated_at, |a| a.renewed_at.max(self.updated_at))
     }
 
     /// Moves to `to` if that is forward; returns false (and changes nothing) otherwise.
@@ -334,6 +372,7 @@ impl StatusRecord {
         }
         self.status = to;
         self.updated_at = at;
+        self.attempt = None;
         self.history.push(HistoryEntry { status: to, at, reason: update.reason.clone() });
         if let Some(v) = update.row_count {
             self.row_count = Some(v);

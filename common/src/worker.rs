@@ -8,17 +8,20 @@
 //! statuses; retrying transient failures with backoff; recording a failure as the stage's
 //! `*_failed` status with a `file.failed` notification; publishing the next message with
 //! confirms; and acking only after all that, so a crash at any point means a redelivery,
-//! never a loss.
+//! never a loss. A file is worked on by one attempt at a time, which holds its working status
+//! with a heartbeat and counts crashes (`crate::attempt`); each worker also sweeps its stage
+//! for files stuck without a live attempt (`crate::stuck`).
 
 use crate::amqp::{AmqpError, Broker, Publisher};
-use crate::dead_letter::{DeadLetterInfo, ErrorClass};
+use crate::attempt::{Claim, Lease};
+use crate::dead_letter::{header, DeadLetterInfo, ErrorClass};
 use crate::deps::Deps;
 use crate::headers::Headers;
 use crate::messages::{Notification, Outgoing, StageMessage};
 use crate::metrics::{DeadLettered, FileFinished, InternalEvent, MessageHandled, MessageOutcome, MessageTimed};
 use crate::stage::{Admission, NotificationKey, Stage, StageSpec};
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
-use crate::storage::{Advance, StorageError};
+use crate::storage::{Advance, Change, StorageError};
 use async_trait::async_trait;
 use backon::BackoffBuilder;
 use futures::{FutureExt, StreamExt};
@@ -27,11 +30,14 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
+use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// How long in-flight messages may run on after shutdown is asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -110,7 +116,18 @@ pub async fn run(deps: &Deps, handler: Arc<dyn Handler>, shutdown: impl Future<O
     let broker = &deps.broker;
     // a confirm channel of its own, so its publishes do not queue behind the service's others
     let publisher = broker.publisher().await?;
-    let ctx = Arc::new(Loop { deps: deps.clone(), spec: stage.spec(), handler, publisher });
+    let stopping = CancellationToken::new();
+    let ctx = Arc::new(Loop {
+        deps: deps.clone(),
+        spec: stage.spec(),
+        handler,
+        publisher: publisher.clone(),
+        solo: Arc::new(RwLock::new(())),
+        stopping: stopping.clone(),
+    });
+    let sweeper =
+        tokio::spawn(crate::stuck::run(deps.clone(), stage.spec(), publisher, stopping.clone().cancelled_owned()));
+    let _stop_sweeper = stopping.clone().drop_guard();
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     let result = loop {
@@ -145,6 +162,8 @@ pub async fn run(deps: &Deps, handler: Arc<dyn Handler>, shutdown: impl Future<O
             }
         };
         if stop {
+            // copies waiting for another attempt give their messages back at once
+            stopping.cancel();
             let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
             drain(stage, &mut tasks).await;
             let _ = channel.close(200, "bye".into()).await;
@@ -156,7 +175,9 @@ pub async fn run(deps: &Deps, handler: Arc<dyn Handler>, shutdown: impl Future<O
             up = broker.wait_up() => if let Err(e) = up { break Err(e) },
         }
     };
+    stopping.cancel();
     drain(stage, &mut tasks).await;
+    let _ = sweeper.await;
     result
 }
 
@@ -218,11 +239,79 @@ struct Loop {
     spec: &'static StageSpec,
     handler: Arc<dyn Handler>,
     publisher: Publisher,
+    /// Held shared by every attempt, and exclusively by an attempt on a suspect file (one an
+    /// earlier attempt died on), so a crash while it runs is that file's alone.
+    solo: Arc<RwLock<()>>,
+    /// Cancelled on shutdown: copies waiting for another attempt give their messages back.
+    stopping: CancellationToken,
+}
+
+/// How one try at a message ended, when it did not fail.
+enum Outcome {
+    /// Publish these, then ack.
+    Publish(Vec<Outgoing>),
+    /// Ack, nothing else: a copy of a message whose file another attempt answers for.
+    Duplicate(String),
+    /// Attempts crashed on the file `TXPIPE_DELIVERY_LIMIT` times: it was failed; announce it
+    /// and dead-letter the message.
+    Poisoned(Box<StatusRecord>),
+    /// Leave the message unsettled (shutdown while waiting): the broker delivers it again.
+    Abandon,
+}
+
+/// What claiming a file for an attempt came to.
+enum Claimed {
+    /// The file is this attempt's; the guard keeps its place in the worker (shared or alone).
+    Mine(StatusRecord, Guard),
+    Poisoned(StatusRecord),
+    /// The file no longer lets this stage start; `waited`: this copy waited for another attempt.
+    Lost {
+        record: StatusRecord,
+        waited: bool,
+    },
+    Stopping,
+}
+
+/// An attempt's hold on [`Loop::solo`]; held, never read.
+enum Guard {
+    Shared { _held: OwnedRwLockReadGuard<()> },
+    Alone { _held: OwnedRwLockWriteGuard<()> },
+}
+
+/// How recording a stage's failure went.
+#[derive(PartialEq, Eq)]
+enum Recorded {
+    /// Moved to the stage's failed status (and announced, if asked).
+    Failed,
+    /// Another attempt is live on the file: it decides how the file ends.
+    HeldByOther,
+    /// The file is past this stage (or unknown): nothing to record.
+    Moot,
+    /// Storage could not be reached.
+    Unreachable,
 }
 
 impl Loop {
     fn stage(&self) -> Stage {
         self.spec.stage
+    }
+
+    fn stuck_after(&self) -> Duration {
+        Duration::from_millis(self.deps.settings.stuck_after_ms)
+    }
+
+    /// The lease rules as this attempt sees them now.
+    fn lease(&self, id: &str, alone: bool, may_retry: bool) -> Lease {
+        let now = chrono::Utc::now();
+        Lease {
+            spec: self.spec,
+            id: id.to_owned(),
+            now,
+            stale_before: now - chrono::Duration::from_std(self.stuck_after()).unwrap_or(chrono::Duration::MAX),
+            alone,
+            crash_limit: self.deps.settings.delivery_limit,
+            may_retry,
+        }
     }
 
     /// Handles one delivery in the trace it carries (or a new one).
@@ -257,50 +346,51 @@ impl Loop {
         }
         let file_id = msg.file_id();
         let tracks_status = self.spec.tracks_status(key);
-        let mut last_delivery = None;
         if let Some(n) = Headers::of(&delivery).u64("x-delivery-count") {
             tracing::info!(%stage, %file_id, deliveries = n + 1, "redelivered message");
-            if n >= u64::from(self.deps.settings.delivery_limit) && tracks_status {
-                // a crash on this last delivery leaves no other chance to say why
-                let reason = format!(
-                    "delivery_limit: the message was delivered {} times without being settled (did it crash the worker?); \
-                     if this last attempt fails too, RabbitMQ dead-letters it",
-                    n + 1
-                );
-                self.record_failure(&msg, &reason, false).await;
-                last_delivery = Some(reason);
-            }
         }
+        // one id per delivery: its in-process retries are the same attempt, a redelivery is not
+        let attempt_id = uuid::Uuid::new_v4().simple().to_string();
+        // published by the stuck-file sweep: it resumes a file in its working status, never
+        // restarts one that failed meanwhile
+        let resumed = Headers::of(&delivery).text(header::RESUMED).is_some();
         let mut backoff = self.deps.settings.retry_policy().build();
         let _timer = Timer(stage, std::time::Instant::now());
         loop {
-            let attempt = AssertUnwindSafe(self.attempt(&msg)).catch_unwind().await;
+            let attempt = AssertUnwindSafe(self.attempt(&msg, &attempt_id, resumed)).catch_unwind().await;
             let Ok(result) = attempt else {
-                // a crash in the handler: give the message back (its delivery count grows, so a
-                // message that always crashes ends in the DLQ at the delivery limit)
-                tracing::error!(%stage, %file_id, "the handler panicked; returning the message to its queue");
+                tracing::error!(%stage, %file_id, "the handler panicked");
                 MessageHandled { stage, outcome: MessageOutcome::Panicked }.emit();
-                if let Some(reason) = &last_delivery {
-                    // the attempt may have moved the file on before it crashed: RabbitMQ
-                    // dead-letters the message now, so the file ends failed
-                    self.record_failure(&msg, reason, false).await;
-                }
-                if let Err(e) = settle(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await {
-                    tracing::warn!(%stage, %file_id, error = %e, "nack failed; the message will be redelivered");
-                }
+                self.after_crash(&delivery, &msg, &attempt_id).await;
                 return;
             };
             let (class, reason) = match result {
-                Ok(out) => match self.publish_all(&out).await {
+                Ok(Outcome::Publish(out)) => match self.publish_all(&out).await {
                     Ok(()) => {
-                        if let Err(e) = settle(delivery.ack(BasicAckOptions::default())).await {
-                            tracing::warn!(%stage, %file_id, error = %e, "ack failed; the message will be redelivered");
-                        }
+                        self.ack(&delivery, file_id).await;
                         MessageHandled { stage, outcome: MessageOutcome::Done }.emit();
                         return;
                     }
                     Err(e) => (ErrorClass::RetriesExhausted, format!("publishing the next message failed: {e}")),
                 },
+                Ok(Outcome::Duplicate(why)) => {
+                    tracing::info!(%stage, %file_id, %why, "acking a copy another attempt answers for");
+                    self.ack(&delivery, file_id).await;
+                    MessageHandled { stage, outcome: MessageOutcome::Duplicate }.emit();
+                    return;
+                }
+                Ok(Outcome::Poisoned(record)) => {
+                    let reason = record.reason.clone().unwrap_or_default();
+                    tracing::error!(%stage, %file_id, %reason, "dead-lettering a file its worker keeps crashing on");
+                    self.announce_failure(&record).await;
+                    self.dead_letter(&delivery, ErrorClass::DeliveryLimit, &reason).await;
+                    MessageHandled { stage, outcome: MessageOutcome::DeadLettered }.emit();
+                    return;
+                }
+                Ok(Outcome::Abandon) => {
+                    MessageHandled { stage, outcome: MessageOutcome::Abandoned }.emit();
+                    return;
+                }
                 Err(Failure::DeadLetter(reason)) => (ErrorClass::Permanent, reason),
                 Err(Failure::Retry(reason)) => (ErrorClass::RetriesExhausted, reason),
             };
@@ -308,6 +398,10 @@ impl Loop {
             // the broker will deliver it again on the next connection
             if delivery.acker.poisoned() || !self.deps.broker.is_connected() {
                 tracing::warn!(%stage, %file_id, %reason, "broker connection lost mid-message; it will be redelivered");
+                if tracks_status {
+                    // free the file for that redelivery at once (not counted: no crash)
+                    self.release(file_id, &attempt_id, false).await;
+                }
                 MessageHandled { stage, outcome: MessageOutcome::Abandoned }.emit();
                 return;
             }
@@ -319,38 +413,265 @@ impl Loop {
                     continue;
                 }
             }
-            tracing::error!(%stage, %file_id, class = class.as_str(), %reason, "dead-lettering");
+            let mut hold = backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_secs(1))
+                .with_max_delay(Duration::from_secs(30))
+                .without_max_times()
+                .build();
             if tracks_status {
-                self.record_failure(&msg, &reason, true).await;
+                loop {
+                    match self.record_failure(&msg, &attempt_id, &reason, true).await {
+                        Recorded::HeldByOther => {
+                            tracing::info!(%stage, %file_id, %reason, "another attempt holds the file and decides how it ends; acking this copy");
+                            self.ack(&delivery, file_id).await;
+                            MessageHandled { stage, outcome: MessageOutcome::Duplicate }.emit();
+                            return;
+                        }
+                        // storage is down: keep the message until the failure is recorded, so the
+                        // file never sits in a status no message will move it from (the DLQ would
+                        // hold its only message)
+                        Recorded::Unreachable => {
+                            let wait = hold.next().unwrap_or(Duration::from_secs(30));
+                            tracing::warn!(%stage, %file_id, retry_in_ms = wait.as_millis() as u64,
+                                "cannot record the failure; holding the message until storage answers");
+                            tokio::select! {
+                                _ = self.stopping.cancelled() => {}
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                            if self.stopping.is_cancelled()
+                                || delivery.acker.poisoned()
+                                || !self.deps.broker.is_connected()
+                            {
+                                // the broker delivers it again; the file's hold goes stale and is taken over
+                                MessageHandled { stage, outcome: MessageOutcome::Abandoned }.emit();
+                                return;
+                            }
+                            let lease = self.lease(&attempt_id, false, false);
+                            let _ = self.deps.storage.statuses.update(file_id, Arc::new(move |r| lease.renew(r))).await;
+                        }
+                        Recorded::Failed | Recorded::Moot => break,
+                    }
+                }
             }
+            tracing::error!(%stage, %file_id, class = class.as_str(), %reason, "dead-lettering");
             self.dead_letter(&delivery, class, &reason).await;
             MessageHandled { stage, outcome: MessageOutcome::DeadLettered }.emit();
             return;
         }
     }
 
-    /// One try at a message: admit it by the file's status, move the file through the stage,
-    /// and return what to publish before the ack.
-    async fn attempt(&self, msg: &StageMessage) -> Result<Vec<Outgoing>, Failure> {
+    async fn ack(&self, delivery: &Delivery, file_id: crate::FileId) {
+        if let Err(e) = settle(delivery.ack(BasicAckOptions::default())).await {
+            tracing::warn!(stage = %self.stage(), %file_id, error = %e, "ack failed; the message will be redelivered");
+        }
+    }
+
+    /// After a crash caught in the handler. If this attempt held the file, the crash is counted
+    /// in its record (and the file freed for the next delivery at once), and the message goes
+    /// back to its queue: the next claim fails the file once the count reaches the limit.
+    /// Otherwise (a message that moves no file, or a crash before the claim) the count travels
+    /// in a header of a copy put back at the end of the queue, so it holds whatever the broker
+    /// counts (from RabbitMQ 4.3 a requeueing nack counts nothing).
+    async fn after_crash(&self, delivery: &Delivery, msg: &StageMessage, attempt_id: &str) {
+        let (stage, file_id) = (self.stage(), msg.file_id());
+        if self.spec.tracks_status(msg.routing_key()) && self.release(file_id, attempt_id, true).await {
+            tracing::warn!(%stage, %file_id, "crash counted on the file; returning the message to its queue");
+            if let Err(e) = settle(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await {
+                tracing::warn!(%stage, %file_id, error = %e, "nack failed; the message will be redelivered");
+            }
+            return;
+        }
+        let crashes = Headers::of(delivery).u64(header::CRASHES).unwrap_or(0) + 1;
+        let limit = u64::from(self.deps.settings.delivery_limit);
+        if crashes >= limit {
+            let reason = format!(
+                "delivery_limit: the {stage} crashed {crashes} time(s) on this message (TXPIPE_DELIVERY_LIMIT is {limit})"
+            );
+            tracing::error!(%stage, %file_id, %reason, "dead-lettering");
+            self.dead_letter(delivery, ErrorClass::DeliveryLimit, &reason).await;
+            return;
+        }
+        let mut headers: Vec<(String, String)> = Headers::of(delivery)
+            .texts()
+            .filter(|(k, _)| !DeadLetterInfo::is_bookkeeping(k) && k != crate::trace::HEADER)
+            .collect();
+        headers.push((header::CRASHES.into(), crashes.to_string()));
+        let copy = Outgoing {
+            exchange: delivery.exchange.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+            body: delivery.data.clone(),
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| msg.message_id()),
+            mandatory: true,
+            headers,
+        };
+        let settled = match self.publisher.publish(&copy).await {
+            Ok(()) => settle(delivery.ack(BasicAckOptions::default())).await,
+            Err(e) => {
+                tracing::warn!(%stage, %file_id, error = %e, "cannot put back a counted copy; returning the message instead");
+                settle(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(%stage, %file_id, error = %e, "settling a crashed message failed; it will be redelivered");
+        }
+    }
+
+    /// One try at a message: admit it by the file's status, claim the file and move it through
+    /// the stage, and say what to do with the message.
+    async fn attempt(&self, msg: &StageMessage, attempt_id: &str, resumed: bool) -> Result<Outcome, Failure> {
         let (stage, file_id) = (self.stage(), msg.file_id());
         let Some(record) = self.handler.record(&self.deps, msg).await? else {
-            return Ok(Vec::new());
+            return Ok(Outcome::Publish(Vec::new()));
         };
+        // held until the outcome is recorded
+        let mut _guard = None;
         let step = match self.spec.admit(msg.routing_key(), &record) {
             Admission::Refuse(why) => return Err(Failure::DeadLetter(why)),
             Admission::PassOn => {
                 tracing::info!(%stage, %file_id, status = %record.status, "already past this stage; passing on its result");
-                return Ok(self.announcing(&record));
+                return Ok(Outcome::Publish(self.announcing(&record)));
             }
             Admission::Observe => self.handler.work(msg, &record).await?,
             Admission::Work => {
-                let record = self.advance(file_id, self.spec.working, StatusUpdate::default()).await?;
-                self.handler.work(msg, &record).await?
+                let record = match self.claim(file_id, attempt_id, resumed).await? {
+                    Claimed::Mine(record, guard) => {
+                        _guard = Some(guard);
+                        record
+                    }
+                    Claimed::Poisoned(record) => return Ok(Outcome::Poisoned(Box::new(record))),
+                    Claimed::Stopping => return Ok(Outcome::Abandon),
+                    Claimed::Lost { record, waited } => return self.lost(msg, record, waited || resumed),
+                };
+                tokio::select! {
+                    biased;
+                    step = self.handler.work(msg, &record) => step?,
+                    never = self.heartbeat(file_id, attempt_id) => match never {},
+                }
             }
         };
         match step {
-            Step::Stay => Ok(Vec::new()),
-            Step::Advance(to, update) => Ok(self.announcing(&self.advance(file_id, to, update).await?)),
+            Step::Stay => Ok(Outcome::Publish(Vec::new())),
+            Step::Advance(to, update) => {
+                Ok(Outcome::Publish(self.announcing(&self.advance(file_id, to, update).await?)))
+            }
+        }
+    }
+
+    /// Takes the file into the stage's working status for this attempt, waiting while another
+    /// attempt is live on it, and taking the worker alone if an earlier attempt died on it.
+    async fn claim(&self, file_id: crate::FileId, attempt_id: &str, resumed: bool) -> Result<Claimed, Failure> {
+        let stage = self.stage();
+        let (mut alone, mut waited) = (false, false);
+        let mut guard = Guard::Shared { _held: self.solo.clone().read_owned().await };
+        loop {
+            let lease = self.lease(attempt_id, alone, !waited && !resumed);
+            let found = Arc::new(std::sync::Mutex::new(Claim::Moved));
+            let change: Change = {
+                let found = found.clone();
+                Arc::new(move |r| {
+                    let claim = lease.claim(r);
+                    *found.lock().unwrap_or_else(|p| p.into_inner()) = claim;
+                    claim.changed()
+                })
+            };
+            let record = match self.deps.storage.statuses.update(file_id, change).await {
+                Ok(Advance::Moved(r) | Advance::Refused(r)) => r,
+                Err(e) => return Err(Failure::storage("claiming the file", &e)),
+            };
+            let claim = *found.lock().unwrap_or_else(|p| p.into_inner());
+            match claim {
+                Claim::Claimed => return Ok(Claimed::Mine(record, guard)),
+                Claim::Poisoned => {
+                    FileFinished { status: record.status }.emit();
+                    return Ok(Claimed::Poisoned(record));
+                }
+                Claim::Moved => return Ok(Claimed::Lost { record, waited }),
+                Claim::NeedsAlone => {
+                    tracing::warn!(%stage, %file_id, "an earlier attempt died on this file; working on it alone");
+                    drop(guard);
+                    guard = Guard::Alone { _held: self.solo.clone().write_owned().await };
+                    alone = true;
+                }
+                Claim::Busy => {
+                    if !waited {
+                        tracing::info!(%stage, %file_id, "another attempt is working on this file; waiting for it");
+                    }
+                    waited = true;
+                    // never wait holding a place in the worker
+                    drop(guard);
+                    let poll = (self.stuck_after() / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+                    tokio::select! {
+                        _ = self.stopping.cancelled() => return Ok(Claimed::Stopping),
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                    guard = if alone {
+                        Guard::Alone { _held: self.solo.clone().write_owned().await }
+                    } else {
+                        Guard::Shared { _held: self.solo.clone().read_owned().await }
+                    };
+                }
+            }
+        }
+    }
+
+    /// The file's status changed before this attempt could claim it. `no_retry`: this copy
+    /// waited for another attempt, or was published by the sweep to resume a working file.
+    fn lost(&self, msg: &StageMessage, record: StatusRecord, no_retry: bool) -> Result<Outcome, Failure> {
+        let file_id = record.file_id;
+        if no_retry && record.status == self.spec.failed {
+            // another attempt gave up on the file (its message is in the DLQ): this copy is its
+            // duplicate, not a retry
+            return Ok(Outcome::Duplicate(format!("another attempt failed file {file_id}")));
+        }
+        match self.spec.admit(msg.routing_key(), &record) {
+            Admission::PassOn => Ok(Outcome::Publish(self.announcing(&record))),
+            Admission::Refuse(why) => Err(Failure::DeadLetter(why)),
+            _ => Err(Failure::Retry(format!(
+                "the status of file {file_id} changed while claiming it ({})",
+                record.status
+            ))),
+        }
+    }
+
+    /// Renews this attempt's hold on the file every quarter of `TXPIPE_STUCK_AFTER_MS` while
+    /// its work runs (never returns; dropped with the work).
+    async fn heartbeat(&self, file_id: crate::FileId, attempt_id: &str) -> Infallible {
+        let every = self.stuck_after() / 4;
+        loop {
+            tokio::time::sleep(every).await;
+            let lease = self.lease(attempt_id, false, false);
+            match self.deps.storage.statuses.update(file_id, Arc::new(move |r| lease.renew(r))).await {
+                Ok(Advance::Moved(_)) => {}
+                Ok(Advance::Refused(r)) => {
+                    // taken over after missed heartbeats: the work goes on (writes are keyed, so
+                    // two attempts write the same rows), but only the holder may fail the file
+                    tracing::warn!(stage = %self.stage(), %file_id, status = %r.status, "this attempt no longer holds the file");
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    tracing::warn!(stage = %self.stage(), %file_id, error = %crate::error::Chain(&e), "heartbeat failed")
+                }
+            }
+        }
+    }
+
+    /// Ends this attempt's hold without an outcome (`crashed`: counted as a crash on the file);
+    /// true if it held the file.
+    async fn release(&self, file_id: crate::FileId, attempt_id: &str, crashed: bool) -> bool {
+        let lease = self.lease(attempt_id, false, false);
+        match self.deps.storage.statuses.update(file_id, Arc::new(move |r| lease.release(r, crashed))).await {
+            Ok(Advance::Moved(_)) => true,
+            Ok(Advance::Refused(_)) => false,
+            Err(e) => {
+                tracing::warn!(stage = %self.stage(), %file_id, error = %crate::error::Chain(&e),
+                    "cannot release the file; another copy takes it over once TXPIPE_STUCK_AFTER_MS has passed");
+                false
+            }
         }
     }
 
@@ -390,29 +711,45 @@ impl Loop {
     }
 
     /// Records that the stage failed on the file (its `*_failed` status with the reason) and,
-    /// if `notify`, tells subscribers (`file.failed`). Best effort: called on the way to the
-    /// DLQ, which keeps the message whatever happens here.
-    async fn record_failure(&self, msg: &StageMessage, reason: &str, notify: bool) {
+    /// if `notify`, tells subscribers (`file.failed`); unless another attempt is live on the
+    /// file. Called on the way to the DLQ; while storage cannot be reached the caller holds the
+    /// message and calls again.
+    async fn record_failure(&self, msg: &StageMessage, attempt_id: &str, reason: &str, notify: bool) -> Recorded {
         let (stage, file_id) = (self.stage(), msg.file_id());
         let update = StatusUpdate { reason: Some(format!("{stage}: {reason}")), ..Default::default() };
-        match self.deps.storage.statuses.advance(file_id, self.spec.failed, update, chrono::Utc::now()).await {
-            Ok(Advance::Moved(record)) if !notify => {
-                FileFinished { status: record.status }.emit();
-                tracing::info!(%file_id, status = %record.status, "failure recorded")
-            }
+        let lease = self.lease(attempt_id, false, false);
+        let change: Change = Arc::new(move |r| lease.fail(r, update.clone()));
+        match self.deps.storage.statuses.update(file_id, change).await {
             Ok(Advance::Moved(record)) => {
                 FileFinished { status: record.status }.emit();
-                let note = Notification::of(&record, record.status).outgoing(NotificationKey::Failed, &self.deps.names);
-                if let Err(e) = self.publisher.publish(&note).await {
-                    tracing::warn!(%file_id, error = %e, "cannot publish the file.failed notification");
+                if notify {
+                    self.announce_failure(&record).await;
+                } else {
+                    tracing::info!(%file_id, status = %record.status, "failure recorded");
                 }
+                Recorded::Failed
             }
+            Ok(Advance::Refused(record)) if record.status == self.spec.working => Recorded::HeldByOther,
             Ok(Advance::Refused(record)) => {
-                tracing::info!(%file_id, status = %record.status, "file already past this stage; status left as is")
+                tracing::info!(%file_id, status = %record.status, "file already past this stage; status left as is");
+                Recorded::Moot
             }
             Err(e) => {
-                tracing::warn!(%file_id, error = %crate::error::Chain(&e), "cannot record the failure in the status table")
+                tracing::warn!(%file_id, error = %crate::error::Chain(&e), "cannot record the failure in the status table");
+                if e.is_transient() {
+                    Recorded::Unreachable
+                } else {
+                    Recorded::Moot
+                }
             }
+        }
+    }
+
+    /// Publishes `file.failed` for a file just moved to a failed status.
+    async fn announce_failure(&self, record: &StatusRecord) {
+        let note = Notification::of(record, record.status).outgoing(NotificationKey::Failed, &self.deps.names);
+        if let Err(e) = self.publisher.publish(&note).await {
+            tracing::warn!(file_id = %record.file_id, error = %e, "cannot publish the file.failed notification");
         }
     }
 

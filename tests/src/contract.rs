@@ -152,6 +152,65 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
     assert_eq!(store.unannounced(cutoff, 100).await.unwrap(), vec![], "announced: out of the index");
     assert!(store.withdraw(fresh.file_id).await.unwrap());
     assert_eq!(store.unannounced(t + chrono::Duration::minutes(1), 100).await.unwrap(), vec![]);
+
+    status_store_attempts(&store, t).await;
+}
+
+/// What the attempt rules and the stuck-file sweep need: an atomic change of a record that no
+/// concurrent change is lost to, and the query of files in a working status with no sign of life.
+async fn status_store_attempts(store: &Arc<dyn StatusStore>, t: DateTime<Utc>) {
+    use txpipe_common::status::Attempt;
+    use txpipe_common::storage::Change;
+    let hour_ago = t - chrono::Duration::hours(1);
+    let mut working = record(hour_ago);
+    assert!(working.advance(FileStatus::Validating, StatusUpdate::default(), hour_ago));
+    store.create(&working).await.unwrap();
+    let id = working.file_id;
+    let cutoff = t - chrono::Duration::minutes(10);
+    let later = t + chrono::Duration::minutes(1);
+    assert!(store.stalled(FileStatus::Validating, cutoff, 100).await.unwrap().contains(&id));
+    assert!(!store.stalled(FileStatus::Processing, later, 100).await.unwrap().contains(&id), "by status");
+
+    // a heartbeat is a sign of life
+    let beat: Change = Arc::new(move |r| {
+        r.attempt = Some(Attempt {
+            id: "a".into(),
+            started: 1,
+            crashes: 0,
+            renewed_at: t,
+            live: true,
+            alone: false,
+            suspect: false,
+        });
+        true
+    });
+    assert!(matches!(store.update(id, beat).await.unwrap(), Advance::Moved(ref r) if r.attempt.is_some()));
+    assert!(!store.stalled(FileStatus::Validating, cutoff, 100).await.unwrap().contains(&id), "alive since t");
+    assert!(store.stalled(FileStatus::Validating, later, 100).await.unwrap().contains(&id));
+
+    // a change that changes nothing is refused and writes nothing; an unknown file is not found
+    let noop: Change = Arc::new(|_| false);
+    assert!(matches!(store.update(id, noop).await.unwrap(), Advance::Refused(ref r) if r.attempt.is_some()));
+    assert_eq!(kind_of(store.update(FileId::new(), Arc::new(|_| true)).await), StorageErrorKind::NotFound);
+
+    // concurrent changes: none is lost
+    let bumps = (0..8).map(|_| {
+        let s = store.clone();
+        tokio::spawn(async move {
+            let bump: Change = Arc::new(|r| {
+                r.attempt.as_mut().expect("an attempt").started += 1;
+                true
+            });
+            s.update(id, bump).await.unwrap()
+        })
+    });
+    futures::future::join_all(bumps).await;
+    assert_eq!(store.get(id).await.unwrap().unwrap().attempt.unwrap().started, 9);
+
+    // out of its working status, out of the query
+    store.advance(id, FileStatus::Validated, StatusUpdate::default(), t).await.unwrap();
+    assert!(!store.stalled(FileStatus::Validating, later, 100).await.unwrap().contains(&id));
+    assert_eq!(store.get(id).await.unwrap().unwrap().attempt, None, "a status change ends the attempt");
 }
 
 fn tx(id: &str, file_id: FileId, amount: &str) -> Transaction {

@@ -27,6 +27,9 @@ fn spawn(name: &str, ns: &str, data_dir: &std::path::Path) -> Child {
         .env("TXPIPE_DATA_DIR", data_dir)
         .env("TXPIPE_HTTP_ADDR", "127.0.0.1:0")
         .env("TXPIPE_RETRY_INITIAL_DELAY_MS", "20")
+        // a copy redelivered after a kill -9 waits this long for the killed attempt's heartbeat
+        // to go stale before it takes the file over
+        .env("TXPIPE_STUCK_AFTER_MS", "2000")
         .env("TXPIPE_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

@@ -4,8 +4,8 @@
 //! settings (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, profiles, roles...).
 
 use super::{
-    decode_cursor, encode_cursor, stale, Advance, ByteStream, ObjectReader, ObjectStore, StatusStore, StorageError,
-    StorageErrorKind, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
+    decode_cursor, encode_cursor, stale, Advance, ByteStream, Change, ObjectReader, ObjectStore, StatusStore,
+    StorageError, StorageErrorKind, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
 };
 use crate::config::Settings;
 use crate::csv_schema::TxStatus;
@@ -41,6 +41,12 @@ pub const UNANNOUNCED_INDEX: &str = "unannounced-index";
 pub const UNANNOUNCED_KEY: &str = "unannounced";
 pub const UNANNOUNCED_VALUE: &str = "1";
 pub const UNANNOUNCED_SINCE: &str = "unannounced_since";
+/// The sparse index of files in a working status, for the stuck-file sweep: only such items
+/// carry [`WORKING_KEY`] (the status) and [`WORKING_SINCE`] (their last sign of life), so the
+/// sweep of one stage reads just the files in flight there.
+pub const WORKING_INDEX: &str = "working-index";
+pub const WORKING_KEY: &str = "working";
+pub const WORKING_SINCE: &str = "working_since";
 /// Optimistic-concurrency attempts for one status change before giving up (transient).
 const STATUS_CAS_ATTEMPTS: usize = 16;
 
@@ -443,6 +449,10 @@ impl DynamoStore {
             item.insert(UNANNOUNCED_KEY.into(), s(UNANNOUNCED_VALUE));
             item.insert(UNANNOUNCED_SINCE.into(), s(sortable_time(record.created_at)));
         }
+        if record.status.is_working() {
+            item.insert(WORKING_KEY.into(), s(record.status.as_str()));
+            item.insert(WORKING_SINCE.into(), s(sortable_time(record.last_sign_of_life())));
+        }
         item
     }
 
@@ -645,6 +655,49 @@ impl StatusStore for DynamoStore {
             .send()
             .await
             .map_err(|e| classify("listing unannounced uploads", e))?;
+        out.items()
+            .iter()
+            .map(|item| {
+                get_s(item, "file_id")?.parse().map_err(|_| StorageError::corrupt("a file_id in the status table"))
+            })
+            .collect()
+    }
+
+    async fn update(&self, file_id: FileId, change: Change) -> Result<Advance, StorageError> {
+        self.modify(file_id, |r| change(r)).await
+    }
+
+    async fn stalled(
+        &self,
+        status: FileStatus,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<FileId>, StorageError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.status_table)
+            .index_name(WORKING_INDEX)
+            .key_condition_expression("#k = :k AND #t < :t")
+            .expression_attribute_names("#k", WORKING_KEY)
+            .expression_attribute_names("#t", WORKING_SINCE)
+            .expression_attribute_values(":k", s(status.as_str()))
+            .expression_attribute_values(":t", s(sortable_time(before)))
+            .limit(limit.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| {
+                let missing = is_code(&e, "ValidationException");
+                let err = classify("listing files stalled in a working status", e);
+                if missing {
+                    StorageError::misconfigured(format!(
+                        "the status table has no index {WORKING_INDEX} (an older txpipe made it): run `txpipe provision`"
+                    ))
+                    .with_source(err)
+                } else {
+                    err
+                }
+            })?;
         out.items()
             .iter()
             .map(|item| {

@@ -79,8 +79,25 @@ pub trait StatusStore: Send + Sync + 'static {
     /// uploads a crash left between recording and announcing (the gateway's sweeper withdraws
     /// them). Reads only such records, not the whole table.
     async fn unannounced(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<FileId>, StorageError>;
+    /// Applies `change` to the file's record atomically (across processes and replicas: a
+    /// conditional write, read again if another writer got in between); `change` says whether
+    /// it changed anything, and may run more than once. [`StorageErrorKind::NotFound`] for an
+    /// unknown file. The attempt rules (`crate::attempt`) go through this.
+    async fn update(&self, file_id: FileId, change: Change) -> Result<Advance, StorageError>;
+    /// Files in the working status `status` that have shown no sign of life
+    /// ([`StatusRecord::last_sign_of_life`]) since `before`, at most `limit`: what the stuck-file
+    /// sweep resumes. Reads only files in that status, not the whole table.
+    async fn stalled(
+        &self,
+        status: FileStatus,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<FileId>, StorageError>;
     async fn check(&self) -> Result<(), StorageError>;
 }
+
+/// A change to a status record, for [`StatusStore::update`]: true if it changed the record.
+pub type Change = Arc<dyn Fn(&mut StatusRecord) -> bool + Send + Sync>;
 
 /// A version of a transaction that a later one replaced: the file that wrote it and its number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,9 @@
 //! `txpipe provision` / `txpipe teardown` for the aws backend: create or remove the bucket
 //! and the tables of a namespace (status, transactions, API keys), idempotently, saying what was done.
 
-use super::aws::{S3ObjectStore, UNANNOUNCED_INDEX, UNANNOUNCED_KEY, UNANNOUNCED_SINCE};
+use super::aws::{
+    S3ObjectStore, UNANNOUNCED_INDEX, UNANNOUNCED_KEY, UNANNOUNCED_SINCE, WORKING_INDEX, WORKING_KEY, WORKING_SINCE,
+};
 use super::StorageError;
 use crate::names::Names;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
@@ -67,6 +69,14 @@ pub async fn provision(
         .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
         .build()
         .expect("complete index");
+    // sparse too: only files in a working status carry its keys (the stuck-file sweep's query)
+    let working = GlobalSecondaryIndex::builder()
+        .index_name(WORKING_INDEX)
+        .key_schema(key(WORKING_KEY, KeyType::Hash))
+        .key_schema(key(WORKING_SINCE, KeyType::Range))
+        .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
+        .build()
+        .expect("complete index");
     let req = ddb
         .create_table()
         .table_name(&status)
@@ -74,11 +84,18 @@ pub async fn provision(
         .attribute_definitions(string_attr("file_id"))
         .attribute_definitions(string_attr(UNANNOUNCED_KEY))
         .attribute_definitions(string_attr(UNANNOUNCED_SINCE))
+        .attribute_definitions(string_attr(WORKING_KEY))
+        .attribute_definitions(string_attr(WORKING_SINCE))
         .key_schema(key("file_id", KeyType::Hash))
-        .global_secondary_indexes(unannounced.clone());
+        .global_secondary_indexes(unannounced.clone())
+        .global_secondary_indexes(working.clone());
     done.push(create_table(&status, req).await?);
-    if let Some(added) = add_missing_index(ddb, &status, unannounced).await? {
-        done.push(added);
+    // a table from an older txpipe: one index at a time (DynamoDB adds one per update)
+    for index in [unannounced, working] {
+        wait_active(ddb, &status).await?;
+        if let Some(added) = add_missing_index(ddb, &status, index).await? {
+            done.push(added);
+        }
     }
 
     // the current version of each transaction, keyed as in the seed
@@ -163,10 +180,11 @@ async fn add_missing_index(
         .set_projection(index.projection().cloned())
         .build()
         .map_err(|e| StorageError::misconfigured("building an index update").with_source(e))?;
-    ddb.update_table()
-        .table_name(table)
-        .attribute_definitions(string_attr(UNANNOUNCED_KEY))
-        .attribute_definitions(string_attr(UNANNOUNCED_SINCE))
+    let mut update = ddb.update_table().table_name(table);
+    for k in index.key_schema() {
+        update = update.attribute_definitions(string_attr(k.attribute_name()));
+    }
+    update
         .global_secondary_index_updates(GlobalSecondaryIndexUpdate::builder().create(create).build())
         .send()
         .await

@@ -3,8 +3,8 @@
 //! on the blocking pool so the async workers never stall on the database.
 
 use super::{
-    decode_cursor, encode_cursor, stale, Advance, ApiKeyRecord, ApiKeyStore, QuotaUse, StatusStore, StorageError,
-    Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
+    decode_cursor, encode_cursor, stale, Advance, ApiKeyRecord, ApiKeyStore, Change, QuotaUse, StatusStore,
+    StorageError, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
 };
 use crate::csv_schema::TxStatus;
 use crate::file_id::FileId;
@@ -54,6 +54,7 @@ impl SqliteStore {
         let usage_table = quoted(&format!("{}-usage", names.api_keys_table()));
         let (st, tt, kt, ut) = (status_table.clone(), tx_table.clone(), keys_table.clone(), usage_table.clone());
         let unannounced = quoted(&format!("{}-unannounced", names.status_table()));
+        let working = quoted(&format!("{}-working", names.status_table()));
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -114,7 +115,8 @@ impl SqliteStore {
                     PRIMARY KEY (name, day)
                  ) WITHOUT ROWID;
                  CREATE INDEX IF NOT EXISTS {unannounced} ON {st} (file_id)
-                    WHERE json_extract(record, '$.announced') = 0;"
+                    WHERE json_extract(record, '$.announced') = 0;
+                 CREATE INDEX IF NOT EXISTS {working} ON {st} (status, file_id) WHERE status IN {WORKING};"
             ))
             .map_err(db_err)?;
             upgrade_transactions(&conn, &tt, &vt)?;
@@ -139,6 +141,9 @@ impl SqliteStore {
         .map_err(|e| StorageError::unavailable("storage task failed").with_source(e))?
     }
 }
+
+/// The working statuses, as SQL (the partial index of files in flight, for the stuck-file sweep).
+const WORKING: &str = "('validating', 'processing', 'notifying')";
 
 fn to_json(r: &StatusRecord) -> String {
     serde_json::to_string(r).expect("a status record always serializes")
@@ -219,6 +224,35 @@ impl StatusStore for SqliteStore {
             while let Some(r) = rows.next().map_err(db_err)? {
                 let record = from_json(&r.get::<_, String>(0).map_err(db_err)?)?;
                 if !record.announced && record.created_at < before {
+                    out.push(record.file_id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update(&self, file_id: FileId, change: Change) -> Result<Advance, StorageError> {
+        self.modify(file_id, move |r| change(r)).await
+    }
+
+    async fn stalled(
+        &self,
+        status: FileStatus,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<FileId>, StorageError> {
+        // the repeated IN lets SQLite use the partial index of files in flight (a bound
+        // parameter alone does not prove the index's condition); the heartbeat lives in the
+        // JSON, so the few rows in flight are filtered here
+        let sql = format!("SELECT record FROM {} WHERE status = ?1 AND status IN {WORKING}", self.status_table);
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let mut rows = stmt.query(params![status.as_str()]).map_err(db_err)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(db_err)? {
+                let record = from_json(&r.get::<_, String>(0).map_err(db_err)?)?;
+                if record.last_sign_of_life() < before && out.len() < limit {
                     out.push(record.file_id);
                 }
             }
