@@ -115,13 +115,14 @@ async fn unusual_and_bad_files_end_where_they_should() {
         ("bom and crlf", format!("\u{FEFF}{}", format!("{HEADER}{row}").replace('\n', "\r\n")).into_bytes(), FileStatus::Completed, ""),
         (
             "quoted commas, quotes and newlines",
-            format!("{HEADER}t1,1,USD,2024-01-15T10:30:00Z,\"A, \"\"B\"\"\nC\",completed\n").into_bytes(),
+            // each completing case carries its own transaction id: one id is one transaction
+            format!("{HEADER}t2,1,USD,2024-01-15T10:30:00Z,\"A, \"\"B\"\"\nC\",completed\n").into_bytes(),
             FileStatus::Completed,
             "",
         ),
         (
             "extra and reordered columns",
-            "note,status,merchant,timestamp,currency,amount,transaction_id,more\nx,pending,M,2024-01-15T10:30:00Z,GBP,2.5,t1,y\n".into(),
+            "note,status,merchant,timestamp,currency,amount,transaction_id,more\nx,pending,M,2024-01-15T10:30:00Z,GBP,2.5,t3,y\n".into(),
             FileStatus::Completed,
             "",
         ),
