@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Where a file is in the pipeline (the seed's names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileStatus {
     Uploaded,
@@ -111,7 +111,7 @@ impl fmt::Display for FileStatus {
 }
 
 /// One status change.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     pub status: FileStatus,
     pub at: DateTime<Utc>,
@@ -120,7 +120,7 @@ pub struct HistoryEntry {
 }
 
 /// Everything kept about one file in the processing-status table.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusRecord {
     pub file_id: FileId,
     pub status: FileStatus,

@@ -8,6 +8,7 @@
 pub mod aws;
 mod aws_keys;
 mod error;
+pub mod listing;
 pub mod local;
 pub mod provision;
 pub mod sqlite;
@@ -26,6 +27,7 @@ use std::{io, sync::Arc};
 use tokio::io::AsyncRead;
 
 pub use error::{BoxError, StorageClass, StorageError, StorageErrorKind};
+pub use listing::{FilePage, FileQuery};
 
 /// The body of an upload, as it arrives.
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
@@ -79,11 +81,15 @@ pub trait StatusStore: Send + Sync + 'static {
     /// uploads a crash left between recording and announcing (the gateway's sweeper withdraws
     /// them). Reads only such records, not the whole table.
     async fn unannounced(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<FileId>, StorageError>;
+    /// Announced files, newest first (`created_at`, then `file_id`), of one owner or of all,
+    /// optionally in one status and recorded since a time, at most `query.limit`, after
+    /// `query.cursor` ([`listing`]). Reads an index by owner and time, never the whole table.
+    async fn list(&self, query: &FileQuery) -> Result<FilePage, StorageError>;
     async fn check(&self) -> Result<(), StorageError>;
 }
 
 /// One stored transaction, as the transformer writes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Transaction {
     pub transaction_id: String,
     /// Exact decimal, written and read as a string (never a float).
@@ -118,7 +124,7 @@ impl Transaction {
 }
 
 /// One page of a file's transactions.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TransactionPage {
     pub items: Vec<Transaction>,
     /// Pass back to get the next page; absent on the last page.
