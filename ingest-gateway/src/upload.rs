@@ -226,11 +226,17 @@ async fn accept(
         BodyKind::Raw => objects.put(&key, stream).await,
         BodyKind::Form(boundary) => {
             let part = |bytes: ByteStream| limited(bytes, limit, None, cut.clone());
+            let cut_short = || *cut.lock().unwrap_or_else(|p| p.into_inner()) != Cut::None;
             match crate::multipart::store_file_part(objects, &key, stream, boundary, part).await {
                 Ok(size) => Ok(size),
+                // the file part's stream broke on its own: the form is malformed (a body that
+                // went over the limit or stalled is said so below)
+                Err(PartError::Storage(e)) if e.kind() == StorageErrorKind::UploadFailed && !cut_short() => {
+                    let why = txpipe_common::error::Chain(&e);
+                    return Err(GatewayError::BadRequest(format!("the multipart/form-data body is malformed: {why}")));
+                }
                 Err(PartError::Storage(e)) => Err(e),
-                // a form that broke because its body went over the limit or stalled is that
-                Err(PartError::Malformed(_)) if *cut.lock().unwrap_or_else(|p| p.into_inner()) != Cut::None => {
+                Err(PartError::Malformed(_)) if cut_short() => {
                     Err(StorageError::new(StorageErrorKind::UploadFailed, "the form's body was cut off"))
                 }
                 Err(PartError::Malformed(why)) => {
