@@ -14,6 +14,7 @@
 //! `multipart/form-data` form whose file part is the CSV ([`crate::multipart`]); both stream
 //! into the store through the same limits.
 
+use crate::multipart::{PartError, FILE_FIELD};
 use crate::GatewayError;
 use axum::body::Body;
 use axum::extract::{Extension, State};
@@ -30,9 +31,8 @@ use txpipe_common::auth::Caller;
 use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, UploadFinished, UploadStored};
 use txpipe_common::stage::RoutingKey;
-use txpipe_common::status::StatusRecord;
-use crate::multipart::{PartError, FILE_FIELD};
 use txpipe_common::status::FileStatus;
+use txpipe_common::status::StatusRecord;
 use txpipe_common::storage::{ByteStream, StorageError, StorageErrorKind};
 use txpipe_common::{Deps, FileId};
 

@@ -160,7 +160,8 @@ async fn each_key_lists_its_own_files_newest_first_and_admins_list_all() {
     let alice = fleet.new_key("alice", false, UNLIMITED).await;
     let bob = fleet.new_key("bob", false, UNLIMITED).await;
     let mut alices = Vec::new();
-    for (i, body) in [valid_csv("a0", 2), "transaction_id,amount\nx,1\n".into(), valid_csv("a2", 2)].iter().enumerate() {
+    for (i, body) in [valid_csv("a0", 2), "transaction_id,amount\nx,1\n".into(), valid_csv("a2", 2)].iter().enumerate()
+    {
         let resp = fleet.upload_as(&alice, body.clone()).await;
         let (status, accepted) = answer(resp).await;
         assert_eq!(status, 202, "upload {i}: {accepted}");
@@ -189,7 +190,10 @@ async fn each_key_lists_its_own_files_newest_first_and_admins_list_all() {
     let rejected = list_all(&fleet, &alice, "status=validation_failed").await;
     assert_eq!(ids(&rejected), vec![alices[1].clone()]);
     assert!(rejected[0]["error_count"].as_u64() > Some(0), "{}", rejected[0]);
-    assert_eq!(ids(&list_all(&fleet, &alice, "status=completed&limit=1").await), vec![alices[2].clone(), alices[0].clone()]);
+    assert_eq!(
+        ids(&list_all(&fleet, &alice, "status=completed&limit=1").await),
+        vec![alices[2].clone(), alices[0].clone()]
+    );
     let (_, second) = fleet.get_as(Some(&alice), &format!("/files/{}", alices[1])).await;
     let since = second["created_at"].as_str().unwrap().replace('+', "%2B");
     assert_eq!(ids(&list_all(&fleet, &alice, &format!("since={since}")).await), newest_first[..2]);
@@ -280,7 +284,8 @@ async fn the_openapi_document_describes_exactly_what_the_gateway_serves() {
             let keyed = op["security"].is_array();
             // with the fleet's admin key: a documented operation is served, any other method is 405
             let req = fleet.http.request(method.parse().unwrap(), format!("{}{url}", fleet.base_url));
-            let req = if method == "POST" { req.header("content-type", "text/csv").body(valid_csv("d", 1)) } else { req };
+            let req =
+                if method == "POST" { req.header("content-type", "text/csv").body(valid_csv("d", 1)) } else { req };
             let (code, body) = answer(req.send().await.unwrap()).await;
             if documented {
                 assert!(code < 400, "{method} {path} is documented but answered {code}: {body}");
@@ -304,7 +309,10 @@ async fn the_openapi_document_describes_exactly_what_the_gateway_serves() {
         assert!(error["properties"][field].is_object(), "{field} of {not_found} is in the error schema");
     }
     let key = &doc["components"]["securitySchemes"]["api_key"];
-    assert_eq!((key["type"].as_str(), key["in"].as_str(), key["name"].as_str()), (Some("apiKey"), Some("header"), Some("x-api-key")));
+    assert_eq!(
+        (key["type"].as_str(), key["in"].as_str(), key["name"].as_str()),
+        (Some("apiKey"), Some("header"), Some("x-api-key"))
+    );
     let upload = &doc["paths"]["/upload"]["post"];
     let content = upload["requestBody"]["content"].as_object().unwrap();
     assert!(content.contains_key("text/csv") && content.contains_key("multipart/form-data"), "{content:?}");

@@ -36,12 +36,8 @@ async fn a_status_table_from_before_the_listing_gets_its_columns_and_keeps_its_f
     let settings = txpipe_tests::test_settings(dir.path());
     let layout = txpipe_common::storage::local::LocalLayout::of(&settings);
     std::fs::create_dir_all(layout.database().parent().unwrap()).unwrap();
-    let mut old = txpipe_common::status::StatusRecord::uploaded(
-        txpipe_common::FileId::new(),
-        "k".into(),
-        1,
-        chrono::Utc::now(),
-    );
+    let mut old =
+        txpipe_common::status::StatusRecord::uploaded(txpipe_common::FileId::new(), "k".into(), 1, chrono::Utc::now());
     old.uploaded_by = Some("old-key".into());
     let db = rusqlite::Connection::open(layout.database()).unwrap();
     let table = settings.names().status_table();

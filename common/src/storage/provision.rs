@@ -202,7 +202,10 @@ async fn add_missing_index(
     for _ in 0..600 {
         let out = ddb.describe_table().table_name(table).send().await.map_err(|e| fail("describing a table", e))?;
         let status = out.table().and_then(|t| {
-            t.global_secondary_indexes().iter().find(|i| i.index_name() == Some(name.as_str())).and_then(|i| i.index_status())
+            t.global_secondary_indexes()
+                .iter()
+                .find(|i| i.index_name() == Some(name.as_str()))
+                .and_then(|i| i.index_status())
         });
         if matches!(status, None | Some(aws_sdk_dynamodb::types::IndexStatus::Active)) {
             break;

@@ -226,8 +226,7 @@ impl StatusStore for SqliteStore {
         self.with(move |c| {
             let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
             let status = q.status.map(|s| s.as_str());
-            let mut rows =
-                stmt.query(params![q.owner, after, since, status, (limit + 1) as i64]).map_err(db_err)?;
+            let mut rows = stmt.query(params![q.owner, after, since, status, (limit + 1) as i64]).map_err(db_err)?;
             let mut items = Vec::new();
             while let Some(r) = rows.next().map_err(db_err)? {
                 let record = from_json(&r.get::<_, String>(0).map_err(db_err)?)?;
