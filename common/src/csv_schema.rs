@@ -43,7 +43,7 @@ const STATUS: usize = 5;
 
 /// One problem in a file. `row` counts data rows from 1 (the header is row 0); `column` is
 /// absent for problems with a whole row or the whole file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RowError {
     pub row: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,7 +58,7 @@ impl RowError {
 }
 
 /// A transaction's state as the file gives it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TxStatus {
     Completed,

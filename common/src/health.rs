@@ -11,8 +11,7 @@ use serde_json::{json, Value};
 /// The health routes, for any service holding [`Deps`]; `/metrics` too if `with_metrics`
 /// (not when `TXPIPE_METRICS_ADDR` serves it apart). `/metrics` needs a key; the probes never do.
 pub fn routes<S>(deps: Deps, with_metrics: bool) -> Router<S> {
-    let router =
-        Router::new().route("/healthz", get(|| async { Json(json!({"status": "ok"})) })).route("/readyz", get(readyz));
+    let router = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz));
     let router = if with_metrics { router.merge(metrics_routes(deps.clone())) } else { router };
     router.with_state(deps)
 }
@@ -34,9 +33,14 @@ pub async fn serve_metrics(
     axum::serve(listener, metrics_routes::<()>(deps)).with_graceful_shutdown(shutdown).await
 }
 
+/// `/healthz`: the process is up.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
 /// The metrics, with the DLQ's depth read from the broker now (bounded: a broker that does not
-/// answer leaves the last value).
-async fn metrics(State(deps): State<Deps>) -> impl axum::response::IntoResponse {
+/// answer leaves the last value). The gateway serves these handlers on its own router.
+pub async fn metrics(State(deps): State<Deps>) -> impl axum::response::IntoResponse {
     let dlq = deps.names.dead_letter_queue();
     if let Ok(Ok(messages)) = tokio::time::timeout(DLQ_READ_TIMEOUT, deps.broker.queue_depth(&dlq)).await {
         DlqDepth { messages }.emit();
@@ -47,7 +51,8 @@ async fn metrics(State(deps): State<Deps>) -> impl axum::response::IntoResponse 
 /// How long a scrape waits for the DLQ's depth.
 const DLQ_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn readyz(State(deps): State<Deps>) -> (StatusCode, Json<Value>) {
+/// `/readyz`: 200 when the broker is connected and storage answers, else 503 with the reason.
+pub async fn readyz(State(deps): State<Deps>) -> (StatusCode, Json<Value>) {
     match deps.readiness().await {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready", "reason": why}))),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Where a file is in the pipeline (the seed's names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FileStatus {
     Uploaded,
@@ -116,7 +116,7 @@ impl fmt::Display for FileStatus {
 }
 
 /// Which rows of a file are stored (chosen per upload with `?mode=`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Every row or none: one invalid row rejects the file (the seed's behaviour).
@@ -128,7 +128,7 @@ pub enum Mode {
 
 /// What happens to a row whose transaction another file already stored with other values
 /// (`TXPIPE_ON_CONFLICT`, or `?on_conflict=` where the deployment allows it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnConflict {
     /// The row is refused (the file, unless it is uploaded in partial mode).
@@ -165,7 +165,7 @@ impl OnConflict {
 }
 
 /// How an upload asked for its rows to be taken; kept with the file for every stage.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UploadOptions {
     #[serde(default)]
     pub mode: Mode,
@@ -174,7 +174,7 @@ pub struct UploadOptions {
 }
 
 /// One status change.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     pub status: FileStatus,
     pub at: DateTime<Utc>,
@@ -183,7 +183,7 @@ pub struct HistoryEntry {
 }
 
 /// Everything kept about one file in the processing-status table.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusRecord {
     pub file_id: FileId,
     pub status: FileStatus,
@@ -284,7 +284,7 @@ fn clip(s: &mut String, max: usize) {
 
 /// Who works on a file in its working status, and how the attempts so far went (see
 /// `crate::attempt`, which owns the rules).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
     /// Unique per delivery handled (a redelivery or a duplicate gets a new one).
     pub id: String,

@@ -175,12 +175,18 @@ pub(crate) async fn request_scope(mut req: Request, next: Next) -> Response {
             let resp = next.run(req).await;
             let status = resp.status();
             if (status.is_client_error() || status.is_server_error()) && !is_json(&resp) {
+                // a 405's Allow header says which methods the path has: keep it
+                let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
                 let text = match axum::body::to_bytes(resp.into_body(), REJECTION_TEXT_MAX).await {
                     Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
                     Err(_) => String::new(),
                 };
                 let text = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
-                GatewayError::Rejected(status, text).into_response()
+                let mut reshaped = GatewayError::Rejected(status, text).into_response();
+                if let Some(allow) = allow {
+                    reshaped.headers_mut().insert(axum::http::header::ALLOW, allow);
+                }
+                reshaped
             } else {
                 resp
             }

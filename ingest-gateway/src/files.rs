@@ -1,13 +1,16 @@
-//! The read endpoints: `GET /files/{file_id}` (the status record),
-//! `GET /files/{file_id}/transactions` (the rows the file stored, with the values it wrote, a
-//! page at a time) and `GET /transactions/{transaction_id}` (a transaction's current version,
-//! the file that stored it, and its earlier versions).
+//! The read endpoints: `GET /files` (the caller's files, newest first, a page at a time),
+//! `GET /files/{file_id}` (the status record), `GET /files/{file_id}/transactions` (the rows
+//! the file stored, with the values it wrote, a page at a time) and
+//! `GET /transactions/{transaction_id}` (a transaction's current version, the file that stored
+//! it, and its earlier versions).
 //! A file is shown only to the key that uploaded it and to admin keys; any other key gets the
 //! same 404 as for a file that does not exist, so it cannot learn that it does. The same goes
 //! for a transaction (by the file of its current version) and each of its earlier versions.
 //!
-//! Path and query parameters become types at the edge ([`FileIdParam`], [`Page`]): a bad
-//! one is a [`GatewayError`] before any handler runs, in the one JSON error shape.
+//! Path and query parameters become types at the edge ([`FileIdParam`], [`Page`],
+//! [`FileList`]): a bad one is a [`GatewayError`] before any handler runs, in the one JSON
+//! error shape. Their `IntoParams` structs ([`PageQuery`], [`FileListQuery`]) also describe
+//! them in the OpenAPI document: a new query parameter is one field there.
 
 use crate::GatewayError;
 use axum::extract::{Extension, FromRequestParts, Path, Query, State};
@@ -16,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use txpipe_common::auth::Caller;
-use txpipe_common::status::StatusRecord;
-use txpipe_common::storage::Transaction;
+use txpipe_common::status::{FileStatus, StatusRecord};
+use txpipe_common::storage::{FilePage, FileQuery, Transaction, TransactionPage};
 use txpipe_common::{Deps, FileId};
 
 /// Page size of `GET /files/{id}/transactions` when `limit` is not given, and its maximum.
@@ -38,9 +41,34 @@ impl<S: Send + Sync> FromRequestParts<S> for FileIdParam {
     }
 }
 
-#[derive(Deserialize)]
-struct PageQuery {
+/// `?limit=&cursor=` of a paged listing. Taken as text and checked by [`Page`], so a bad value
+/// gets a message of ours; the document gives the types.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PageQuery {
+    /// Most items in the page (a page also stops at `TXPIPE_MAX_PAGE_BYTES` of JSON).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000, default = 100)]
     limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<String>)]
+    cursor: Option<String>,
+}
+
+/// `?status=&since=&limit=&cursor=` of `GET /files`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct FileListQuery {
+    /// Only files now in this status.
+    #[param(value_type = Option<FileStatus>)]
+    status: Option<String>,
+    /// Only files uploaded at or after this time (RFC 3339, e.g. `2024-01-15T10:30:00Z`).
+    #[param(value_type = Option<String>, format = DateTime)]
+    since: Option<String>,
+    /// Most files in the page (a page also stops at `TXPIPE_MAX_PAGE_BYTES` of JSON).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000, default = 100)]
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<String>)]
     cursor: Option<String>,
 }
 
@@ -58,16 +86,50 @@ impl<S: Send + Sync> FromRequestParts<S> for Page {
         let Query(q) = Query::<PageQuery>::from_request_parts(parts, state)
             .await
             .map_err(|e| GatewayError::BadRequest(e.body_text()))?;
-        let limit = match q.limit.as_deref() {
-            None => DEFAULT_PAGE,
-            Some(l) => match l.parse::<usize>() {
-                Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-                _ => {
-                    return Err(GatewayError::BadRequest(format!("limit must be a whole number from 1 to {MAX_PAGE}")))
-                }
-            },
+        Ok(Page { limit: page_limit(q.limit.as_deref())?, cursor: q.cursor })
+    }
+}
+
+fn page_limit(given: Option<&str>) -> Result<usize, GatewayError> {
+    match given {
+        None => Ok(DEFAULT_PAGE),
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            _ => Err(GatewayError::BadRequest(format!("limit must be a whole number from 1 to {MAX_PAGE}"))),
+        },
+    }
+}
+
+/// `GET /files`' parameters, checked: what to list, but not yet whose (the handler adds the
+/// caller).
+pub(crate) struct FileList(FileQuery);
+
+impl<S: Send + Sync> FromRequestParts<S> for FileList {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, GatewayError> {
+        let Query(q) = Query::<FileListQuery>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| GatewayError::BadRequest(e.body_text()))?;
+        let status = match q.status.as_deref() {
+            None => None,
+            Some(s) => Some(FileStatus::parse(s).ok_or_else(|| {
+                let all: Vec<&str> = FileStatus::ALL.iter().map(|s| s.as_str()).collect();
+                GatewayError::BadRequest(format!("status must be one of {}", all.join(", ")))
+            })?),
         };
-        Ok(Page { limit, cursor: q.cursor })
+        let since = match q.since.as_deref() {
+            None => None,
+            Some(t) => Some(
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map_err(|_| {
+                        GatewayError::BadRequest("since must be an RFC 3339 time, e.g. 2024-01-15T10:30:00Z".into())
+                    })?
+                    .with_timezone(&chrono::Utc),
+            ),
+        };
+        let limit = page_limit(q.limit.as_deref())?;
+        Ok(FileList(FileQuery { owner: None, status, since, limit, cursor: q.cursor }))
     }
 }
 
@@ -81,6 +143,44 @@ async fn find(deps: &Deps, caller: &Caller, file_id: FileId) -> Result<StatusRec
         .ok_or_else(|| GatewayError::NotFound(format!("no file with id {file_id}")))
 }
 
+/// The caller's files, newest first (admin keys: every file). A page stops at `limit` files or
+/// at `TXPIPE_MAX_PAGE_BYTES` of JSON, whichever comes first; `next_cursor` then points at the
+/// rest.
+#[utoipa::path(
+    get,
+    path = "/files",
+    tag = "files",
+    params(FileListQuery),
+    responses(
+        (status = 200, description = "A page of the caller's files, newest first", body = FilePage),
+    )
+)]
+pub(crate) async fn list_files(
+    State(deps): State<Deps>,
+    Extension(caller): Extension<Caller>,
+    FileList(mut query): FileList,
+) -> Result<Json<FilePage>, GatewayError> {
+    query.owner = match caller.key() {
+        Some(key) if !key.admin => Some(key.name.clone()),
+        _ => None, // an admin key, or auth off: every file
+    };
+    let mut page =
+        deps.storage.statuses.list(&query).await.map_err(|e| GatewayError::from_storage("listing files", e))?;
+    page.truncate_to_bytes(deps.settings.max_page_bytes);
+    Ok(Json(page))
+}
+
+/// A file's status record: where it is in the pipeline, its history, counts and row errors.
+#[utoipa::path(
+    get,
+    path = "/files/{file_id}",
+    tag = "files",
+    params(("file_id" = FileId, Path, description = "The id the upload's 202 answer gave")),
+    responses(
+        (status = 200, description = "The file's status record", body = StatusRecord),
+        (status = 404, description = "No such file, or not the caller's (`not_found`)", body = crate::openapi::ErrorBody),
+    )
+)]
 pub(crate) async fn file_status(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,
@@ -89,8 +189,19 @@ pub(crate) async fn file_status(
     Ok(Json(find(&deps, &caller, file_id).await?))
 }
 
-/// A page stops at `limit` rows or at `TXPIPE_MAX_PAGE_BYTES` of JSON, whichever comes first;
-/// `next_cursor` then points at the rest.
+/// The rows a file stored, by `transaction_id`. A page stops at `limit` rows or at
+/// `TXPIPE_MAX_PAGE_BYTES` of JSON, whichever comes first; `next_cursor` then points at the
+/// rest.
+#[utoipa::path(
+    get,
+    path = "/files/{file_id}/transactions",
+    tag = "files",
+    params(("file_id" = FileId, Path, description = "The id the upload's 202 answer gave"), PageQuery),
+    responses(
+        (status = 200, description = "A page of the file's stored rows", body = TransactionPage),
+        (status = 404, description = "No such file, or not the caller's (`not_found`)", body = crate::openapi::ErrorBody),
+    )
+)]
 pub(crate) async fn file_transactions(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,
@@ -114,8 +225,8 @@ const MAX_EARLIER_VERSIONS: usize = 100;
 /// Longer path segments cannot be a transaction id of the CSV contract.
 const MAX_ID_BYTES: usize = 1024;
 
-/// `GET /transactions/{transaction_id}`.
-#[derive(serde::Serialize)]
+/// `GET /transactions/{transaction_id}`: the current version, and the ones it replaced.
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct TransactionView {
     #[serde(flatten)]
     current: Transaction,
@@ -125,6 +236,19 @@ pub(crate) struct TransactionView {
     earlier_versions_truncated: bool,
 }
 
+/// A transaction: its current version (its values, the file that stored it, its `version` and
+/// the version it `replaces`) and its earlier versions, newest first, each with the file that
+/// wrote it.
+#[utoipa::path(
+    get,
+    path = "/transactions/{transaction_id}",
+    tag = "transactions",
+    params(("transaction_id" = String, Path, description = "The transaction's id, percent-encoded")),
+    responses(
+        (status = 200, description = "The transaction and its earlier versions", body = TransactionView),
+        (status = 404, description = "No such transaction, or one stored by another tenant's file (`not_found`)", body = crate::openapi::ErrorBody),
+    )
+)]
 pub(crate) async fn transaction(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,

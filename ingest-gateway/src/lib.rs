@@ -14,17 +14,22 @@
 //! directly (axum::serve has no timeouts) with a deadline for the request head, a cap on open
 //! connections, a per-chunk idle deadline on upload bodies, a cap on uploads in flight, and a
 //! bounded wait for requests in flight at shutdown.
+//!
+//! The routes are built from their handlers' OpenAPI annotations ([`openapi`]), so the
+//! document at `GET /openapi.json` lists exactly what the router serves.
 
 mod error;
 mod files;
 pub mod limits;
+mod multipart;
+mod openapi;
 mod sweep;
 mod upload;
 
 pub use error::{GatewayError, REQUEST_ID_HEADER};
 
-use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::IntoResponse;
 use axum::{Extension, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,23 +42,99 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use txpipe_common::stage::Service;
 use txpipe_common::{Deps, Settings};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The routes that need an API key and count against its rate. A new route is its handler's
+/// `#[utoipa::path]` annotation and one `routes!` line here.
+fn keyed_routes() -> OpenApiRouter<Deps> {
+    OpenApiRouter::new()
+        .routes(routes!(upload::upload))
+        .routes(routes!(files::list_files))
+        .routes(routes!(files::file_status))
+        .routes(routes!(files::file_transactions))
+        .routes(routes!(files::transaction))
+}
+
+/// The routes anyone may call: the probes and the document.
+fn public_routes() -> OpenApiRouter<Deps> {
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(openapi_json))
+}
+
+/// `/metrics`: needs a key, but no rate (a scraper must not be refused).
+fn metrics_routes() -> OpenApiRouter<Deps> {
+    OpenApiRouter::new().routes(routes!(metrics))
+}
+
+/// The gateway's OpenAPI document; `with_metrics` as in the settings (no `TXPIPE_METRICS_ADDR`).
+pub fn openapi(with_metrics: bool) -> utoipa::openapi::OpenApi {
+    let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(keyed_routes()).merge(public_routes());
+    if with_metrics {
+        api = api.merge(metrics_routes());
+    }
+    let mut doc = api.into_openapi();
+    openapi::finish(&mut doc);
+    doc
+}
+
+/// The served document, rendered once.
+#[derive(Clone)]
+struct Document(bytes::Bytes);
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = openapi::PUBLIC,
+    responses((status = 200, description = "This document (OpenAPI 3.1)", body = Object)))]
+async fn openapi_json(Extension(doc): Extension<Document>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], doc.0)
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = openapi::PUBLIC,
+    responses((status = 200, description = "Up", body = Object, example = json!({"status": "ok"}))))]
+async fn healthz() -> impl IntoResponse {
+    txpipe_common::health::healthz().await
+}
+
+/// Ready to take uploads: the broker is connected and storage answers.
+#[utoipa::path(get, path = "/readyz", tag = openapi::PUBLIC,
+    responses(
+        (status = 200, description = "Ready", body = Object, example = json!({"status": "ready"})),
+        (status = 503, description = "Not ready, and why", body = Object,
+            example = json!({"status": "not_ready", "reason": "RabbitMQ is not connected"})),
+    ))]
+async fn readyz(state: State<Deps>) -> impl IntoResponse {
+    txpipe_common::health::readyz(state).await
+}
+
+/// Prometheus metrics of this gateway.
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+async fn metrics(state: State<Deps>) -> impl IntoResponse {
+    txpipe_common::health::metrics(state).await
+}
 
 /// The gateway's routes over `deps`.
 pub fn router(deps: Deps) -> Router {
     let limiter = Arc::new(limits::RateLimiter::default());
     let slots = upload::UploadSlots::new(deps.settings.max_uploads_in_flight);
     let with_metrics = deps.settings.metrics_addr.is_none();
-    Router::new()
-        .route("/upload", post(upload::upload))
-        .route("/files/{file_id}", get(files::file_status))
-        .route("/files/{file_id}/transactions", get(files::file_transactions))
-        .route("/transactions/{transaction_id}", get(files::transaction))
+    let require_key = || axum::middleware::from_fn_with_state(deps.clone(), txpipe_common::auth::require_key);
+    let keyed = keyed_routes()
         // the last layer runs first: the key is checked, then its rate
         .route_layer(axum::middleware::from_fn_with_state(limiter, limits::rate_limit))
-        .route_layer(axum::middleware::from_fn_with_state(deps.clone(), txpipe_common::auth::require_key))
-        .with_state(deps.clone())
-        .merge(txpipe_common::health::routes(deps, with_metrics))
+        .route_layer(require_key());
+    let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(keyed).merge(public_routes());
+    if with_metrics {
+        api = api.merge(metrics_routes().route_layer(require_key()));
+    }
+    let (routes, mut doc) = api.split_for_parts();
+    openapi::finish(&mut doc);
+    let doc = Document(serde_json::to_vec(&doc).unwrap_or_default().into());
+    routes
+        .with_state(deps)
         .fallback(|| async { GatewayError::NotFound("no such endpoint".into()) })
+        .layer(Extension(doc))
         .layer(Extension(slots))
         // the upload body is streamed and its size checked as it arrives
         .layer(DefaultBodyLimit::disable())

@@ -9,7 +9,12 @@
 //! body that stops arriving for `TXPIPE_BODY_IDLE_TIMEOUT_MS` is dropped with its partial
 //! object. Once the body is stored, recording and announcing run in a task of their own, so
 //! a client that hangs up then cannot stop them half-way: the file is processed and notified.
+//!
+//! The body is the CSV itself (`text/csv`, `application/octet-stream`...), or a
+//! `multipart/form-data` form whose file part is the CSV ([`crate::multipart`]); both stream
+//! into the store through the same limits.
 
+use crate::multipart::{PartError, FILE_FIELD};
 use crate::GatewayError;
 use axum::body::Body;
 use axum::extract::{Extension, State};
@@ -17,7 +22,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{StreamExt, TryStreamExt};
-use serde_json::json;
+use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -26,12 +31,17 @@ use txpipe_common::auth::Caller;
 use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, UploadFinished, UploadStored};
 use txpipe_common::stage::RoutingKey;
-use txpipe_common::status::{Mode, OnConflict, StatusRecord, UploadOptions};
-use txpipe_common::storage::StorageErrorKind;
+use txpipe_common::status::{FileStatus, Mode, OnConflict, StatusRecord, UploadOptions};
+use txpipe_common::storage::{ByteStream, StorageError, StorageErrorKind};
 use txpipe_common::{Deps, FileId};
 
-/// Content types accepted on `POST /upload`.
+/// Content types accepted on `POST /upload` for a raw body (the CSV itself).
 const ACCEPTED_TYPES: [&str; 4] = ["text/csv", "application/csv", "text/plain", "application/octet-stream"];
+/// The content type of a form upload.
+const MULTIPART: &str = "multipart/form-data";
+/// Bytes a multipart body may carry beyond `TXPIPE_MAX_UPLOAD_BYTES` of file: the parts'
+/// headers and boundaries, and small fields beside the file (ignored, but read).
+const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 /// How long an upload waits for a lost broker link to come back before answering 503.
 const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -59,11 +69,25 @@ enum Cut {
     Idle,
 }
 
-fn content_type_ok(headers: &HeaderMap) -> Result<(), GatewayError> {
+/// How the upload's body carries the CSV.
+enum BodyKind {
+    /// The body is the CSV.
+    Raw,
+    /// A `multipart/form-data` form with this boundary; its file part is the CSV.
+    Form(String),
+}
+
+fn body_kind(headers: &HeaderMap) -> Result<BodyKind, GatewayError> {
     let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if ACCEPTED_TYPES.contains(&essence.as_str()) {
-        Ok(())
+        Ok(BodyKind::Raw)
+    } else if essence == MULTIPART {
+        multer::parse_boundary(given).map(BodyKind::Form).map_err(|_| {
+            GatewayError::BadRequest(
+                "multipart/form-data needs a boundary parameter in its Content-Type (curl -F sets it)".into(),
+            )
+        })
     } else {
         Err(GatewayError::UnsupportedMediaType(if given.is_empty() { "none".into() } else { given.into() }))
     }
@@ -112,6 +136,76 @@ impl axum::extract::FromRequestParts<Deps> for Options {
     }
 }
 
+/// The answer to an accepted upload.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct UploadAccepted {
+    /// The file's id: its status is at `status_url`.
+    pub file_id: FileId,
+    /// Always `uploaded`: validation starts now.
+    #[schema(value_type = FileStatus)]
+    pub status: &'static str,
+    /// `/files/{file_id}`, also in the `Location` header.
+    pub status_url: String,
+    /// Bytes stored (for a form, the file part's).
+    pub size_bytes: u64,
+    /// Which rows will be stored: all or none (`all`), or the valid ones (`partial`).
+    pub mode: Mode,
+    /// What a row conflicting with a stored transaction does.
+    pub on_conflict: OnConflict,
+}
+
+/// The CSV's request body, as the document describes it.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub(crate) struct CsvFile(Vec<u8>);
+
+/// A form upload, as the document describes it.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct UploadForm {
+    /// The CSV file (`curl -F file=@transactions.csv`). Other fields are ignored; a second file
+    /// part is refused.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+}
+
+/// Uploads a CSV of transactions: stores it, records it as `uploaded` and queues it for
+/// validation, then answers 202 with the file's id. Follow the file at `status_url`.
+#[utoipa::path(
+    post,
+    path = "/upload",
+    tag = "uploads",
+    params(
+        ("mode" = Option<Mode>, Query, description = "`all` (default): every row or none; `partial`: the valid rows are stored, the others reported and counted in `rejected_rows`"),
+        ("on_conflict" = Option<OnConflict>, Query, description = "A row whose transaction another file stored with other values: `reject` refuses it (the file, unless partial), `update` stores it as the next version. Default TXPIPE_ON_CONFLICT; choosing another is a 400 unless TXPIPE_ALLOW_UPLOAD_ON_CONFLICT"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context to continue (else the gateway starts a trace); sent back on the answer"),
+    ),
+    request_body(
+        description = "The CSV itself, or a multipart/form-data form whose part named `file` (or only file part) is the CSV. At most TXPIPE_MAX_UPLOAD_BYTES.",
+        content(
+            (CsvFile = "text/csv"),
+            (CsvFile = "application/csv"),
+            (CsvFile = "text/plain"),
+            (CsvFile = "application/octet-stream"),
+            (UploadForm = "multipart/form-data"),
+        ),
+    ),
+    responses(
+        (status = 202, description = "Stored and queued for validation", body = UploadAccepted,
+            headers(
+                ("Location" = String, description = "The file's status URL"),
+                ("traceparent" = String, description = "The trace the file's processing carries"),
+                ("X-Quota-Limit" = u64, description = "Uploads allowed a UTC day for the key"),
+                ("X-Quota-Remaining" = u64, description = "Uploads left today"),
+                ("X-Quota-Reset" = u64, description = "Seconds until the quota starts again (UTC midnight)"),
+            )),
+        (status = 400, description = "A bad `mode` or `on_conflict`, an empty body (`empty_body`), a form without exactly one file part or a malformed form (`bad_request`)", body = crate::openapi::ErrorBody),
+        (status = 408, description = "The body stopped arriving for TXPIPE_BODY_IDLE_TIMEOUT_MS (`body_timeout`)", body = crate::openapi::ErrorBody),
+        (status = 413, description = "Larger than TXPIPE_MAX_UPLOAD_BYTES (`too_large`)", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Not a CSV content type nor multipart/form-data (`unsupported_media_type`)", body = crate::openapi::ErrorBody),
+    )
+)]
 pub(crate) async fn upload(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,
@@ -155,11 +249,16 @@ async fn accept(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    content_type_ok(&headers)?;
+    let kind = body_kind(&headers)?;
     let limit = deps.settings.max_upload_bytes;
+    // what may come over the wire: the file, plus a form's own bytes
+    let wire_limit = match kind {
+        BodyKind::Raw => limit,
+        BodyKind::Form(_) => limit.saturating_add(MULTIPART_OVERHEAD),
+    };
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    if declared.is_some_and(|n| n > wire_limit) {
         return Err(GatewayError::TooLarge(limit));
     }
     if declared == Some(0) {
@@ -171,9 +270,41 @@ async fn accept(
     let key = deps.names.object_key(&file_id);
     let idle = Duration::from_millis(deps.settings.body_idle_timeout_ms);
     let cut = Arc::new(std::sync::Mutex::new(Cut::None));
-    let stream = limited(body, limit, idle, cut.clone());
+    let stream = limited(body.into_data_stream().map_err(std::io::Error::other), wire_limit, Some(idle), cut.clone());
     let objects = &deps.storage.objects;
-    let stored = objects.put(&key, stream).await;
+    let stored = match kind {
+        BodyKind::Raw => objects.put(&key, stream).await,
+        BodyKind::Form(boundary) => {
+            let part = |bytes: ByteStream| limited(bytes, limit, None, cut.clone());
+            let cut_short = || *cut.lock().unwrap_or_else(|p| p.into_inner()) != Cut::None;
+            match crate::multipart::store_file_part(objects, &key, stream, boundary, part).await {
+                Ok(size) => Ok(size),
+                // the file part's stream broke on its own: the form is malformed (a body that
+                // went over the limit or stalled is said so below)
+                Err(PartError::Storage(e)) if e.kind() == StorageErrorKind::UploadFailed && !cut_short() => {
+                    let why = txpipe_common::error::Chain(&e);
+                    return Err(GatewayError::BadRequest(format!("the multipart/form-data body is malformed: {why}")));
+                }
+                Err(PartError::Storage(e)) => Err(e),
+                Err(PartError::Malformed(_)) if cut_short() => {
+                    Err(StorageError::new(StorageErrorKind::UploadFailed, "the form's body was cut off"))
+                }
+                Err(PartError::Malformed(why)) => {
+                    return Err(GatewayError::BadRequest(format!("the multipart/form-data body is malformed: {why}")))
+                }
+                Err(PartError::NoFile) => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "the form has no file part: send the CSV as a part named {FILE_FIELD} (curl -F {FILE_FIELD}=@transactions.csv)"
+                    )))
+                }
+                Err(PartError::SeveralFiles) => {
+                    return Err(GatewayError::BadRequest(
+                        "the form has more than one file part: send one CSV per upload, in the part named file".into(),
+                    ))
+                }
+            }
+        }
+    };
     drop(slot);
     let cut = *cut.lock().unwrap_or_else(|p| p.into_inner());
     let size = match stored {
@@ -206,15 +337,14 @@ async fn accept(
     commit.await.map_err(|e| GatewayError::Internal(format!("the upload task failed: {e}")))?
 }
 
-/// The body as a stream that fails once it passes `limit` bytes or goes `idle` without a
-/// chunk, noting which in `cut`.
+/// `chunks` as a stream that fails once it passes `limit` bytes or goes `idle` (if given)
+/// without a chunk, noting which in `cut`.
 fn limited(
-    body: Body,
+    chunks: impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + 'static,
     limit: u64,
-    idle: Duration,
+    idle: Option<Duration>,
     cut: Arc<std::sync::Mutex<Cut>>,
-) -> txpipe_common::storage::ByteStream {
-    let chunks = body.into_data_stream().map_err(std::io::Error::other);
+) -> ByteStream {
     let state = (chunks, 0u64, cut, false);
     futures::stream::unfold(state, move |(mut chunks, mut seen, cut, done)| async move {
         if done {
@@ -224,8 +354,12 @@ fn limited(
             *cut.lock().unwrap_or_else(|p| p.into_inner()) = why;
             Err(std::io::Error::other(msg))
         };
-        let item = match tokio::time::timeout(idle, chunks.next()).await {
-            Err(_) => fail(Cut::Idle, format!("no body bytes for {idle:?}")),
+        let next = match idle {
+            Some(idle) => tokio::time::timeout(idle, chunks.next()).await.map_err(|_| idle),
+            None => Ok(chunks.next().await),
+        };
+        let item = match next {
+            Err(idle) => fail(Cut::Idle, format!("no body bytes for {idle:?}")),
             Ok(None) => return None,
             Ok(Some(Err(e))) => Err(e),
             Ok(Some(Ok(chunk))) => {
@@ -283,10 +417,14 @@ async fn commit(
     }
     UploadStored { file_id, bytes: size }.emit();
     let status_url = format!("/files/{file_id}");
-    let body = json!({
-        "file_id": file_id, "status": "uploaded", "status_url": status_url, "size_bytes": size,
-        "mode": options.mode, "on_conflict": options.on_conflict,
-    });
+    let body = UploadAccepted {
+        file_id,
+        status: "uploaded",
+        status_url: status_url.clone(),
+        size_bytes: size,
+        mode: options.mode,
+        on_conflict: options.on_conflict,
+    };
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())
 }
 

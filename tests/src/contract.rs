@@ -380,3 +380,91 @@ pub async fn api_key_store(store: Arc<dyn ApiKeyStore>) {
     let counted = results.iter().filter(|r| matches!(r.as_ref().unwrap(), QuotaUse::Counted(_))).count();
     assert_eq!(counted, 5);
 }
+
+/// Listing files: newest first, by owner or all, by status and time, paged by cursor; uploads
+/// not yet announced are left out.
+pub async fn status_listing(store: Arc<dyn StatusStore>) {
+    use txpipe_common::storage::{FilePage, FileQuery};
+    let p = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let (alice, bob) = (format!("alice-{p}"), format!("bob-{p}"));
+    let t = Utc::now();
+    let mins = |m: i64| t - chrono::Duration::minutes(m);
+    let owned = |owner: &str, at: DateTime<Utc>| {
+        let mut r = record(at);
+        r.uploaded_by = Some(owner.to_owned());
+        r
+    };
+    let (r1, r2, r3) = (owned(&alice, mins(180)), owned(&alice, mins(120)), owned(&alice, mins(60)));
+    // the same time as r3: the listing then goes by file_id, newest (largest) first
+    let r4 = StatusRecord { file_id: FileId::new(), ..r3.clone() };
+    let b1 = owned(&bob, mins(90));
+    let nobody = record(mins(30));
+    let mut pending = owned(&alice, mins(1));
+    pending.announced = false;
+    for r in [&r1, &r2, &r3, &r4, &b1, &nobody, &pending] {
+        store.create(r).await.unwrap();
+    }
+    let list = |owner: Option<&str>, limit: usize| FileQuery {
+        owner: owner.map(str::to_owned),
+        status: None,
+        since: None,
+        limit,
+        cursor: None,
+    };
+    let ids = |page: &FilePage| page.items.iter().map(|r| r.file_id).collect::<Vec<_>>();
+    let (newer, older) = if r4.file_id > r3.file_id { (&r4, &r3) } else { (&r3, &r4) };
+    let alices = vec![newer.file_id, older.file_id, r2.file_id, r1.file_id];
+
+    let page = store.list(&list(Some(&alice), 10)).await.unwrap();
+    assert_eq!(ids(&page), alices, "newest first, only alice's, not the unannounced one");
+    assert_eq!(page.next_cursor, None);
+    assert_eq!(page.items[2], r2, "whole records");
+    assert_eq!(ids(&store.list(&list(Some(&bob), 10)).await.unwrap()), vec![b1.file_id]);
+    assert!(store.list(&list(Some(&format!("carol-{p}")), 10)).await.unwrap().items.is_empty());
+
+    // every owner's (admin keys): this test's files in order among any others the table holds
+    let mine = [r1.file_id, r2.file_id, r3.file_id, r4.file_id, b1.file_id, nobody.file_id, pending.file_id];
+    let all = store.list(&list(None, 1000)).await.unwrap();
+    let all: Vec<FileId> = ids(&all).into_iter().filter(|id| mine.contains(id)).collect();
+    assert_eq!(all, vec![nobody.file_id, newer.file_id, older.file_id, b1.file_id, r2.file_id, r1.file_id]);
+
+    // a page at a time: the same files, each once, the last page without a cursor
+    let mut q = list(Some(&alice), 1);
+    let mut seen = Vec::new();
+    loop {
+        let page = store.list(&q).await.unwrap();
+        assert!(page.items.len() <= 1);
+        seen.extend(ids(&page));
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => break,
+        }
+        assert!(seen.len() <= alices.len(), "paging must end");
+    }
+    assert_eq!(seen, alices);
+
+    // by status, and since a time (inclusive)
+    store.advance(r2.file_id, FileStatus::Validating, StatusUpdate::default(), t).await.unwrap();
+    let validating = FileQuery { status: Some(FileStatus::Validating), ..list(Some(&alice), 10) };
+    assert_eq!(ids(&store.list(&validating).await.unwrap()), vec![r2.file_id]);
+    let moved = &store.list(&validating).await.unwrap().items[0];
+    assert_eq!(moved.status, FileStatus::Validating, "the record as it now is");
+    let since = FileQuery { since: Some(r2.created_at), ..list(Some(&alice), 10) };
+    assert_eq!(ids(&store.list(&since).await.unwrap()), alices[..3]);
+    let filtered_page = FileQuery { status: Some(FileStatus::Uploaded), ..list(Some(&alice), 2) };
+    let first = store.list(&filtered_page).await.unwrap();
+    assert_eq!(ids(&first), alices[..2]);
+    let rest = store.list(&FileQuery { cursor: first.next_cursor, ..filtered_page }).await.unwrap();
+    assert_eq!(ids(&rest), vec![r1.file_id], "r2 (validating) is skipped");
+
+    // once announced, an upload is listed
+    store.mark_announced(pending.file_id).await.unwrap();
+    assert_eq!(ids(&store.list(&list(Some(&alice), 1)).await.unwrap()), vec![pending.file_id]);
+
+    // cursors that are not this listing's are refused
+    let transaction_style = "7431".to_owned(); // hex of "t1"
+    for bad in ["zz".to_owned(), transaction_style] {
+        let q = FileQuery { cursor: Some(bad), ..list(Some(&alice), 10) };
+        assert_eq!(kind_of(store.list(&q).await), StorageErrorKind::InvalidCursor);
+    }
+}

@@ -24,6 +24,43 @@ async fn sqlite_status_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn sqlite_status_listing_meets_the_contract() {
+    let (_dir, s) = local().await;
+    contract::status_listing(s.statuses).await;
+}
+
+#[tokio::test]
+async fn a_status_table_from_before_the_listing_gets_its_columns_and_keeps_its_files() {
+    // a database as an older txpipe left it: the status table without the listing columns
+    let dir = tempfile::tempdir().unwrap();
+    let settings = txpipe_tests::test_settings(dir.path());
+    let layout = txpipe_common::storage::local::LocalLayout::of(&settings);
+    std::fs::create_dir_all(layout.database().parent().unwrap()).unwrap();
+    let mut old =
+        txpipe_common::status::StatusRecord::uploaded(txpipe_common::FileId::new(), "k".into(), 1, chrono::Utc::now());
+    old.uploaded_by = Some("old-key".into());
+    let db = rusqlite::Connection::open(layout.database()).unwrap();
+    let table = settings.names().status_table();
+    db.execute_batch(&format!(
+        "CREATE TABLE \"{table}\" (file_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at TEXT NOT NULL,
+            record TEXT NOT NULL) WITHOUT ROWID"
+    ))
+    .unwrap();
+    let insert = format!("INSERT INTO \"{table}\" VALUES (?1, 'uploaded', 'x', ?2)");
+    db.execute(&insert, (old.file_id.to_string(), serde_json::to_string(&old).unwrap())).unwrap();
+    drop(db);
+    let s = Storage::open(&settings).await.unwrap();
+    let q = txpipe_common::storage::FileQuery {
+        owner: Some("old-key".into()),
+        status: None,
+        since: None,
+        limit: 10,
+        cursor: None,
+    };
+    assert_eq!(s.statuses.list(&q).await.unwrap().items, vec![old]);
+}
+
+#[tokio::test]
 async fn sqlite_transaction_store_meets_the_contract() {
     let (_dir, s) = local().await;
     contract::transaction_store(s.transactions).await;
@@ -88,6 +125,13 @@ async fn s3_with_server_side_encryption_meets_the_contract() {
 async fn dynamodb_status_store_meets_the_contract() {
     let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
     contract::status_store(s.statuses).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
+async fn dynamodb_status_listing_meets_the_contract() {
+    let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
+    contract::status_listing(s.statuses).await;
     txpipe_tests::aws::teardown(&settings, &sdk).await;
 }
 

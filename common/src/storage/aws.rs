@@ -3,9 +3,11 @@
 //! DynamoDB Local, moto); the endpoint, region and credentials come from the SDK's own
 //! settings (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, profiles, roles...).
 
+use super::listing::{cursor_after, listing_key};
 use super::{
-    decode_cursor, encode_cursor, stale, Advance, ByteStream, Change, ObjectReader, ObjectStore, StatusStore,
-    StorageError, StorageErrorKind, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
+    decode_cursor, encode_cursor, stale, Advance, ByteStream, Change, FilePage, FileQuery, ObjectReader, ObjectStore,
+    StatusStore, StorageError, StorageErrorKind, Transaction, TransactionPage, TransactionStore, VersionRef,
+    WriteOutcome,
 };
 use crate::config::Settings;
 use crate::csv_schema::TxStatus;
@@ -47,6 +49,19 @@ pub const UNANNOUNCED_SINCE: &str = "unannounced_since";
 pub const WORKING_INDEX: &str = "working-index";
 pub const WORKING_KEY: &str = "working";
 pub const WORKING_SINCE: &str = "working_since";
+/// The status table's indexes for `GET /files`, both sparse (only announced files carry their
+/// attributes) and keys-only (written once, when a file is announced, not on every status
+/// change): by owner ([`OWNER_KEY`] = the key's name) and of every file ([`LISTED_KEY`] =
+/// [`LISTED_VALUE`]), each sorted by [`LISTING_KEY`] (`{created_at}#{file_id}`).
+pub const OWNER_INDEX: &str = "owner-index";
+pub const OWNER_KEY: &str = "owner";
+pub const LISTING_INDEX: &str = "listing-index";
+pub const LISTED_KEY: &str = "listed";
+pub const LISTED_VALUE: &str = "1";
+pub const LISTING_KEY: &str = "listed_key";
+/// Index pages one listing request reads at most while filtering (by status) to fill a page;
+/// past that it answers a shorter page with a cursor.
+const LISTING_ROUNDS: usize = 8;
 /// Optimistic-concurrency attempts for one status change before giving up (transient).
 const STATUS_CAS_ATTEMPTS: usize = 16;
 
@@ -448,6 +463,13 @@ impl DynamoStore {
             // the item from the index); fixed-width UTC times sort as text
             item.insert(UNANNOUNCED_KEY.into(), s(UNANNOUNCED_VALUE));
             item.insert(UNANNOUNCED_SINCE.into(), s(sortable_time(record.created_at)));
+        } else {
+            // the listing indexes' keys: an upload is listed once it is announced (accepted)
+            item.insert(LISTED_KEY.into(), s(LISTED_VALUE));
+            item.insert(LISTING_KEY.into(), s(listing_key(record)));
+            if let Some(owner) = &record.uploaded_by {
+                item.insert(OWNER_KEY.into(), s(owner));
+            }
         }
         if record.status.is_working() {
             item.insert(WORKING_KEY.into(), s(record.status.as_str()));
@@ -563,6 +585,46 @@ impl DynamoStore {
             }
         }
         Err(StorageError::unavailable(format!("status of file {file_id} kept changing under us")))
+    }
+
+    /// Status records by id, in one BatchGetItem per 100 ids (unprocessed keys asked again);
+    /// ids without a record are left out.
+    async fn statuses_by_id(&self, ids: &[String]) -> Result<HashMap<String, StatusRecord>, StorageError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(100) {
+            let keys = chunk.iter().map(|id| HashMap::from([("file_id".to_owned(), s(id))])).collect::<Vec<_>>();
+            let mut pending = Some(
+                aws_sdk_dynamodb::types::KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| StorageError::misconfigured("building a batch read").with_source(e))?,
+            );
+            let mut tries = 0;
+            while let Some(ask) = pending.take() {
+                tries += 1;
+                let got = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.status_table, ask)
+                    .send()
+                    .await
+                    .map_err(|e| classify("reading statuses", e))?;
+                for item in got.responses.and_then(|mut r| r.remove(&self.status_table)).unwrap_or_default() {
+                    let record: StatusRecord = serde_json::from_str(get_s(&item, "record")?)
+                        .map_err(|e| StorageError::corrupt("status record").with_source(e))?;
+                    out.insert(record.file_id.to_string(), record);
+                }
+                pending = got.unprocessed_keys.and_then(|mut u| u.remove(&self.status_table));
+                if pending.is_some() {
+                    if tries >= 10 {
+                        return Err(StorageError::unavailable("DynamoDB kept status reads unprocessed (throttled?)"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub(super) async fn describe(&self, table: &str) -> Result<(), StorageError> {
@@ -704,6 +766,70 @@ impl StatusStore for DynamoStore {
                 get_s(item, "file_id")?.parse().map_err(|_| StorageError::corrupt("a file_id in the status table"))
             })
             .collect()
+    }
+
+    async fn list(&self, query: &FileQuery) -> Result<FilePage, StorageError> {
+        let (index, hash, value) = match &query.owner {
+            Some(owner) => (OWNER_INDEX, OWNER_KEY, owner.as_str()),
+            None => (LISTING_INDEX, LISTED_KEY, LISTED_VALUE),
+        };
+        // the cursor is the listing key of the last file shown: the index item to start after
+        let mut start = query.after()?.map(|key| {
+            let id = key.rsplit_once('#').map(|(_, id)| id.to_owned()).unwrap_or_default();
+            HashMap::from([
+                ("file_id".to_owned(), s(id)),
+                (hash.to_owned(), s(value)),
+                (LISTING_KEY.to_owned(), s(key)),
+            ])
+        });
+        let limit = query.limit.clamp(1, 1000);
+        let mut items = Vec::new();
+        let mut more = false;
+        for _ in 0..LISTING_ROUNDS {
+            let mut ask = self
+                .client
+                .query()
+                .table_name(&self.status_table)
+                .index_name(index)
+                .expression_attribute_names("#h", hash)
+                .expression_attribute_values(":h", s(value))
+                .scan_index_forward(false)
+                .limit((limit + 1 - items.len()) as i32)
+                .set_exclusive_start_key(start.take());
+            ask = match query.since_key() {
+                Some(since) => ask
+                    .key_condition_expression("#h = :h AND #k >= :since")
+                    .expression_attribute_names("#k", LISTING_KEY)
+                    .expression_attribute_values(":since", s(since)),
+                None => ask.key_condition_expression("#h = :h"),
+            };
+            let out = ask.send().await.map_err(|e| classify("listing files", e))?;
+            let ids = out
+                .items()
+                .iter()
+                .map(|item| get_s(item, "file_id").map(str::to_owned))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut found = self.statuses_by_id(&ids).await?;
+            items.extend(ids.iter().filter_map(|id| found.remove(id)).filter(|r| query.admits(r)));
+            start = out.last_evaluated_key;
+            more = start.is_some();
+            if items.len() > limit || !more {
+                break;
+            }
+        }
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(cursor_after)
+        } else if more {
+            // the rounds ran out while filtering: go on from the last index item read
+            match &start {
+                Some(k) => Some(encode_cursor(get_s(k, LISTING_KEY)?)),
+                None => None,
+            }
+        } else {
+            None
+        };
+        Ok(FilePage { items, next_cursor })
     }
 
     async fn check(&self) -> Result<(), StorageError> {

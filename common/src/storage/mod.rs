@@ -8,6 +8,7 @@
 pub mod aws;
 mod aws_keys;
 mod error;
+pub mod listing;
 pub mod local;
 pub mod provision;
 pub mod sqlite;
@@ -26,6 +27,7 @@ use std::{io, sync::Arc};
 use tokio::io::AsyncRead;
 
 pub use error::{BoxError, StorageClass, StorageError, StorageErrorKind};
+pub use listing::{FilePage, FileQuery};
 
 /// The body of an upload, as it arrives.
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
@@ -93,6 +95,10 @@ pub trait StatusStore: Send + Sync + 'static {
         before: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<FileId>, StorageError>;
+    /// Announced files, newest first (`created_at`, then `file_id`), of one owner or of all,
+    /// optionally in one status and recorded since a time, at most `query.limit`, after
+    /// `query.cursor` ([`listing`]). Reads an index by owner and time, never the whole table.
+    async fn list(&self, query: &FileQuery) -> Result<FilePage, StorageError>;
     async fn check(&self) -> Result<(), StorageError>;
 }
 
@@ -100,7 +106,7 @@ pub trait StatusStore: Send + Sync + 'static {
 pub type Change = Arc<dyn Fn(&mut StatusRecord) -> bool + Send + Sync>;
 
 /// A version of a transaction that a later one replaced: the file that wrote it and its number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VersionRef {
     pub file_id: FileId,
     pub version: u64,
@@ -110,7 +116,7 @@ pub struct VersionRef {
 /// transaction's current version (keyed by transaction_id, as in the seed); the versions table
 /// holds every version by the file that wrote it, so a file's rows and a transaction's history
 /// survive later files.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Transaction {
     pub transaction_id: String,
     /// Exact decimal, written and read as a string (never a float).
@@ -196,7 +202,7 @@ impl Transaction {
 }
 
 /// One page of a file's transactions.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TransactionPage {
     pub items: Vec<Transaction>,
     /// Pass back to get the next page; absent on the last page.

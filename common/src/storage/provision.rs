@@ -2,7 +2,8 @@
 //! and the tables of a namespace (status, transactions, API keys), idempotently, saying what was done.
 
 use super::aws::{
-    S3ObjectStore, UNANNOUNCED_INDEX, UNANNOUNCED_KEY, UNANNOUNCED_SINCE, WORKING_INDEX, WORKING_KEY, WORKING_SINCE,
+    S3ObjectStore, LISTED_KEY, LISTING_INDEX, LISTING_KEY, OWNER_INDEX, OWNER_KEY, UNANNOUNCED_INDEX, UNANNOUNCED_KEY,
+    UNANNOUNCED_SINCE, WORKING_INDEX, WORKING_KEY, WORKING_SINCE,
 };
 use super::StorageError;
 use crate::names::Names;
@@ -77,22 +78,32 @@ pub async fn provision(
         .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
         .build()
         .expect("complete index");
-    let req = ddb
+    // GET /files: sparse too (only announced files), keys only (written once per file)
+    let listing = |name: &str, hash: &str| {
+        GlobalSecondaryIndex::builder()
+            .index_name(name)
+            .key_schema(key(hash, KeyType::Hash))
+            .key_schema(key(LISTING_KEY, KeyType::Range))
+            .projection(Projection::builder().projection_type(ProjectionType::KeysOnly).build())
+            .build()
+            .expect("complete index")
+    };
+    // a table from an older txpipe gets the ones it lacks, one at a time
+    let indexes = [unannounced, working, listing(OWNER_INDEX, OWNER_KEY), listing(LISTING_INDEX, LISTED_KEY)];
+    let mut req = ddb
         .create_table()
         .table_name(&status)
         .billing_mode(BillingMode::PayPerRequest)
         .attribute_definitions(string_attr("file_id"))
-        .attribute_definitions(string_attr(UNANNOUNCED_KEY))
-        .attribute_definitions(string_attr(UNANNOUNCED_SINCE))
-        .attribute_definitions(string_attr(WORKING_KEY))
-        .attribute_definitions(string_attr(WORKING_SINCE))
-        .key_schema(key("file_id", KeyType::Hash))
-        .global_secondary_indexes(unannounced.clone())
-        .global_secondary_indexes(working.clone());
+        .key_schema(key("file_id", KeyType::Hash));
+    for attr in index_attributes(&indexes) {
+        req = req.attribute_definitions(string_attr(&attr));
+    }
+    for index in &indexes {
+        req = req.global_secondary_indexes(index.clone());
+    }
     done.push(create_table(&status, req).await?);
-    // a table from an older txpipe: one index at a time (DynamoDB adds one per update)
-    for index in [unannounced, working] {
-        wait_active(ddb, &status).await?;
+    for index in indexes {
         if let Some(added) = add_missing_index(ddb, &status, index).await? {
             done.push(added);
         }
@@ -162,7 +173,17 @@ async fn create_table(
     }
 }
 
-/// Adds `index` to a table provisioned before it existed (a status table from an older txpipe).
+/// The attributes the indexes are keyed by, each once (all strings).
+fn index_attributes(indexes: &[GlobalSecondaryIndex]) -> Vec<String> {
+    let mut attrs: Vec<String> =
+        indexes.iter().flat_map(|i| i.key_schema().iter().map(|k| k.attribute_name().to_owned())).collect();
+    attrs.sort();
+    attrs.dedup();
+    attrs
+}
+
+/// Adds `index` to a table provisioned before it existed (a status table from an older
+/// txpipe), and waits for it to be built (DynamoDB builds one new index at a time).
 async fn add_missing_index(
     ddb: &aws_sdk_dynamodb::Client,
     table: &str,
@@ -181,14 +202,28 @@ async fn add_missing_index(
         .build()
         .map_err(|e| StorageError::misconfigured("building an index update").with_source(e))?;
     let mut update = ddb.update_table().table_name(table);
-    for k in index.key_schema() {
-        update = update.attribute_definitions(string_attr(k.attribute_name()));
+    for attr in index_attributes(std::slice::from_ref(&index)) {
+        update = update.attribute_definitions(string_attr(&attr));
     }
     update
         .global_secondary_index_updates(GlobalSecondaryIndexUpdate::builder().create(create).build())
         .send()
         .await
         .map_err(|e| fail(&format!("adding index {name} to {table}"), e))?;
+    wait_active(ddb, table).await?;
+    for _ in 0..600 {
+        let out = ddb.describe_table().table_name(table).send().await.map_err(|e| fail("describing a table", e))?;
+        let status = out.table().and_then(|t| {
+            t.global_secondary_indexes()
+                .iter()
+                .find(|i| i.index_name() == Some(name.as_str()))
+                .and_then(|i| i.index_status())
+        });
+        if matches!(status, None | Some(aws_sdk_dynamodb::types::IndexStatus::Active)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     Ok(Some(format!("added index {name} to DynamoDB table {table}")))
 }
 

@@ -2,9 +2,10 @@
 //! the keys' daily upload counts) in one SQLite file. WAL and a busy timeout let several processes on one host share it; every call runs
 //! on the blocking pool so the async workers never stall on the database.
 
+use super::listing::{cursor_after, listing_key};
 use super::{
-    decode_cursor, encode_cursor, stale, Advance, ApiKeyRecord, ApiKeyStore, Change, QuotaUse, StatusStore,
-    StorageError, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
+    decode_cursor, encode_cursor, stale, Advance, ApiKeyRecord, ApiKeyStore, Change, FilePage, FileQuery, QuotaUse,
+    StatusStore, StorageError, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
 };
 use crate::csv_schema::TxStatus;
 use crate::file_id::FileId;
@@ -55,6 +56,7 @@ impl SqliteStore {
         let (st, tt, kt, ut) = (status_table.clone(), tx_table.clone(), keys_table.clone(), usage_table.clone());
         let unannounced = quoted(&format!("{}-unannounced", names.status_table()));
         let working = quoted(&format!("{}-working", names.status_table()));
+        let listing = ListingIndexes::of(names);
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -120,6 +122,7 @@ impl SqliteStore {
             ))
             .map_err(db_err)?;
             upgrade_transactions(&conn, &tt, &vt)?;
+            listing.ensure(&conn)?;
             Ok(conn)
         })
         .await
@@ -156,11 +159,14 @@ fn from_json(s: &str) -> Result<StatusRecord, StorageError> {
 #[async_trait]
 impl StatusStore for SqliteStore {
     async fn create(&self, record: &StatusRecord) -> Result<(), StorageError> {
-        let sql =
-            format!("INSERT INTO {} (file_id, status, updated_at, record) VALUES (?1, ?2, ?3, ?4)", self.status_table);
+        let sql = format!(
+            "INSERT INTO {} (file_id, status, updated_at, record, owner, listed_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            self.status_table
+        );
         let (id, status, at, json) =
             (record.file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), to_json(record));
-        self.with(move |c| match c.execute(&sql, params![id, status, at, json]) {
+        let (owner, key) = (record.uploaded_by.clone(), listing_key(record));
+        self.with(move |c| match c.execute(&sql, params![id, status, at, json, owner, key]) {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
                 Err(StorageError::already_exists(format!("file {id}")))
@@ -257,6 +263,40 @@ impl StatusStore for SqliteStore {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn list(&self, query: &FileQuery) -> Result<FilePage, StorageError> {
+        let after = query.after()?.unwrap_or_else(|| "~".into()); // '~' sorts after every key
+        let since = query.since_key().unwrap_or_default();
+        // one statement per case, so the planner sees `owner = ?` and takes the owner index
+        let by_owner = if query.owner.is_some() { "owner = ?1 AND" } else { "?1 IS NULL AND" };
+        let sql = format!(
+            "SELECT record FROM {} WHERE {by_owner} listed_key < ?2 AND listed_key >= ?3
+               AND (?4 IS NULL OR status = ?4) AND json_extract(record, '$.announced') IS NOT 0
+             ORDER BY listed_key DESC LIMIT ?5",
+            self.status_table
+        );
+        let (q, limit) = (query.clone(), query.limit.max(1));
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            let status = q.status.map(|s| s.as_str());
+            let mut rows = stmt.query(params![q.owner, after, since, status, (limit + 1) as i64]).map_err(db_err)?;
+            let mut items = Vec::new();
+            while let Some(r) = rows.next().map_err(db_err)? {
+                let record = from_json(&r.get::<_, String>(0).map_err(db_err)?)?;
+                if q.admits(&record) {
+                    items.push(record);
+                }
+            }
+            let next_cursor = if items.len() > limit {
+                items.truncate(limit);
+                items.last().map(cursor_after)
+            } else {
+                None
+            };
+            Ok(FilePage { items, next_cursor })
         })
         .await
     }
@@ -611,5 +651,60 @@ impl ApiKeyStore for SqliteStore {
     async fn check(&self) -> Result<(), StorageError> {
         let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.keys_table);
         self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+    }
+}
+
+/// The status table's listing columns (`owner`, `listed_key`) and their indexes, for
+/// `GET /files`: added to a table made before they existed, and filled in for its rows.
+struct ListingIndexes {
+    table: String,
+    by_owner: String,
+    by_time: String,
+}
+
+impl ListingIndexes {
+    fn of(names: &Names) -> Self {
+        Self {
+            table: quoted(&names.status_table()),
+            by_owner: quoted(&format!("{}-by-owner", names.status_table())),
+            by_time: quoted(&format!("{}-by-time", names.status_table())),
+        }
+    }
+
+    fn ensure(&self, conn: &Connection) -> Result<(), StorageError> {
+        let t = &self.table;
+        // IMMEDIATE, and the check inside it: two processes opening one database at once add
+        // the columns once
+        let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(db_err)?;
+        let columns: Vec<String> = tx
+            .prepare(&format!("SELECT name FROM pragma_table_info('{}')", t.trim_matches('"').replace('\'', "''")))
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(db_err)?;
+        if !columns.iter().any(|c| c == "listed_key") {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {t} ADD COLUMN owner TEXT; ALTER TABLE {t} ADD COLUMN listed_key TEXT;"
+            ))
+            .map_err(db_err)?;
+            // records from before: their owner and time are in their JSON
+            let old: Vec<(String, String)> = tx
+                .prepare(&format!("SELECT file_id, record FROM {t}"))
+                .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(db_err)?;
+            for (id, json) in old {
+                let record = from_json(&json)?;
+                tx.execute(
+                    &format!("UPDATE {t} SET owner = ?2, listed_key = ?3 WHERE file_id = ?1"),
+                    params![id, record.uploaded_by, listing_key(&record)],
+                )
+                .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        let (o, b) = (&self.by_owner, &self.by_time);
+        conn.execute_batch(&format!(
+            "CREATE INDEX IF NOT EXISTS {o} ON {t} (owner, listed_key);
+             CREATE INDEX IF NOT EXISTS {b} ON {t} (listed_key);"
+        ))
+        .map_err(db_err)
     }
 }
