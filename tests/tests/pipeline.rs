@@ -373,7 +373,7 @@ async fn metrics_count_uploads_messages_and_rows() {
     if fleet.settings.storage == txpipe_common::config::StorageKind::Aws {
         // every request to S3 and DynamoDB, by operation
         assert!(value("txpipe_storage_calls_total{service=\"s3\",operation=\"PutObject\"}") >= 2.0);
-        assert!(value("txpipe_storage_calls_total{service=\"dynamodb\",operation=\"BatchWriteItem\"}") >= 1.0);
+        assert!(value("txpipe_storage_calls_total{service=\"dynamodb\",operation=\"TransactWriteItems\"}") >= 1.0);
     }
     fleet.shutdown().await;
 }
