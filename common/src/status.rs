@@ -189,6 +189,9 @@ pub struct StatusRecord {
     pub status: FileStatus,
     pub object_key: String,
     pub size_bytes: u64,
+    /// Lower-case hex SHA-256 of the stored file, taken by the gateway while it streamed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub history: Vec<HistoryEntry>,
@@ -328,6 +331,7 @@ impl StatusRecord {
             status: FileStatus::Uploaded,
             object_key,
             size_bytes,
+            sha256: None,
             created_at: at,
             updated_at: at,
             history: vec![HistoryEntry { status: FileStatus::Uploaded, at, reason: None }],

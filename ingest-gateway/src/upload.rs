@@ -148,6 +148,8 @@ pub(crate) struct UploadAccepted {
     pub status_url: String,
     /// Bytes stored (for a form, the file part's).
     pub size_bytes: u64,
+    /// Lower-case hex SHA-256 of those bytes, taken while they streamed in.
+    pub sha256: String,
     /// Which rows will be stored: all or none (`all`), or the valid ones (`partial`).
     pub mode: Mode,
     /// What a row conflicting with a stored transaction does.
@@ -272,10 +274,12 @@ async fn accept(
     let cut = Arc::new(std::sync::Mutex::new(Cut::None));
     let stream = limited(body.into_data_stream().map_err(std::io::Error::other), wire_limit, Some(idle), cut.clone());
     let objects = &deps.storage.objects;
+    // the file's SHA-256, taken as its bytes go by (a form's: its file part's)
+    let digest = Digest::default();
     let stored = match kind {
-        BodyKind::Raw => objects.put(&key, stream).await,
+        BodyKind::Raw => objects.put(&key, digest.of(stream)).await,
         BodyKind::Form(boundary) => {
-            let part = |bytes: ByteStream| limited(bytes, limit, None, cut.clone());
+            let part = |bytes: ByteStream| digest.of(limited(bytes, limit, None, cut.clone()));
             let cut_short = || *cut.lock().unwrap_or_else(|p| p.into_inner()) != Cut::None;
             match crate::multipart::store_file_part(objects, &key, stream, boundary, part).await {
                 Ok(size) => Ok(size),
@@ -328,7 +332,7 @@ async fn accept(
     // (the task keeps the trace, a task-local, so the messages still carry it)
     let work = crate::error::with_request_id(
         crate::error::request_id(),
-        commit(deps.clone(), file_id, key, size, owner, options),
+        commit(deps.clone(), Stored { file_id, key, size, sha256: digest.hex() }, owner, options),
     );
     let commit = match txpipe_common::trace::current() {
         Some(trace) => tokio::spawn(trace.scope("upload", work)),
@@ -379,17 +383,46 @@ fn limited(
 
 /// Records the stored upload, announces it and marks it announced; undoes it all and answers
 /// 503 if it cannot be announced (or was withdrawn meanwhile by a validator or a sweeper).
-async fn commit(
-    deps: Deps,
+/// An upload's body, stored.
+struct Stored {
     file_id: FileId,
     key: String,
     size: u64,
+    /// Lower-case hex SHA-256 of the file's bytes.
+    sha256: String,
+}
+
+/// A SHA-256 fed by the chunks of a stream as they pass.
+#[derive(Clone, Default)]
+struct Digest(Arc<std::sync::Mutex<sha2::Sha256>>);
+
+impl Digest {
+    fn of(&self, stream: ByteStream) -> ByteStream {
+        let digest = self.0.clone();
+        stream
+            .inspect_ok(move |chunk| {
+                sha2::Digest::update(&mut *digest.lock().unwrap_or_else(|p| p.into_inner()), chunk);
+            })
+            .boxed()
+    }
+
+    fn hex(&self) -> String {
+        let hasher = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        hex::encode(sha2::Digest::finalize(hasher))
+    }
+}
+
+async fn commit(
+    deps: Deps,
+    stored: Stored,
     owner: Option<String>,
     options: UploadOptions,
 ) -> Result<Response, GatewayError> {
+    let Stored { file_id, key, size, sha256 } = stored;
     let objects = &deps.storage.objects;
     // recorded as not yet announced: no worker starts on it until the broker has confirmed
     let mut record = StatusRecord::uploaded(file_id, key.clone(), size, chrono::Utc::now());
+    record.sha256 = Some(sha256.clone());
     record.announced = false;
     record.uploaded_by = owner;
     record.options = options;
@@ -422,6 +455,7 @@ async fn commit(
         status: "uploaded",
         status_url: status_url.clone(),
         size_bytes: size,
+        sha256,
         mode: options.mode,
         on_conflict: options.on_conflict,
     };

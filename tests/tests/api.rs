@@ -57,9 +57,13 @@ async fn a_form_upload_is_stored_and_processed_like_a_raw_one() {
     let (status, accepted) = answer(fleet.post_upload(body, &form_type()).await).await;
     assert_eq!(status, 202, "{accepted}");
     assert_eq!(accepted["size_bytes"], csv.len(), "the file part's bytes, not the form's");
+    // the file's SHA-256, taken while it streamed, in the 202 and the status record
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(csv.as_bytes()));
+    assert_eq!(accepted["sha256"], sha256.as_str(), "the file part's digest, not the form's");
     let id = accepted["file_id"].as_str().unwrap().parse().unwrap();
     let done = fleet.wait_for_status(id, &[FileStatus::Completed, FileStatus::ValidationFailed]).await;
     assert_eq!((done.status, done.row_count), (FileStatus::Completed, Some(20)), "{done:#?}");
+    assert_eq!(done.sha256.as_deref(), Some(sha256.as_str()));
     let rows = fleet.transactions(id, 100).await;
     assert_eq!(rows.len(), 20);
     assert_eq!(rows[0].transaction_id, "form-000000");

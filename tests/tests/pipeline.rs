@@ -24,12 +24,14 @@ async fn valid_file_goes_all_the_way(fleet: TestFleet) {
          t-2,12345678901234567890.123456789,EUR,2024-01-15T10:30:00+02:00,\"Bob, Ltd\",pending\n\
          t-3,-5,JPY,2024-02-29T23:59:59.5Z,Café,failed\n"
     );
-    let accepted = fleet.upload(body).await;
+    let accepted = fleet.upload(body.clone()).await;
     assert_eq!(accepted.status, "uploaded");
     assert_eq!(accepted.status_url, format!("/files/{}", accepted.file_id));
 
     let record = fleet.wait_for_status(accepted.file_id, &[FileStatus::Completed]).await;
     assert_eq!(record.row_count, Some(3));
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+    assert_eq!(record.sha256.as_deref(), Some(sha256.as_str()), "the upload's SHA-256");
     assert_eq!(record.records_processed, Some(3));
     let path: Vec<_> = record.history.iter().map(|h| h.status).collect();
     use FileStatus::*;
