@@ -21,6 +21,7 @@
 //! | `txpipe_storage_calls_total` | counter | `service`, `operation` | [`StorageCall`] |
 //! | `txpipe_dlq_messages` | gauge | | [`DlqDepth`] |
 //! | `txpipe_files_resumed_total` | counter | `stage` | [`FileResumed`] |
+//! | `txpipe_copies_waited_total` | counter | `stage` | [`CopyWaited`] |
 
 use crate::dead_letter::ErrorClass;
 use crate::file_id::FileId;
@@ -56,6 +57,7 @@ struct Metrics {
     storage_calls: IntCounterVec,
     dlq_messages: IntGauge,
     files_resumed: IntCounterVec,
+    copies_waited: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -112,6 +114,13 @@ impl Metrics {
                 ),
                 &["stage"],
             ),
+            copies_waited: counters(
+                Opts::new(
+                    "txpipe_copies_waited_total",
+                    "Copies of a message that found another attempt working on their file and waited for it, by stage",
+                ),
+                &["stage"],
+            ),
         };
         for c in m.collectors() {
             m.registry.register(c).expect("each metric is registered once, under its own name");
@@ -136,6 +145,7 @@ impl Metrics {
             Box::new(self.storage_calls.clone()),
             Box::new(self.dlq_messages.clone()),
             Box::new(self.files_resumed.clone()),
+            Box::new(self.copies_waited.clone()),
         ]
     }
 }
@@ -361,6 +371,20 @@ impl InternalEvent for FileResumed {
         METRICS.files_resumed.with_label_values(&[self.stage.as_str()]).inc();
         tracing::warn!(stage = %self.stage, file_id = %self.file_id, status = %self.status,
             "resumed a file stuck in its working status (its last attempt left no outcome)");
+    }
+}
+
+/// A copy of a stage message found another attempt live on its file and waits for it to end
+/// (a redelivery while the first still runs, or a duplicate publish).
+pub struct CopyWaited {
+    pub stage: Stage,
+    pub file_id: FileId,
+}
+
+impl InternalEvent for CopyWaited {
+    fn emit(self) {
+        METRICS.copies_waited.with_label_values(&[self.stage.as_str()]).inc();
+        tracing::info!(stage = %self.stage, file_id = %self.file_id, "another attempt is working on this file; waiting for it");
     }
 }
 

@@ -599,7 +599,7 @@ impl Loop {
                 }
                 Claim::Busy => {
                     if !waited {
-                        tracing::info!(%stage, %file_id, "another attempt is working on this file; waiting for it");
+                        crate::metrics::CopyWaited { stage, file_id }.emit();
                     }
                     waited = true;
                     // never wait holding a place in the worker

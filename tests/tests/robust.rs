@@ -145,6 +145,8 @@ async fn two_copies_at_once_with_one_failing_never_fail_a_file_that_completes() 
 
     let duplicates = r#"txpipe_messages_total{outcome="duplicate",stage="transformer"}"#;
     let before = metric(duplicates);
+    let waited = r#"txpipe_copies_waited_total{stage="transformer"}"#;
+    let mut waits_before = metric(waited);
     let now = chrono::Utc::now();
     let completes = validated_file(&deps, 50, now).await;
     let fails = validated_file(&deps, 5, now).await;
@@ -168,6 +170,14 @@ async fn two_copies_at_once_with_one_failing_never_fail_a_file_that_completes() 
         deps.publisher.publish(&msg).await.unwrap();
         // both copies have arrived (the first is held at its gate), then the first goes on
         gated.until(file.file_id, |s| s.records >= 2 && s.works >= 1).await;
+        // and the second has found the first at work and waits (else, coming after the first
+        // failed, it would be a retry, not a duplicate)
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while metric(waited) < waits_before + 1.0 {
+            assert!(tokio::time::Instant::now() < deadline, "the second copy never waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        waits_before += 1.0;
         gated.with(file.file_id, |s| s.open = true);
     }
 
