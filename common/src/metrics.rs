@@ -478,6 +478,7 @@ mod tests {
         let expected = [
             "txpipe_broker_connected",
             "txpipe_broker_reconnects_total",
+            "txpipe_copies_waited_total",
             "txpipe_dead_letters_total",
             "txpipe_dlq_messages",
             "txpipe_files_finished_total",
