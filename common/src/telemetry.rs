@@ -68,7 +68,8 @@ fn export_asked() -> bool {
 /// The provider exporting spans, if asked. The exporter reads the other standard settings itself
 /// (headers, timeout, `OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf`, the default, or `http/json`).
 fn exporter(service: &'static str) -> Result<Option<SdkTracerProvider>, String> {
-    if !export_asked() {
+    // a second init keeps the first subscriber (and its exporter): no second exporter
+    if !export_asked() || PROVIDER.get().is_some() {
         return Ok(None);
     }
     // the batch processor runs as a task on the service's runtime: no thread of its own, and
