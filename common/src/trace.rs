@@ -28,6 +28,8 @@ pub struct TraceContext {
     span_id: u64,
     /// Started here, not continued: its span id is no span's, so an exported span starts a trace.
     root: bool,
+    /// The W3C `sampled` flag: a caller that does not record this trace is followed.
+    sampled: bool,
 }
 
 fn random_u128() -> u128 {
@@ -38,7 +40,7 @@ impl TraceContext {
     /// A new trace.
     pub fn start() -> Self {
         let r = random_u128();
-        Self { trace_id: random_u128().max(1), span_id: (r as u64).max(1), root: true }
+        Self { trace_id: random_u128().max(1), span_id: (r as u64).max(1), root: true, sampled: true }
     }
 
     /// Parses `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`; None if malformed or all zero.
@@ -58,12 +60,13 @@ impl TraceContext {
         }
         let trace_id = u128::from_str_radix(trace, 16).ok()?;
         let span_id = u64::from_str_radix(span, 16).ok()?;
-        (trace_id != 0 && span_id != 0).then_some(Self { trace_id, span_id, root: false })
+        let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+        (trace_id != 0 && span_id != 0).then_some(Self { trace_id, span_id, root: false, sampled })
     }
 
     /// The same trace, with a new span (for a message about to be published).
     pub fn child(&self) -> Self {
-        Self { trace_id: self.trace_id, span_id: (random_u128() as u64).max(1), root: false }
+        Self { trace_id: self.trace_id, span_id: (random_u128() as u64).max(1), root: false, sampled: self.sampled }
     }
 
     pub fn trace_id(&self) -> String {
@@ -72,7 +75,7 @@ impl TraceContext {
 
     /// The `traceparent` value.
     pub fn header(&self) -> String {
-        format!("00-{:032x}-{:016x}-01", self.trace_id, self.span_id)
+        format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, u8::from(self.sampled))
     }
 
     /// Runs `f` in this trace: its log lines carry the trace id, and what it publishes the context.
@@ -102,7 +105,7 @@ impl TraceContext {
             let remote = SpanContext::new(
                 TraceId::from_bytes(self.trace_id.to_be_bytes()),
                 SpanId::from_bytes(self.span_id.to_be_bytes()),
-                TraceFlags::SAMPLED,
+                if self.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() },
                 true,
                 TraceState::default(),
             );
@@ -116,6 +119,7 @@ impl TraceContext {
             trace_id: u128::from_be_bytes(own.trace_id().to_bytes()),
             span_id: u64::from_be_bytes(own.span_id().to_bytes()),
             root: false,
+            sampled: own.is_sampled(),
         })
     }
 }
@@ -156,6 +160,9 @@ mod tests {
         ] {
             assert!(TraceContext::parse(bad).is_none(), "{bad:?}");
         }
+        let unsampled = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
+        assert_eq!(unsampled.header(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
+        assert!(unsampled.child().header().ends_with("-00"), "a caller's choice not to sample is kept");
         let fresh = TraceContext::start();
         assert_eq!(TraceContext::parse(&fresh.header()).map(|t| t.header()), Some(fresh.header()));
     }

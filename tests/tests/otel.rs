@@ -120,7 +120,20 @@ async fn one_trace_per_file_covers_all_four_services() {
     let fresh = r.headers()["traceparent"].to_str().unwrap().to_owned();
     let fresh_trace = fresh.split('-').nth(1).unwrap().to_owned();
     let fresh_id = r.json::<serde_json::Value>().await.unwrap()["file_id"].as_str().unwrap().to_owned();
-    for id in [&file_id, &fresh_id] {
+    // a client that does not sample its trace: the file goes through, no span is exported
+    let unsampled_trace = format!("{:032x}", u128::from_be_bytes(*uuid::Uuid::new_v4().as_bytes()));
+    let r = http
+        .post(format!("{base}/upload"))
+        .header("content-type", "text/csv")
+        .header("traceparent", format!("00-{unsampled_trace}-{client_span}-00"))
+        .body(txpipe_tests::valid_csv("otel-unsampled", 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(r.headers()["traceparent"].to_str().unwrap().ends_with("-00"), "the answer keeps the flag");
+    let unsampled_id = r.json::<serde_json::Value>().await.unwrap()["file_id"].as_str().unwrap().to_owned();
+    for id in [&file_id, &fresh_id, &unsampled_id] {
         let deadline = tokio::time::Instant::now() + txpipe_tests::WAIT;
         loop {
             let v: serde_json::Value =
@@ -197,6 +210,10 @@ async fn one_trace_per_file_covers_all_four_services() {
     assert_eq!(root.parent_span_id, "", "a trace started at the gateway has its span as root");
     assert_eq!(fresh, format!("00-{fresh_trace}-{}-01", root.span_id));
     assert!(spans.iter().any(|s| s.attributes.get("file_id") == Some(&fresh_id)));
+
+    // the processes have exited, their last spans sent: none of the unsampled trace came
+    assert!(receiver.spans().iter().all(|s| s.trace_id != unsampled_trace), "an unsampled trace was exported");
+    assert!(!receiver.spans().iter().any(|s| s.attributes.get("file_id") == Some(&unsampled_id)));
 
     let broker = txpipe_common::amqp::Broker::connect(&settings).await.unwrap();
     broker.teardown().await.unwrap();
