@@ -20,6 +20,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -476,12 +477,32 @@ impl Publisher {
         for (k, v) in &msg.headers {
             headers.insert(s(k), long(v.clone()));
         }
-        // what is published while handling a traced message continues its trace
+        // what is published while handling a traced message continues its trace: through a
+        // publish span of its own when spans are exported (its id is the message's parent)
+        let mut span = tracing::Span::none();
         if !msg.headers.iter().any(|(k, _)| k == crate::trace::HEADER) {
             if let Some(t) = crate::trace::current() {
-                headers.insert(s(crate::trace::HEADER), long(t.child().header()));
+                span = tracing::info_span!(
+                    target: crate::telemetry::OTEL_TARGET,
+                    "publish",
+                    otel.name = %format!("{} publish", msg.exchange),
+                    otel.kind = "producer",
+                    messaging.system = "rabbitmq",
+                    messaging.operation = "publish",
+                    messaging.operation.type = "send",
+                    messaging.operation.name = "publish",
+                    messaging.destination.name = %msg.exchange,
+                    messaging.rabbitmq.destination.routing_key = %msg.routing_key,
+                    messaging.message.id = %msg.message_id,
+                );
+                let parent = t.adopt(&span).unwrap_or_else(|| t.child());
+                headers.insert(s(crate::trace::HEADER), long(parent.header()));
             }
         }
+        self.send(channel, msg, headers).instrument(span).await
+    }
+
+    async fn send(&self, channel: &Channel, msg: &Outgoing, headers: FieldTable) -> Result<(), AmqpError> {
         let props = BasicProperties::default()
             .with_content_type(s("application/json"))
             .with_delivery_mode(2)

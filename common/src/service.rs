@@ -1,6 +1,6 @@
 //! The life of every txpipe process, written once: load settings, start logging, connect to
 //! storage and the broker, bind the HTTP listener, run until SIGTERM or Ctrl-C, close the
-//! broker link, and exit with a status that says how it went. Each binary's `main` names
+//! broker link, flush exported spans, and exit with a status that says how it went. Each binary's `main` names
 //! itself and passes the one thing it runs.
 
 use crate::config::Settings;
@@ -67,6 +67,8 @@ where
         let _ = m.await;
     }
     deps.broker.close().await;
+    // the spans of the last messages go out before the process does
+    crate::telemetry::shutdown(std::time::Duration::from_secs(5)).await;
     match result {
         Ok(()) => {
             tracing::info!("stopped");

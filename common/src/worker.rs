@@ -320,7 +320,24 @@ impl Loop {
             .text(crate::trace::HEADER)
             .and_then(|v| crate::trace::TraceContext::parse(&v))
             .unwrap_or_else(crate::trace::TraceContext::start);
-        trace.scope(self.stage().as_str(), self.process_traced(delivery)).await
+        // the exported span, with OpenTelemetry's messaging attributes for RabbitMQ
+        let queue = self.deps.broker.names().queue(self.stage());
+        let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+        let span = tracing::info_span!(
+            target: crate::telemetry::OTEL_TARGET,
+            "process",
+            otel.name = %format!("{queue} process"),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation = "process",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = %queue,
+            messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+            messaging.message.id = %message_id,
+            txpipe.stage = %self.stage(),
+        );
+        trace.scope_in(span, self.stage().as_str(), self.process_traced(delivery)).await
     }
 
     async fn process_traced(&self, delivery: Delivery) {
@@ -345,6 +362,7 @@ impl Loop {
             return;
         }
         let file_id = msg.file_id();
+        crate::trace::set_attribute("file_id", &file_id.to_string());
         let tracks_status = self.spec.tracks_status(key);
         if let Some(n) = Headers::of(&delivery).u64("x-delivery-count") {
             tracing::info!(%stage, %file_id, deliveries = n + 1, "redelivered message");

@@ -223,9 +223,21 @@ pub(crate) async fn upload(
         .and_then(txpipe_common::trace::TraceContext::parse)
         .unwrap_or_else(txpipe_common::trace::TraceContext::start);
     let owner = caller.name().map(str::to_owned);
+    // the exported span of the upload (when spans are exported); its id is the response's
+    // traceparent, so a client can find the trace
+    let span = tracing::info_span!(
+        target: txpipe_common::telemetry::OTEL_TARGET,
+        "upload",
+        otel.name = "POST /upload",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/upload",
+    );
+    let trace = trace.adopt(&span).unwrap_or(trace);
     let result = match crate::limits::Charge::take(&deps, &caller).await {
         Ok(charge) => {
-            charge.settle(trace.scope("upload", accept(deps.clone(), slots, owner, options, headers, body)).await).await
+            let work = accept(deps.clone(), slots, owner, options, headers, body);
+            charge.settle(trace.scope_in(span, "upload", work).await).await
         }
         Err(e) => Err(e),
     };
@@ -330,12 +342,14 @@ async fn accept(
     // from here on the upload completes even if the client goes: this task is not cancelled
     // when the request is (an unread 202 is harmless; a half-done upload is not)
     // (the task keeps the trace, a task-local, so the messages still carry it)
+    let span = tracing::info_span!(target: txpipe_common::telemetry::OTEL_TARGET, "commit", otel.name = "commit upload", file_id = %file_id);
+    txpipe_common::trace::set_attribute("file_id", &file_id.to_string());
     let work = crate::error::with_request_id(
         crate::error::request_id(),
         commit(deps.clone(), Stored { file_id, key, size, sha256: digest.hex() }, owner, options),
     );
     let commit = match txpipe_common::trace::current() {
-        Some(trace) => tokio::spawn(trace.scope("upload", work)),
+        Some(trace) => tokio::spawn(trace.scope_in(span, "upload", work)),
         None => tokio::spawn(work.in_current_span()),
     };
     commit.await.map_err(|e| GatewayError::Internal(format!("the upload task failed: {e}")))?

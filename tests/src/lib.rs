@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod contract;
+pub mod otlp;
 pub mod proxy;
 
 use futures::StreamExt;

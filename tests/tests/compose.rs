@@ -2,7 +2,8 @@
 //! setting a service is given is one txpipe reads (and accepts), each service runs a binary
 //! the Dockerfile ships, workers can be scaled, and each RabbitMQ user's permissions allow
 //! exactly what its service does with the names of DESIGN.md, and Prometheus scrapes with an
-//! API key a one-shot service makes into a volume they share.
+//! API key a one-shot service makes into a volume they share, and every service's spans reach
+//! Jaeger through the OpenTelemetry Collector.
 
 use regex::Regex;
 use serde_json::Value as Json;
@@ -24,6 +25,15 @@ const AWS_VARS: [&str; 8] = [
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_PROFILE",
+];
+/// The standard OpenTelemetry variables a service may be given (the exporter reads them).
+const OTEL_VARS: [&str; 6] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
 ];
 
 fn compose() -> Value {
@@ -94,8 +104,8 @@ fn every_setting_given_is_one_txpipe_reads_and_accepts() {
             match key.strip_prefix("TXPIPE_") {
                 Some(field) => assert!(known.contains(&field.to_lowercase()), "{name}: {key} is not a txpipe setting"),
                 None => assert!(
-                    AWS_VARS.contains(&key.as_str()),
-                    "{name}: {key} is neither a txpipe nor an AWS SDK variable"
+                    AWS_VARS.contains(&key.as_str()) || OTEL_VARS.contains(&key.as_str()),
+                    "{name}: {key} is neither a txpipe, an AWS SDK nor an OpenTelemetry variable"
                 ),
             }
         }
@@ -334,4 +344,34 @@ fn a_one_shot_service_makes_prometheus_an_api_key_in_a_volume_they_share() {
         Settings::load().map_err(|e| format!("metrics-key: {e}"))?;
         Ok(())
     });
+}
+
+#[test]
+fn every_service_sends_its_spans_through_the_collector_to_jaeger() {
+    let c = compose();
+    for name in ["gateway", "validator", "transformer", "notifier"] {
+        let env = env_of(&c["services"][name]);
+        assert_eq!(
+            env.get("OTEL_EXPORTER_OTLP_ENDPOINT").map(String::as_str),
+            Some("http://otel-collector:4318"),
+            "{name} exports its spans to the collector (OTLP/HTTP)"
+        );
+        assert!(!env.contains_key("OTEL_SERVICE_NAME"), "{name}: each binary names itself");
+    }
+    let collector = &c["services"]["otel-collector"];
+    let mounted = collector["volumes"].as_sequence().unwrap().iter().filter_map(Value::as_str).collect::<Vec<_>>();
+    assert!(mounted.contains(&"./otel-collector/config.yaml:/etc/otelcol/config.yaml:ro"), "{mounted:?}");
+    let config: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/compose/otel-collector/config.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["receivers"]["otlp"]["protocols"]["http"]["endpoint"], "0.0.0.0:4318");
+    let traces = &config["service"]["pipelines"]["traces"];
+    assert_eq!(traces["receivers"][0], "otlp");
+    let exporter = traces["exporters"][0].as_str().unwrap();
+    let endpoint = config["exporters"][exporter]["endpoint"].as_str().unwrap();
+    let (host, port) = endpoint.rsplit_once(':').unwrap();
+    assert!(c["services"].get(host).is_some(), "the collector exports to {host}, a service of the stack");
+    assert_eq!(port, "4317", "Jaeger takes OTLP/gRPC on 4317");
+    assert!(c["services"]["jaeger"]["image"].as_str().unwrap().starts_with("jaegertracing/"));
 }
