@@ -131,7 +131,9 @@ impl Ledger {
 
     /// Stores a batch of the file's rows (distinct transaction ids).
     pub async fn store(&mut self, rows: Vec<Row>) -> Result<(), LedgerError> {
-        let mut ready = rows;
+        // row numbers and versions side by side, so the write borrows the versions as they are
+        // (no copy of the batch on the way to every write)
+        let (mut nums, mut ready) = split(rows);
         let mut waiting: Vec<Row> = Vec::new();
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(20);
@@ -150,35 +152,39 @@ impl Ledger {
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
-                ready = std::mem::take(&mut waiting);
+                (nums, ready) = split(std::mem::take(&mut waiting));
             }
             if self.refusing {
-                self.check_only(std::mem::take(&mut ready)).await?;
+                self.check_only(join(&mut nums, &mut ready)).await?;
                 continue;
             }
-            let mut left = Vec::new();
-            let versions: Vec<Transaction> = ready.iter().map(|r| r.tx.clone()).collect();
-            match self.transactions.write(&versions).await? {
-                WriteOutcome::Written => self.tally.stored += ready.len() as u64,
+            match self.transactions.write(&ready).await? {
+                WriteOutcome::Written => {
+                    self.tally.stored += ready.len() as u64;
+                    (nums, ready) = (Vec::new(), Vec::new());
+                }
                 WriteOutcome::Stale(stale) => {
                     let current: HashMap<String, Option<Transaction>> = stale.into_iter().collect();
-                    for row in &ready {
+                    let mut left = Vec::new();
+                    for row in join(&mut nums, &mut ready) {
                         match current.get(&row.tx.transaction_id) {
                             // not refused itself: unwritten (or written in a part of the call
                             // that went through, which the next try finds to be this file's)
-                            None => left.push(row.clone()),
+                            None => left.push(row),
                             Some(now) => {
-                                if let Some(again) = self.settle(row, now.as_ref(), &mut waiting).await? {
+                                if let Some(again) = self.settle(&row, now.as_ref(), &mut waiting).await? {
                                     left.push(again);
                                 }
                             }
                         }
                     }
+                    (nums, ready) = split(left);
                 }
             }
-            ready = left;
             if self.refusing {
-                ready.append(&mut waiting);
+                let (n, r) = split(std::mem::take(&mut waiting));
+                nums.extend(n);
+                ready.extend(r);
             }
         }
     }
@@ -292,6 +298,16 @@ enum Holder {
     Committed,
     Abandoned,
     Storing,
+}
+
+/// Rows as their numbers and their versions.
+fn split(rows: Vec<Row>) -> (Vec<u64>, Vec<Transaction>) {
+    rows.into_iter().map(|r| (r.row, r.tx)).unzip()
+}
+
+/// The rows back from their numbers and versions (both left empty).
+fn join(nums: &mut Vec<u64>, txs: &mut Vec<Transaction>) -> Vec<Row> {
+    nums.drain(..).zip(txs.drain(..)).map(|(row, tx)| Row { row, tx }).collect()
 }
 
 /// The row as a first version again (what it replaces is learnt from the next refusal).
