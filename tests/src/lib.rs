@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod contract;
 pub mod otlp;
+pub mod procs;
 pub mod proxy;
 
 use futures::StreamExt;

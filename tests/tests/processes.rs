@@ -3,63 +3,17 @@
 //!
 //! Needs the binaries built (`cargo build --workspace --bins`; `scripts/test` does it).
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-fn binary(name: &str) -> PathBuf {
-    // tests run from target/<profile>/deps; the binaries sit one level up
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
-        path.display()
-    );
-    path
-}
+use tokio::process::Child;
+use txpipe_tests::procs::{command, stop, wait_for_log};
 
 fn spawn(name: &str, ns: &str, data_dir: &std::path::Path) -> Child {
-    let mut cmd = Command::new(binary(name));
-    cmd.env("TXPIPE_NAMESPACE", ns)
-        .env("TXPIPE_DATA_DIR", data_dir)
-        .env("TXPIPE_HTTP_ADDR", "127.0.0.1:0")
-        .env("TXPIPE_RETRY_INITIAL_DELAY_MS", "20")
+    let mut cmd = command(name, ns, data_dir);
+    cmd.env("TXPIPE_RETRY_INITIAL_DELAY_MS", "20")
         // a copy redelivered after a kill -9 waits this long for the killed attempt's heartbeat
         // to go stale before it takes the file over
-        .env("TXPIPE_STUCK_AFTER_MS", "2000")
-        .env("TXPIPE_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Ok(url) = std::env::var("TXPIPE_AMQP_URL") {
-        cmd.env("TXPIPE_AMQP_URL", url);
-    }
+        .env("TXPIPE_STUCK_AFTER_MS", "2000");
     cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
-}
-
-/// Reads the child's JSON log lines until one has `message == wanted`; returns that line.
-async fn wait_for_log(child: &mut Child, wanted: &str) -> serde_json::Value {
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["fields"]["message"] == wanted {
-                    return v;
-                }
-            }
-        }
-        panic!("the process ended before logging {wanted:?}");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {wanted:?} log line within 30 s"));
-    // keep draining so the child never blocks on a full pipe
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    found
 }
 
 /// An admin key made in the storage the processes share (`dir`, namespace `ns`), and a client
@@ -73,12 +27,6 @@ async fn keyed_client(ns: &str, dir: &std::path::Path) -> (String, reqwest::Clie
     let key = key.expose().to_owned();
     let client = txpipe_tests::client_with_key(&key);
     (key, client)
-}
-
-async fn stop(mut child: Child) -> std::process::ExitStatus {
-    let pid = child.id().expect("running");
-    Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(40), child.wait()).await.expect("exits after SIGTERM").unwrap()
 }
 
 #[tokio::test]
@@ -319,17 +267,8 @@ async fn metrics_can_be_served_on_their_own_address() {
     let (_, http) = keyed_client(&ns, dir.path()).await;
     for name in ["ingest-gateway", "validator"] {
         let (main, metrics) = (free_addr(), free_addr());
-        let mut cmd = Command::new(binary(name));
-        cmd.env("TXPIPE_NAMESPACE", &ns)
-            .env("TXPIPE_DATA_DIR", dir.path())
-            .env("TXPIPE_HTTP_ADDR", &main)
-            .env("TXPIPE_METRICS_ADDR", &metrics)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        if let Ok(url) = std::env::var("TXPIPE_AMQP_URL") {
-            cmd.env("TXPIPE_AMQP_URL", url);
-        }
+        let mut cmd = command(name, &ns, dir.path());
+        cmd.env("TXPIPE_HTTP_ADDR", &main).env("TXPIPE_METRICS_ADDR", &metrics).stderr(std::process::Stdio::null());
         let child = cmd.spawn().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let scraped = loop {
