@@ -177,6 +177,41 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// Upload N files of R rows through the whole pipeline and wait for every notification;
+    /// print files/s, rows/s, latency percentiles and the broker's own ceiling for the same
+    /// message pattern, measured in the same run.
+    E2e {
+        /// A running gateway (default: start `txpipe up` on a fresh namespace, removed afterwards).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// With --gateway: its namespace, whose notifications exchange is listened on
+        /// (default: TXPIPE_NAMESPACE).
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        key: KeyArg,
+        /// Files to upload (after the warm-up).
+        #[arg(long, default_value_t = 2000)]
+        files: u64,
+        /// Rows a file.
+        #[arg(long, default_value_t = 100)]
+        rows: u64,
+        /// Uploads in flight.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Offer this many files a second instead (open loop; latency under a steady load).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Files uploaded and awaited before timing.
+        #[arg(long, default_value_t = 100)]
+        warmup: u64,
+        /// Skip measuring the broker's ceiling.
+        #[arg(long)]
+        no_ceiling: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
@@ -217,6 +252,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Keys { command } => keys_command(command).await,
         Command::Bench { which: Bench::Validate { rows, file, runs } } => bench(rows, file, runs),
+        Command::Bench {
+            which: Bench::E2e { gateway, namespace, key, files, rows, concurrency, rate, warmup, no_ceiling, json },
+        } => {
+            if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                bail!("--rate must be a number of files a second above 0");
+            }
+            let opts = txpipe_cli::bench_e2e::Options {
+                gateway,
+                api_key: key.api_key,
+                namespace,
+                files,
+                rows,
+                concurrency,
+                rate,
+                warmup,
+                no_ceiling,
+                idle_timeout: std::time::Duration::from_secs(30),
+            };
+            let report = txpipe_cli::bench_e2e::run(opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                report.print();
+            }
+            Ok(())
+        }
         Command::Dlq { command } => dlq_command(command).await,
         Command::Retry { file_id } => {
             let id = file_id.parse().map_err(|_| anyhow::anyhow!("{file_id:?} is not a file id"))?;

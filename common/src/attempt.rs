@@ -126,6 +126,9 @@ impl Lease {
         let retry = self.may_retry && r.status == spec.failed && !r.is_rejected();
         if (r.status == spec.from || retry) && r.advance(spec.working, StatusUpdate::default(), self.now) {
             r.attempt = Some(self.fresh(1));
+            // a stage holding the file's message is proof it was announced: the gateway can no
+            // longer withdraw it (see the validator), and it need not wait for the gateway's mark
+            r.announced = true;
             return Claim::Claimed;
         }
         Claim::Moved

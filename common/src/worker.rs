@@ -599,6 +599,11 @@ impl Loop {
             };
             let record = match self.deps.storage.statuses.update(file_id, change).await {
                 Ok(Advance::Moved(r) | Advance::Refused(r)) => r,
+                // withdrawn by the gateway meanwhile: read again (the handler decides what a
+                // file without a record means)
+                Err(e) if e.kind() == crate::storage::StorageErrorKind::NotFound => {
+                    return Err(Failure::Retry(format!("file {file_id} has no status record any more")))
+                }
                 Err(e) => return Err(Failure::storage("claiming the file", &e)),
             };
             let claim = *found.lock().unwrap_or_else(|p| p.into_inner());

@@ -395,8 +395,6 @@ fn limited(
     .boxed()
 }
 
-/// Records the stored upload, announces it and marks it announced; undoes it all and answers
-/// 503 if it cannot be announced (or was withdrawn meanwhile by a validator or a sweeper).
 /// An upload's body, stored.
 struct Stored {
     file_id: FileId,
@@ -426,6 +424,8 @@ impl Digest {
     }
 }
 
+/// Records the stored upload, announces it and marks it announced; undoes it all and answers
+/// 503 if it cannot be announced (or was withdrawn meanwhile by the sweeper).
 async fn commit(
     deps: Deps,
     stored: Stored,
@@ -456,11 +456,30 @@ async fn commit(
         Err(e) => Err(GatewayError::unavailable("announcing the upload", &e)),
     };
     if let Err(e) = announced {
-        // undo, so nothing claims an upload the client is told was refused: the object first,
-        // then the record, so a validator that got the message anyway finds neither
-        let _ = objects.delete(&key).await;
-        let _ = deps.storage.statuses.withdraw(file_id).await;
-        return Err(e);
+        // undo, so nothing works on an upload the client is told was refused: the record is
+        // withdrawn only while unannounced, so either this withdrawal wins (then the object
+        // goes, and a validator that got the message anyway finds neither) or a validator
+        // already claimed the file, which marks it announced: it is being processed, and the
+        // answer is the usual 202
+        match deps.storage.statuses.withdraw(file_id).await {
+            Ok(true) => {
+                let _ = objects.delete(&key).await;
+                return Err(e);
+            }
+            Ok(false) => match deps.storage.statuses.get(file_id).await {
+                Ok(Some(r)) if r.announced => {
+                    tracing::info!(%file_id, "the broker's confirm failed, but a validator has the file already");
+                }
+                Ok(None) => {
+                    let _ = objects.delete(&key).await;
+                    return Err(e);
+                }
+                _ => return Err(e),
+            },
+            // storage cannot be reached: the record stays unannounced, and the sweep withdraws
+            // it later unless a validator claims it first
+            Err(_) => return Err(e),
+        }
     }
     UploadStored { file_id, bytes: size }.emit();
     let status_url = format!("/files/{file_id}");

@@ -129,7 +129,8 @@ async fn upload_retrying(fleet: &TestFleet, body: String) -> (FileId, u32) {
             let v: serde_json::Value = r.json().await.unwrap();
             return (v["file_id"].as_str().unwrap().parse().unwrap(), refused);
         }
-        assert_eq!(r.status(), 503, "only 503 while the broker is away");
+        let status = r.status();
+        assert_eq!(status, 503, "only 503 while the broker is away: {}", r.text().await.unwrap_or_default());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the gateway never took the upload");
@@ -305,7 +306,7 @@ async fn storage_failing_for_a_while_then_recovering_loses_nothing() {
         assert_eq!(r.status, FileStatus::Completed, "{r:#?}");
         completed += 1;
         let stored = fleet.transactions(*id, 1000).await;
-        assert_eq!(stored.len(), ROWS);
+        assert_eq!(stored.len(), ROWS, "{r:#?}");
         rows += stored.len();
     }
     let notices = tap.drain(Duration::from_secs(2)).await;
@@ -322,29 +323,50 @@ async fn storage_failing_for_a_while_then_recovering_loses_nothing() {
     fleet.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_upload_the_gateway_withdrew_is_dropped_even_if_its_message_got_through() {
-    let fleet = TestFleet::spawn().await;
-    // as the gateway leaves it when the confirm of file.uploaded is lost: recorded, not announced
+/// Records an upload as the gateway leaves it when the confirm of its `file.uploaded` is lost:
+/// the object stored, the record not announced.
+async fn unconfirmed_upload(fleet: &TestFleet, tag: &str) -> (FileId, String) {
     let id = FileId::new();
     let key = fleet.names.object_key(&id);
-    let body = valid_csv("w", 2);
+    let body = valid_csv(tag, 2);
     let stream = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(body.clone()))]);
     fleet.deps.storage.objects.put(&key, Box::pin(stream)).await.unwrap();
     let mut rec = StatusRecord::uploaded(id, key.clone(), body.len() as u64, chrono::Utc::now());
     rec.announced = false;
     fleet.deps.storage.statuses.create(&rec).await.unwrap();
+    (id, key)
+}
+
+#[tokio::test]
+async fn an_upload_the_gateway_withdrew_is_dropped_even_if_its_message_got_through() {
+    let fleet = TestFleet::spawn().await;
+    let (id, key) = unconfirmed_upload(&fleet, "w").await;
+    // the gateway gives up and undoes, record first; the message got through meanwhile and
+    // arrives while the object is still there (the withdrawal half done: the validator tries
+    // again, within its retries, until the object is gone too)
+    assert!(fleet.deps.storage.statuses.withdraw(id).await.unwrap(), "an unannounced upload can be withdrawn");
     fleet.publish_raw("file.uploaded", &StageMessage::uploaded(id, key.clone()).to_body()).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(fleet.status(id).await.status, FileStatus::Uploaded, "the validator waits for the gateway");
-    // the gateway gives up and undoes: object, then record
+    tokio::time::sleep(Duration::from_millis(30)).await;
     fleet.deps.storage.objects.delete(&key).await.unwrap();
-    assert!(fleet.deps.storage.statuses.withdraw(id).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(fleet.get_json(&format!("/files/{id}")).await.0, 404);
     assert_eq!(fleet.dlq_count().await, 0, "a withdrawn upload is not an error");
     // and an announced one goes through as usual
     let ok = fleet.upload(valid_csv("ok", 2)).await.file_id;
     fleet.wait_for_status(ok, &[FileStatus::Completed]).await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_validator_that_claims_an_unconfirmed_upload_first_keeps_the_gateway_from_withdrawing_it() {
+    let fleet = TestFleet::spawn().await;
+    let (id, key) = unconfirmed_upload(&fleet, "c").await;
+    // the message got through before the gateway's mark: the validator does not wait for it
+    fleet.publish_raw("file.uploaded", &StageMessage::uploaded(id, key).to_body()).await;
+    let done = fleet.wait_for_status(id, &[FileStatus::Completed]).await;
+    assert!(done.announced, "claiming the file marked it announced");
+    // so a gateway whose confirm failed can no longer take it back (it answers 202 instead)
+    assert!(!fleet.deps.storage.statuses.withdraw(id).await.unwrap());
+    assert_eq!(fleet.transactions(id, 10).await.len(), 2);
     fleet.shutdown().await;
 }

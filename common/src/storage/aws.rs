@@ -17,7 +17,10 @@ use crate::names::Names;
 use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, TransactWriteItem};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Delete, KeysAndAttributes, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -344,6 +347,43 @@ pub struct DynamoStore {
     tx_table: String,
     versions_table: String,
     pub(super) keys_table: String,
+    /// The status records this process last read or wrote, with their versions: the base of
+    /// its next conditional write, so a status change is one request instead of a read and a
+    /// write. Never trusted for more: a stale entry only fails the write's condition, whose
+    /// answer carries the item as it is (`ReturnValuesOnConditionCheckFailure`).
+    known: std::sync::Mutex<KnownStatuses>,
+}
+
+/// A bounded map of file id → (record, version), oldest entries dropped first.
+#[derive(Default)]
+struct KnownStatuses {
+    by_id: HashMap<FileId, (StatusRecord, u64)>,
+    order: std::collections::VecDeque<FileId>,
+}
+
+impl KnownStatuses {
+    /// Files in flight at once in one process are far fewer than this.
+    const CAPACITY: usize = 4096;
+
+    fn get(&self, file_id: FileId) -> Option<(StatusRecord, u64)> {
+        self.by_id.get(&file_id).cloned()
+    }
+
+    fn put(&mut self, record: &StatusRecord, version: u64) {
+        if self.by_id.insert(record.file_id, (record.clone(), version)).is_none() {
+            self.order.push_back(record.file_id);
+            while self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_id.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, file_id: FileId) {
+        // its place in `order` goes when it reaches the front
+        self.by_id.remove(&file_id);
+    }
 }
 
 fn sortable_time(t: DateTime<Utc>) -> String {
@@ -426,11 +466,16 @@ impl DynamoStore {
             tx_table: names.transactions_table(),
             versions_table: names.transaction_versions_table(),
             keys_table: names.api_keys_table(),
+            known: Default::default(),
         }
     }
 
     pub fn client(&self) -> &aws_sdk_dynamodb::Client {
         &self.client
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, KnownStatuses> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn read_status(&self, file_id: FileId) -> Result<Option<(StatusRecord, String)>, StorageError> {
@@ -443,11 +488,20 @@ impl DynamoStore {
             .send()
             .await
             .map_err(|e| classify("reading a status", e))?;
-        let Some(item) = out.item else { return Ok(None) };
-        let record = serde_json::from_str(get_s(&item, "record")?)
+        let Some(item) = out.item else {
+            self.known().forget(file_id);
+            return Ok(None);
+        };
+        let (record, version) = Self::status_of(&item)?;
+        self.known().put(&record, version);
+        Ok(Some((record, version.to_string())))
+    }
+
+    /// A status item's record and version.
+    fn status_of(item: &HashMap<String, AttributeValue>) -> Result<(StatusRecord, u64), StorageError> {
+        let record = serde_json::from_str(get_s(item, "record")?)
             .map_err(|e| StorageError::corrupt("status record").with_source(e))?;
-        let version = item.get("version").and_then(|v| v.as_n().ok()).cloned().unwrap_or_else(|| "0".into());
-        Ok(Some((record, version)))
+        Ok((record, get_n(item, "version").unwrap_or(0)))
     }
 
     fn status_item(record: &StatusRecord, version: u64) -> HashMap<String, AttributeValue> {
@@ -555,19 +609,33 @@ impl DynamoStore {
     }
 
     /// Changes a status record with optimistic concurrency: the write lands only if nobody
-    /// changed the item since it was read (a condition on its version), else it reads again.
+    /// changed the item since this process last saw it (a condition on its version). The base
+    /// is the record this process last read or wrote, if it has one (then a status change is
+    /// one request), else a consistent read. A failed condition answers with the item as it is
+    /// now, the base of the next try; a change refused on a remembered record is tried again on
+    /// a fresh read, so a refusal is always about the record as it is.
     async fn modify(
         &self,
         file_id: FileId,
         change: impl Fn(&mut StatusRecord) -> bool,
     ) -> Result<Advance, StorageError> {
+        let not_found = || StorageError::not_found(format!("file {file_id}"));
+        let mut base = self.known().get(file_id).map(|(r, v)| (r, v, true));
         for _ in 0..STATUS_CAS_ATTEMPTS {
-            let (mut record, version) =
-                self.read_status(file_id).await?.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?;
+            let (mut record, version, remembered) = match base.take() {
+                Some(b) => b,
+                None => {
+                    let (r, v) = self.read_status(file_id).await?.ok_or_else(not_found)?;
+                    (r, v.parse().unwrap_or(0), false)
+                }
+            };
             if !change(&mut record) {
+                if remembered {
+                    continue;
+                }
                 return Ok(Advance::Refused(record));
             }
-            let next: u64 = version.parse::<u64>().unwrap_or(0) + 1;
+            let next = version + 1;
             let result = self
                 .client
                 .put_item()
@@ -575,12 +643,35 @@ impl DynamoStore {
                 .set_item(Some(Self::status_item(&record, next)))
                 .condition_expression("#v = :v")
                 .expression_attribute_names("#v", "version")
-                .expression_attribute_values(":v", AttributeValue::N(version))
+                .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .send()
                 .await;
             match result {
-                Ok(_) => return Ok(Advance::Moved(record)),
-                Err(e) if is_code(&e, "ConditionalCheckFailedException") => continue,
+                Ok(_) => {
+                    self.known().put(&record, next);
+                    return Ok(Advance::Moved(record));
+                }
+                Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
+                    // the item as it is now came with the refusal (none: it is gone)
+                    let now = match e.into_service_error() {
+                        PutItemError::ConditionalCheckFailedException(c) => c.item,
+                        _ => None,
+                    };
+                    match now {
+                        Some(item) => {
+                            let (r, v) = Self::status_of(&item)?;
+                            self.known().put(&r, v);
+                            base = Some((r, v, false));
+                        }
+                        None => {
+                            self.known().forget(file_id);
+                            if !remembered {
+                                return Err(not_found());
+                            }
+                        }
+                    }
+                }
                 Err(e) => return Err(classify("changing a status", e)),
             }
         }
@@ -651,7 +742,10 @@ impl StatusStore for DynamoStore {
             .send()
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.known().put(record, 1);
+                Ok(())
+            }
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
                 Err(StorageError::already_exists(format!("file {}", record.file_id)))
             }
@@ -694,7 +788,10 @@ impl StatusStore for DynamoStore {
                 .send()
                 .await;
             match result {
-                Ok(_) => return Ok(true),
+                Ok(_) => {
+                    self.known().forget(file_id);
+                    return Ok(true);
+                }
                 Err(e) if is_code(&e, "ConditionalCheckFailedException") => continue,
                 Err(e) => return Err(classify("withdrawing a file", e)),
             }

@@ -8,6 +8,7 @@
 pub mod aws;
 mod aws_keys;
 mod error;
+mod group_commit;
 pub mod listing;
 pub mod local;
 pub mod provision;

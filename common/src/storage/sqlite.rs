@@ -1,7 +1,11 @@
 //! The embedded table store: the processing-status, transactions and API-key tables (with
-//! the keys' daily upload counts) in one SQLite file. WAL and a busy timeout let several processes on one host share it; every call runs
-//! on the blocking pool so the async workers never stall on the database.
+//! the keys' daily upload counts) in one SQLite file. WAL and a busy timeout let several
+//! processes on one host share it. Writes go through one writer thread per store that commits
+//! many callers' writes in one transaction ([`super::group_commit`]); reads run on a
+//! connection of their own on the blocking pool (WAL readers see the last commit and never
+//! wait for the writer), so the async workers never stall on the database.
 
+use super::group_commit::Writer;
 use super::listing::{cursor_after, listing_key};
 use super::{
     decode_cursor, encode_cursor, stale, Advance, ApiKeyRecord, ApiKeyStore, Change, FilePage, FileQuery, QuotaUse,
@@ -19,7 +23,10 @@ use std::sync::{Arc, Mutex};
 
 /// Both tables of one namespace in one SQLite database.
 pub struct SqliteStore {
+    /// For reads.
     conn: Arc<Mutex<Connection>>,
+    /// For writes: group commit.
+    writer: Writer,
     status_table: String,
     tx_table: String,
     versions_table: String,
@@ -57,7 +64,8 @@ impl SqliteStore {
         let unannounced = quoted(&format!("{}-unannounced", names.status_table()));
         let working = quoted(&format!("{}-working", names.status_table()));
         let listing = ListingIndexes::of(names);
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StorageError> {
+        let thread_name = format!("sqlite-writer-{}", names.namespace());
+        let (conn, writer) = tokio::task::spawn_blocking(move || -> Result<(Connection, Connection), StorageError> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
                     StorageError::unavailable(format!("cannot create {}", dir.display())).with_source(e)
@@ -103,14 +111,37 @@ impl SqliteStore {
             .map_err(db_err)?;
             upgrade_transactions(&conn, &tt, &vt)?;
             listing.ensure(&conn)?;
-            Ok(conn)
+            // the readers' connection: the schema is in place, WAL is a property of the file
+            let reader = Connection::open(&path)
+                .map_err(|e| StorageError::unavailable(format!("cannot open {}", path.display())).with_source(e))?;
+            reader.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
+            Ok((reader, conn))
         })
         .await
         .map_err(|e| StorageError::unavailable("opening the database failed").with_source(e))??;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), status_table, tx_table, versions_table, keys_table, usage_table })
+        let writer = Writer::start(writer, thread_name)
+            .map_err(|e| StorageError::unavailable("cannot start the sqlite writer").with_source(e))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            writer,
+            status_table,
+            tx_table,
+            versions_table,
+            keys_table,
+            usage_table,
+        })
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs `f` in the writer's next transaction (see [`super::group_commit`]): the answer
+    /// comes once that transaction is committed and synced.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        self.writer.write(f).await
+    }
+
+    /// Runs `f` with the readers' connection on the blocking pool.
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StorageError> + Send + 'static,
@@ -146,7 +177,7 @@ impl StatusStore for SqliteStore {
         let (id, status, at, json) =
             (record.file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), to_json(record));
         let (owner, key) = (record.uploaded_by.clone(), listing_key(record));
-        self.with(move |c| match c.execute(&sql, params![id, status, at, json, owner, key]) {
+        self.write(move |c| match c.execute(&sql, params![id, status, at, json, owner, key]) {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
                 Err(StorageError::already_exists(format!("file {id}")))
@@ -183,14 +214,13 @@ impl StatusStore for SqliteStore {
     async fn withdraw(&self, file_id: FileId) -> Result<bool, StorageError> {
         let select = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
         let delete = format!("DELETE FROM {} WHERE file_id = ?1", self.status_table);
-        self.with(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        self.write(move |c| {
+            let tx = c; // inside the writer's transaction
             let json: Option<String> =
                 tx.query_row(&select, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
             match json.as_deref().map(from_json).transpose()? {
                 Some(record) if !record.announced => {
                     tx.execute(&delete, params![file_id.to_string()]).map_err(db_err)?;
-                    tx.commit().map_err(db_err)?;
                     Ok(true)
                 }
                 _ => Ok(false),
@@ -412,22 +442,21 @@ impl TransactionStore for SqliteStore {
 
     async fn write(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError> {
         let (versions, tt, vt) = (versions.to_vec(), self.tx_table.clone(), self.versions_table.clone());
-        self.with(move |c| {
+        self.write(move |c| {
             // IMMEDIATE: the checks and the writes are one step for every process on the file
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let tx = c; // inside the writer's transaction
             let mut current = Vec::new();
             for v in &versions {
-                current.extend(Self::select_current(&tx, &tt, &v.transaction_id)?);
+                current.extend(Self::select_current(tx, &tt, &v.transaction_id)?);
             }
             let refused = stale(&versions, &current);
             if !refused.is_empty() {
                 return Ok(WriteOutcome::Stale(refused));
             }
             for v in &versions {
-                Self::put_row(&tx, &tt, v)?;
-                Self::put_row(&tx, &vt, v)?;
+                Self::put_row(tx, &tt, v)?;
+                Self::put_row(tx, &vt, v)?;
             }
-            tx.commit().map_err(db_err)?;
             Ok(WriteOutcome::Written)
         })
         .await
@@ -435,17 +464,17 @@ impl TransactionStore for SqliteStore {
 
     async fn revert(&self, file_id: FileId, transaction_id: &str) -> Result<(), StorageError> {
         let (id, tt, vt) = (transaction_id.to_owned(), self.tx_table.clone(), self.versions_table.clone());
-        self.with(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-            let Some(mine) = Self::select_version(&tx, &vt, file_id, &id)? else { return Ok(()) };
-            let current = Self::select_current(&tx, &tt, &id)?;
+        self.write(move |c| {
+            let tx = c; // inside the writer's transaction
+            let Some(mine) = Self::select_version(tx, &vt, file_id, &id)? else { return Ok(()) };
+            let current = Self::select_current(tx, &tt, &id)?;
             if current.map(|t| t.version_ref()) == Some(mine.version_ref()) {
                 let earlier = match mine.replaces {
-                    Some(r) => Self::select_version(&tx, &vt, r.file_id, &id)?,
+                    Some(r) => Self::select_version(tx, &vt, r.file_id, &id)?,
                     None => None,
                 };
                 match earlier {
-                    Some(e) => Self::put_row(&tx, &tt, &e)?,
+                    Some(e) => Self::put_row(tx, &tt, &e)?,
                     None => {
                         tx.execute(&format!("DELETE FROM {tt} WHERE transaction_id = ?1"), params![id])
                             .map_err(db_err)?;
@@ -457,7 +486,7 @@ impl TransactionStore for SqliteStore {
                 params![file_id.to_string(), id],
             )
             .map_err(db_err)?;
-            tx.commit().map_err(db_err)
+            Ok(())
         })
         .await
     }
@@ -515,9 +544,9 @@ impl SqliteStore {
         let select = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
         let write =
             format!("UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1", self.status_table);
-        self.with(move |c| {
+        self.write(move |c| {
             // IMMEDIATE takes the write lock up front: read-check-write is atomic across processes
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let tx = c; // inside the writer's transaction
             let json: Option<String> =
                 tx.query_row(&select, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
             let mut record = from_json(&json.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?)?;
@@ -529,7 +558,6 @@ impl SqliteStore {
                 params![file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), to_json(&record)],
             )
             .map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
             Ok(Advance::Moved(record))
         })
         .await
@@ -540,7 +568,7 @@ impl SqliteStore {
         let sql = [&self.status_table, &self.tx_table, &self.versions_table, &self.keys_table, &self.usage_table]
             .map(|t| format!("DROP TABLE IF EXISTS {t};"))
             .concat();
-        self.with(move |c| c.execute_batch(&sql).map_err(db_err)).await
+        self.write(move |c| c.execute_batch(&sql).map_err(db_err)).await
     }
 }
 
@@ -554,7 +582,7 @@ impl ApiKeyStore for SqliteStore {
         let sql = format!("INSERT INTO {} (name, hash, record) VALUES (?1, ?2, ?3)", self.keys_table);
         let (name, hash) = (key.name.clone(), key.hash.clone());
         let json = serde_json::to_string(key).expect("a key record always serializes");
-        self.with(move |c| match c.execute(&sql, params![name, hash, json]) {
+        self.write(move |c| match c.execute(&sql, params![name, hash, json]) {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
                 Err(StorageError::already_exists(format!("API key {name}")))
@@ -588,15 +616,14 @@ impl ApiKeyStore for SqliteStore {
         let select = format!("SELECT record FROM {} WHERE name = ?1", self.keys_table);
         let write = format!("UPDATE {} SET record = ?2 WHERE name = ?1", self.keys_table);
         let name = name.to_owned();
-        self.with(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        self.write(move |c| {
+            let tx = c; // inside the writer's transaction
             let json: Option<String> = tx.query_row(&select, params![name], |r| r.get(0)).optional().map_err(db_err)?;
             let mut key = key_from_json(&json.ok_or_else(|| StorageError::not_found(format!("API key {name}")))?)?;
             if key.revoked_at.is_none() {
                 key.revoked_at = Some(at);
                 let json = serde_json::to_string(&key).expect("a key record always serializes");
                 tx.execute(&write, params![name, json]).map_err(db_err)?;
-                tx.commit().map_err(db_err)?;
             }
             Ok(())
         })
@@ -612,13 +639,12 @@ impl ApiKeyStore for SqliteStore {
         let count =
             format!("UPDATE {ut} SET count = count + 1 WHERE name = ?1 AND day = ?2 AND count < ?3 RETURNING count");
         let (name, day, limit) = (name.to_owned(), day.to_string(), i64::try_from(limit).unwrap_or(i64::MAX));
-        self.with(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        self.write(move |c| {
+            let tx = c; // inside the writer's transaction
             tx.execute(&forget, params![name, day]).map_err(db_err)?;
             tx.execute(&start, params![name, day]).map_err(db_err)?;
             let counted: Option<i64> =
                 tx.query_row(&count, params![name, day, limit], |r| r.get(0)).optional().map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
             Ok(match counted {
                 Some(n) => QuotaUse::Counted(n.max(0) as u64),
                 None => QuotaUse::Exhausted,
@@ -631,7 +657,7 @@ impl ApiKeyStore for SqliteStore {
         let sql =
             format!("UPDATE {} SET count = count - 1 WHERE name = ?1 AND day = ?2 AND count > 0", self.usage_table);
         let (name, day) = (name.to_owned(), day.to_string());
-        self.with(move |c| c.execute(&sql, params![name, day]).map(|_| ()).map_err(db_err)).await
+        self.write(move |c| c.execute(&sql, params![name, day]).map(|_| ()).map_err(db_err)).await
     }
 
     async fn check(&self) -> Result<(), StorageError> {

@@ -1,7 +1,8 @@
 //! The validator: consumes `file.uploaded`, streams the object through the CSV contract, and
 //! records `validated` (publishing `file.validated`) or `validation_failed` with every row
 //! error counted (publishing `file.rejected`). The loop in `txpipe_common::worker` does the
-//! rest; this crate adds the wait for the gateway's announcement and the check itself.
+//! rest; this crate adds what a message about an unknown (withdrawn) file means, and the check
+//! itself.
 
 use async_trait::async_trait;
 use txpipe_common::csv_schema::{self, ValidationReport};
@@ -12,9 +13,6 @@ use txpipe_common::status::{FileStatus, Mode, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_blocking, StorageErrorKind};
 use txpipe_common::worker::{Failure, Handler, Step};
 use txpipe_common::Deps;
-
-/// How long the validator waits for the gateway to confirm an upload it has recorded.
-pub const ANNOUNCE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The validator stage.
 pub struct Validator {
@@ -27,10 +25,11 @@ impl Validator {
     }
 
     /// A file.uploaded whose file has no status record. The gateway withdraws an upload it
-    /// could not announce (it deletes the object, then the record) and answers 503; if the
-    /// broker took the message but its confirm was lost, the message still arrives. With the
-    /// object gone too, that is such a withdrawn upload: nothing to do. Anything else is an
-    /// inconsistency for a person to look at in the DLQ.
+    /// could not announce (the record, then the object) and answers 503; if the broker took
+    /// the message but its confirm was lost, the message still arrives. With the object gone
+    /// too, that is such a withdrawn upload: nothing to do. An object without a record may be
+    /// a withdrawal halfway done: tried again; one that stays is an inconsistency for a person
+    /// to look at in the DLQ.
     async fn unknown_file(&self, msg: &StageMessage) -> Result<Option<StatusRecord>, Failure> {
         let file_id = msg.file_id();
         match self.deps.storage.objects.get(msg.object_key()).await {
@@ -38,7 +37,7 @@ impl Validator {
                 tracing::info!(%file_id, "dropping the announcement of an upload the gateway withdrew");
                 Ok(None)
             }
-            Ok(_) => Err(Failure::DeadLetter(format!(
+            Ok(_) => Err(Failure::Retry(format!(
                 "no status record for file {file_id}, though its object {} exists",
                 msg.object_key()
             ))),
@@ -65,37 +64,17 @@ impl Handler for Validator {
         Stage::Validator
     }
 
-    /// The file's record once the gateway has confirmed the upload. The gateway records an
-    /// upload before publishing and marks it announced after the broker's confirm; until then
-    /// it may still withdraw it (answering 503), so the validator waits for one or the other.
-    /// Past [`ANNOUNCE_GRACE`] the validator withdraws it itself: atomically, only while it is
-    /// still unannounced, so either the gateway's `mark_announced` wins (and the file is
-    /// processed) or the withdrawal does (the gateway then answers 503). The client was never
-    /// told of the file, so no `file.failed` goes out: the message is simply acked.
+    /// The file's record, announced or not: the gateway records an upload before publishing
+    /// and marks it announced after the broker's confirm, but the message may arrive first.
+    /// There is no waiting for that mark: claiming the file marks it announced (atomically, in
+    /// the same write), after which the gateway can no longer withdraw it: a gateway whose
+    /// confirm failed withdraws the record only while it is unannounced, and otherwise answers
+    /// 202 (the file is being processed). A record already withdrawn reads as unknown.
     async fn record(&self, deps: &Deps, msg: &StageMessage) -> Result<Option<StatusRecord>, Failure> {
-        let file_id = msg.file_id();
-        let deadline = tokio::time::Instant::now() + ANNOUNCE_GRACE;
-        loop {
-            match deps.storage.statuses.get(file_id).await {
-                Ok(Some(r)) if r.announced => return Ok(Some(r)),
-                Ok(Some(r)) if tokio::time::Instant::now() >= deadline => {
-                    match deps.storage.statuses.withdraw(file_id).await {
-                        Ok(true) => {
-                            tracing::warn!(%file_id, grace = ?ANNOUNCE_GRACE, "the gateway never confirmed this upload; withdrew it");
-                            if let Err(e) = deps.storage.objects.delete(&r.object_key).await {
-                                tracing::warn!(%file_id, error = %e, "cannot delete the withdrawn upload's object");
-                            }
-                            return Ok(None);
-                        }
-                        // announced (or withdrawn) meanwhile: read it again
-                        Ok(false) => continue,
-                        Err(e) => return Err(Failure::storage("withdrawing an unannounced upload", &e)),
-                    }
-                }
-                Ok(Some(_)) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-                Ok(None) => return self.unknown_file(msg).await,
-                Err(e) => return Err(Failure::storage("reading the file's status", &e)),
-            }
+        match deps.storage.statuses.get(msg.file_id()).await {
+            Ok(Some(r)) => Ok(Some(r)),
+            Ok(None) => self.unknown_file(msg).await,
+            Err(e) => Err(Failure::storage("reading the file's status", &e)),
         }
     }
 

@@ -1,0 +1,594 @@
+//! `txpipe bench e2e`: the whole pipeline measured from outside, as a user sees it. Uploads N
+//! files of R rows to a gateway (a running one, or `txpipe up` started on a fresh namespace),
+//! C at a time or at an offered rate, listens on the notifications exchange, and reports
+//! files/s, rows/s and the latency percentiles of the upload (its 202) and of upload →
+//! `file.completed`. In the same run it measures the broker's own ceiling for the same
+//! message pattern (four confirmed publishes and three acked consumes a file, on quorum queues
+//! declared exactly as the pipeline's), so the figure is read as a ratio on a shared machine.
+
+use crate::bench::peak_rss;
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use txpipe_common::amqp::{Broker, Publisher};
+use txpipe_common::messages::{Outgoing, StageMessage};
+use txpipe_common::stage::{RoutingKey, Stage};
+use txpipe_common::{FileId, Settings};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A running gateway's base URL; `None`: start `txpipe up` on a fresh namespace.
+    pub gateway: Option<String>,
+    pub api_key: Option<String>,
+    /// The running gateway's namespace (its notifications exchange is listened on).
+    pub namespace: Option<String>,
+    pub files: u64,
+    pub rows: u64,
+    /// Uploads in flight (closed loop), unless `rate` is given.
+    pub concurrency: usize,
+    /// Files a second offered (open loop): uploads start on schedule whatever the answers.
+    pub rate: Option<f64>,
+    /// Files uploaded and awaited before the timed run.
+    pub warmup: u64,
+    /// Skip the broker-ceiling run.
+    pub no_ceiling: bool,
+    /// Give up waiting for notifications after this long without one.
+    pub idle_timeout: Duration,
+}
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(mut samples: Vec<Duration>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        // nearest rank
+        let at = |p: f64| {
+            let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+            samples[rank - 1].as_secs_f64() * 1e3
+        };
+        Some(Self { p50: at(0.50), p90: at(0.90), p99: at(0.99), max: at(1.0) })
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "p50 {:>7.1} ms  p90 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms",
+            self.p50, self.p90, self.p99, self.max
+        )
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub files: u64,
+    pub rows_per_file: u64,
+    pub concurrency: Option<usize>,
+    pub offered_rate: Option<f64>,
+    pub accepted: u64,
+    pub refused: u64,
+    pub completed: u64,
+    pub rejected: u64,
+    pub failed: u64,
+    pub missing: u64,
+    pub seconds: f64,
+    pub files_per_second: f64,
+    pub rows_per_second: f64,
+    pub upload_ms: Option<Percentiles>,
+    pub completed_ms: Option<Percentiles>,
+    /// Files a second the broker alone carries with the same pattern, in the same run.
+    pub broker_ceiling_files_per_second: Option<f64>,
+    pub ratio_to_broker: Option<f64>,
+    pub client_peak_rss_bytes: Option<u64>,
+}
+
+impl Report {
+    pub fn print(&self) {
+        let how = match (self.offered_rate, self.concurrency) {
+            (Some(r), _) => format!("{r} files/s offered"),
+            (None, Some(c)) => format!("{c} in flight"),
+            _ => String::new(),
+        };
+        println!("txpipe e2e: {} files of {} rows, {how}, against {}", self.files, self.rows_per_file, self.target);
+        println!(
+            "  accepted {}, refused {}; completed {}, rejected {}, failed {}, no notification {}",
+            self.accepted, self.refused, self.completed, self.rejected, self.failed, self.missing
+        );
+        println!(
+            "  throughput: {:.1} files/s, {:.0} rows/s ({:.2} s)",
+            self.files_per_second, self.rows_per_second, self.seconds
+        );
+        if let Some(p) = &self.upload_ms {
+            println!("  upload (202):         {}", p.line());
+        }
+        if let Some(p) = &self.completed_ms {
+            println!("  upload → completed:   {}", p.line());
+        }
+        if let Some(c) = self.broker_ceiling_files_per_second {
+            println!(
+                "broker ceiling (4 confirmed publishes + 3 acked consumes a file, same in-flight): {c:.1} files/s"
+            );
+        }
+        if let Some(r) = self.ratio_to_broker {
+            println!("ratio txpipe / broker: {r:.2}");
+        }
+    }
+}
+
+/// One CSV file of `rows` rows whose transaction ids are unique to (`run`, `n`).
+fn csv_file(run: &str, n: u64, rows: u64) -> String {
+    let mut s = String::with_capacity(64 + rows as usize * 90);
+    s.push_str("transaction_id,amount,currency,timestamp,merchant,status\n");
+    for i in 0..rows {
+        s.push_str(&format!(
+            "{run}-{n}-{i},{}.{:02},EUR,2024-05-{:02}T12:{:02}:00Z,Merchant {},completed\n",
+            (n * 31 + i) % 10_000,
+            i % 100,
+            i % 28 + 1,
+            i % 60,
+            i % 97
+        ));
+    }
+    s
+}
+
+/// `txpipe up` started for the run, on its own namespace and data directory.
+struct Fleet {
+    child: tokio::process::Child,
+    settings: Settings,
+    base: String,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let namespace = format!("bench-{}", &FileId::new().to_string()[24..]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut settings = settings.clone();
+        settings.namespace = namespace.clone();
+        settings.data_dir = dir.path().to_owned();
+        let log = std::fs::File::create(dir.path().join("txpipe-up.log"))?;
+        let exe = std::env::current_exe().context("finding the txpipe binary")?;
+        let child = tokio::process::Command::new(exe)
+            .arg("up")
+            .env("TXPIPE_NAMESPACE", &namespace)
+            .env("TXPIPE_DATA_DIR", dir.path())
+            .env("TXPIPE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            // the local key must not be what is measured
+            .env("TXPIPE_DAILY_QUOTA", "1000000000")
+            .env("TXPIPE_RATE_PER_SECOND", "1000000")
+            .env("TXPIPE_RATE_BURST", "1000000")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting txpipe up")?;
+        let base = format!("http://127.0.0.1:{port}");
+        let key_path = crate::keys::local_key_path(&settings);
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut fleet = Self { child, settings, base, key: String::new(), _dir: dir };
+        loop {
+            if let Some(status) = fleet.child.try_wait()? {
+                let log = std::fs::read_to_string(fleet._dir.path().join("txpipe-up.log")).unwrap_or_default();
+                bail!("txpipe up exited ({status}):\n{log}");
+            }
+            let healthy =
+                http.get(format!("{}/health", fleet.base)).send().await.is_ok_and(|r| r.status().is_success());
+            if healthy {
+                if let Ok(key) = std::fs::read_to_string(&key_path) {
+                    fleet.key = key.trim().to_owned();
+                    return Ok(fleet);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("txpipe up did not come up within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, as a user stops it; then its topology and storage go.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+        if tokio::time::timeout(Duration::from_secs(40), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+        crate::provision::teardown(&self.settings, None).await?;
+        Ok(())
+    }
+}
+
+/// Completion times by file id, as the notifications arrive.
+#[derive(Default)]
+struct Finished {
+    at: HashMap<String, (Instant, String)>,
+}
+
+/// Listens on the namespace's notifications exchange (an exclusive queue bound to `#`).
+async fn listen(broker: &Broker, finished: Arc<Mutex<Finished>>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let channel = broker.channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let exchange = broker.names().notifications_exchange();
+    channel
+        .queue_bind(
+            queue.name().as_str().into(),
+            exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("binding to {exchange} (is the namespace right?)"))?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().as_str().into(),
+            "bench-e2e".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(tokio::spawn(async move {
+        let _channel = channel;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let now = Instant::now();
+            let Ok(body) = serde_json::from_slice::<serde_json::Value>(&delivery.data) else { continue };
+            let Some(id) = body.get("file_id").and_then(|v| v.as_str()) else { continue };
+            let kind = delivery.routing_key.to_string();
+            finished.lock().unwrap_or_else(|p| p.into_inner()).at.entry(id.to_owned()).or_insert((now, kind));
+        }
+    }))
+}
+
+/// What one upload came to.
+struct Sent {
+    started: Instant,
+    answered: Instant,
+    file_id: Option<String>,
+}
+
+async fn upload(http: &reqwest::Client, base: &str, key: &str, body: String) -> Sent {
+    let started = Instant::now();
+    let answer = http
+        .post(format!("{base}/upload"))
+        .header("x-api-key", key)
+        .header("content-type", "text/csv")
+        .body(body)
+        .send()
+        .await;
+    let file_id = match answer {
+        Ok(r) if r.status().as_u16() == 202 => r
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("file_id").and_then(|f| f.as_str()).map(str::to_owned)),
+        Ok(r) => {
+            let status = r.status();
+            let text = r.text().await.unwrap_or_default();
+            eprintln!("upload refused: {status} {}", text.chars().take(200).collect::<String>());
+            None
+        }
+        Err(e) => {
+            eprintln!("upload failed: {e}");
+            None
+        }
+    };
+    Sent { started, answered: Instant::now(), file_id }
+}
+
+/// Uploads `count` files (numbered from `first`), C at a time or at the offered rate.
+async fn upload_all(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    run: &str,
+    first: u64,
+    count: u64,
+    opts: &Options,
+) -> Vec<Sent> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let limit = Arc::new(Semaphore::new(match opts.rate {
+        // open loop: bounded only so a stalled gateway cannot use up the client's memory
+        Some(_) => 4096,
+        None => opts.concurrency.max(1),
+    }));
+    let start = tokio::time::Instant::now();
+    for n in first..first + count {
+        if let Some(rate) = opts.rate {
+            tokio::time::sleep_until(start + Duration::from_secs_f64((n - first) as f64 / rate)).await;
+        }
+        let permit = limit.clone().acquire_owned().await.expect("never closed");
+        let (http, base, key, body) = (http.clone(), base.to_owned(), key.to_owned(), csv_file(run, n, opts.rows));
+        tasks.spawn(async move {
+            let sent = upload(&http, &base, &key, body).await;
+            drop(permit);
+            sent
+        });
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    while let Some(sent) = tasks.join_next().await {
+        if let Ok(sent) = sent {
+            out.push(sent);
+        }
+    }
+    out
+}
+
+/// Waits until every accepted file has a notification, or none came for `idle`.
+async fn await_all(finished: &Mutex<Finished>, ids: &[String], idle: Duration) {
+    let (mut last_count, mut last_change) = (0, Instant::now());
+    loop {
+        let count = {
+            let f = finished.lock().unwrap_or_else(|p| p.into_inner());
+            ids.iter().filter(|id| f.at.contains_key(*id)).count()
+        };
+        if count == ids.len() {
+            return;
+        }
+        if count != last_count {
+            (last_count, last_change) = (count, Instant::now());
+        } else if last_change.elapsed() > idle {
+            eprintln!("no notification for {:?}; {} of {} files unaccounted for", idle, ids.len() - count, ids.len());
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs the benchmark.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let mut settings = Settings::load()?;
+    let fleet = match &opts.gateway {
+        Some(_) => None,
+        None => Some(Fleet::start(&settings).await?),
+    };
+    let (base, key) = match (&fleet, &opts.gateway) {
+        (Some(f), _) => (f.base.clone(), f.key.clone()),
+        (None, Some(g)) => (
+            g.trim_end_matches('/').to_owned(),
+            opts.api_key.clone().context("--api-key (or TXPIPE_API_KEY) is needed with --gateway")?,
+        ),
+        (None, None) => unreachable!("a fleet is started when no gateway is given"),
+    };
+    match &fleet {
+        Some(f) => settings = f.settings.clone(),
+        None => {
+            if let Some(ns) = &opts.namespace {
+                settings.namespace = ns.clone();
+            }
+        }
+    }
+    let target = match &fleet {
+        Some(f) => format!("txpipe up ({:?} storage, namespace {})", settings.storage, f.settings.namespace),
+        None => format!("{base} (namespace {})", settings.namespace),
+    };
+    let result = measure(&opts, &settings, &base, &key, target).await;
+    if let Some(f) = fleet {
+        if let Err(e) = f.stop().await {
+            eprintln!("stopping the benchmark's txpipe up: {e:#}");
+        }
+    }
+    let mut report = result?;
+    if !opts.no_ceiling {
+        let ceiling = broker_ceiling(&settings, opts.files, opts.concurrency, opts.rate).await?;
+        report.broker_ceiling_files_per_second = Some(ceiling);
+        report.ratio_to_broker = Some(report.files_per_second / ceiling);
+    }
+    report.client_peak_rss_bytes = peak_rss();
+    Ok(report)
+}
+
+async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, target: String) -> anyhow::Result<Report> {
+    let broker = Broker::connect(settings).await?;
+    let finished = Arc::new(Mutex::new(Finished::default()));
+    let listener = listen(&broker, finished.clone()).await?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(4096).build()?;
+    let run_id = FileId::new().to_string().replace('-', "");
+    let run_id = &run_id[run_id.len() - 12..];
+    if opts.warmup > 0 {
+        let warm = upload_all(&http, base, key, run_id, 0, opts.warmup, opts).await;
+        let ids: Vec<String> = warm.into_iter().filter_map(|s| s.file_id).collect();
+        await_all(&finished, &ids, opts.idle_timeout).await;
+    }
+    let started = Instant::now();
+    let sent = upload_all(&http, base, key, run_id, opts.warmup, opts.files, opts).await;
+    let ids: Vec<String> = sent.iter().filter_map(|s| s.file_id.clone()).collect();
+    await_all(&finished, &ids, opts.idle_timeout).await;
+    listener.abort();
+    broker.close().await;
+    let done = finished.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut completed, mut rejected, mut failed, mut missing) = (0, 0, 0, 0);
+    let mut last = started;
+    let mut completed_ms = Vec::new();
+    for s in &sent {
+        let Some(id) = &s.file_id else { continue };
+        match done.at.get(id) {
+            None => missing += 1,
+            Some((at, kind)) => {
+                last = last.max(*at);
+                match kind.as_str() {
+                    "file.completed" => {
+                        completed += 1;
+                        completed_ms.push(at.saturating_duration_since(s.started));
+                    }
+                    "file.rejected" => rejected += 1,
+                    _ => failed += 1,
+                }
+            }
+        }
+    }
+    let seconds = last.duration_since(started).as_secs_f64().max(1e-9);
+    let accepted = ids.len() as u64;
+    Ok(Report {
+        target,
+        files: opts.files,
+        rows_per_file: opts.rows,
+        concurrency: opts.rate.is_none().then_some(opts.concurrency),
+        offered_rate: opts.rate,
+        accepted,
+        refused: opts.files - accepted,
+        completed,
+        rejected,
+        failed,
+        missing,
+        seconds,
+        files_per_second: completed as f64 / seconds,
+        rows_per_second: (completed * opts.rows) as f64 / seconds,
+        upload_ms: Percentiles::of(sent.iter().map(|s| s.answered - s.started).collect()),
+        completed_ms: Percentiles::of(completed_ms),
+        broker_ceiling_files_per_second: None,
+        ratio_to_broker: None,
+        client_peak_rss_bytes: None,
+    })
+}
+
+/// The broker alone, carrying the pipeline's message pattern: a client publishes
+/// `file.uploaded` (confirmed; C at a time, as uploads) and listens for the notifications; three stand-in stages each
+/// consume their queue (prefetch as the workers'), publish the next message (confirmed) and
+/// ack, the last one to the notifications exchange. The queues are the pipeline's own,
+/// declared by txpipe on a namespace of the run's, removed afterwards. Returns files/s.
+pub async fn broker_ceiling(
+    settings: &Settings,
+    files: u64,
+    concurrency: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<f64> {
+    let mut settings = settings.clone();
+    settings.namespace = format!("bench-ceiling-{}", &FileId::new().to_string()[24..]);
+    let broker = Broker::connect(&settings).await?;
+    broker.declare_all().await?;
+    let names = broker.names().clone();
+    let result = async {
+        let mut stages = Vec::new();
+        for stage in Stage::ALL {
+            let publisher = broker.publisher().await?;
+            let channel = broker.channel().await?;
+            channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+            let mut consumer = channel
+                .basic_consume(
+                    names.queue(stage).as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let names = names.clone();
+            stages.push(tokio::spawn(async move {
+                let _channel = channel;
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    let (publisher, names) = (publisher.clone(), names.clone());
+                    tokio::spawn(async move {
+                        let next = next_message(stage, &names, &delivery.data);
+                        if publish(&publisher, &next).await {
+                            let _ = delivery.ack(BasicAckOptions::default()).await;
+                        }
+                    });
+                }
+            }));
+        }
+        let finished = Arc::new(Mutex::new(Finished::default()));
+        let listener = listen(&broker, finished.clone()).await?;
+        let publisher = broker.publisher().await?;
+        let limit = Arc::new(Semaphore::new(if rate.is_some() { 4096 } else { concurrency.max(1) }));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut ids = Vec::with_capacity(files as usize);
+        for n in 0..files {
+            if let Some(rate) = rate {
+                tokio::time::sleep_until((started + Duration::from_secs_f64(n as f64 / rate)).into()).await;
+            }
+            let permit = limit.clone().acquire_owned().await.expect("never closed");
+            let file_id = FileId::new();
+            ids.push(file_id.to_string());
+            let msg = StageMessage::uploaded(file_id, names.object_key(&file_id)).outgoing(&names);
+            let publisher = publisher.clone();
+            // like an upload: the permit is given back once the publish is confirmed
+            tasks.spawn(async move {
+                publish(&publisher, &msg).await;
+                drop(permit);
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        await_all(&finished, &ids, Duration::from_secs(30)).await;
+        let seconds = started.elapsed().as_secs_f64();
+        listener.abort();
+        let arrived =
+            ids.iter().filter(|id| finished.lock().unwrap_or_else(|p| p.into_inner()).at.contains_key(*id)).count();
+        if arrived < ids.len() {
+            bail!("the broker-ceiling run lost {} of {} messages", ids.len() - arrived, ids.len());
+        }
+        for s in stages {
+            s.abort();
+        }
+        anyhow::Ok(files as f64 / seconds)
+    }
+    .await;
+    broker.teardown().await?;
+    broker.close().await;
+    result
+}
+
+/// What a stand-in stage publishes for a message it consumed.
+fn next_message(stage: Stage, names: &txpipe_common::Names, body: &[u8]) -> Outgoing {
+    let file_id = txpipe_common::messages::file_id_of(body).map(|f| f.to_string()).unwrap_or_default();
+    let (exchange, key) = match stage {
+        Stage::Validator => (names.pipeline_exchange(), RoutingKey::FileValidated.as_str()),
+        Stage::Transformer => (names.pipeline_exchange(), RoutingKey::FileProcessed.as_str()),
+        Stage::Notifier => (names.notifications_exchange(), "file.completed"),
+    };
+    // about the size of the real messages (a notification carries the file's counts)
+    let body = serde_json::json!({
+        "file_id": file_id,
+        "object_key": format!("uploads/{file_id}.csv"),
+        "status": "completed",
+        "records_processed": 100,
+        "row_count": 100,
+        "error_count": 0,
+        "at": chrono::Utc::now(),
+    });
+    Outgoing {
+        exchange,
+        routing_key: key.to_owned(),
+        body: body.to_string().into_bytes(),
+        message_id: format!("{file_id}:{key}"),
+        mandatory: stage != Stage::Notifier,
+        headers: Vec::new(),
+    }
+}
+
+async fn publish(publisher: &Publisher, msg: &Outgoing) -> bool {
+    match publisher.publish(msg).await {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("broker ceiling: publish failed: {e}");
+            false
+        }
+    }
+}
