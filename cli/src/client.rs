@@ -4,8 +4,7 @@
 //! Every failure becomes a [`ClientError`] that prints as one line and, for `--json`, as one
 //! JSON object: the gateway's own error body as it is when it sent one.
 
-use futures::StreamExt;
-use reqwest::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderValue, RETRY_AFTER};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -17,6 +16,9 @@ pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a GET may take: statuses and pages are small, so a slower answer is a stuck gateway.
 const GET_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an upload's answer may take once its body is sent: the gateway stores, records
+/// and announces the file first (each bounded by its own timeouts, far below this).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(180);
 /// Polling starts quick, for the small files that finish in a few hundred milliseconds, and
 /// slows down to this, so a long file costs the gateway one request a second.
 const FIRST_POLL: Duration = Duration::from_millis(100);
@@ -41,11 +43,11 @@ pub enum ClientError {
         retry_after: Option<u64>,
     },
     /// No answer: connection refused, reset, timed out.
-    #[error("cannot reach the gateway at {url}: {}", chain(source))]
+    #[error("cannot reach the gateway at {url}: {}", chain(source.as_ref()))]
     Unreachable {
         url: String,
         #[source]
-        source: reqwest::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A local file could not be read.
     #[error("cannot read {path}: {source}")]
@@ -156,10 +158,12 @@ impl Gateway {
         // here rather than fail on the first request
         match reqwest::Url::parse(&base) {
             Ok(u) if u.scheme() == "http" => {}
-            Ok(u) if u.scheme() == "https" => return Err(ClientError::Usage(format!(
+            Ok(u) if u.scheme() == "https" => {
+                return Err(ClientError::Usage(format!(
                 "--gateway {}: this txpipe speaks plain http:// only (reach an https gateway through a local proxy)",
                 one_line(&base)
-            ))),
+            )))
+            }
             _ => return Err(ClientError::Usage(format!("--gateway {} is not an http:// URL", one_line(&base)))),
         }
         Ok(Self { base, key, http })
@@ -182,37 +186,56 @@ impl Gateway {
     }
 
     /// Uploads `path` as a raw `text/csv` body, streamed from disk (never whole in memory),
-    /// calling `on_bytes` with each chunk's size as it is handed to the connection. Returns
-    /// the gateway's 2xx answer (`file_id`, `status`, ...).
+    /// calling `on_bytes` with each chunk's size as it is written to the connection. Returns
+    /// the gateway's 2xx answer (`file_id`, `status`, ...). Sent with `Expect: 100-continue`
+    /// (see [`crate::http1`]), so a refusal before the body (401, 413, 429, 503) is read as the
+    /// gateway's answer, not lost to a cut connection.
     pub async fn upload(
         &self,
         path: &Path,
         idempotency_key: Option<&str>,
-        on_bytes: impl Fn(u64) + Send + Sync + 'static,
+        on_bytes: impl FnMut(u64),
     ) -> Result<Value, ClientError> {
         let file_error = |source| ClientError::File { path: path.display().to_string(), source };
         let file = tokio::fs::File::open(path).await.map_err(file_error)?;
         let len = file.metadata().await.map_err(file_error)?.len();
-        let chunks = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).map(move |chunk| {
-            if let Ok(bytes) = &chunk {
-                on_bytes(bytes.len() as u64);
-            }
-            chunk
-        });
-        // the length up front lets the gateway refuse a file over its limit (413) before a
-        // byte of it is sent
-        let mut req = self
-            .request(reqwest::Method::POST, "/upload")
-            .header(CONTENT_TYPE, "text/csv")
-            .header(CONTENT_LENGTH, len)
-            .body(reqwest::Body::wrap_stream(chunks));
-        if let Some(k) = idempotency_key {
-            let value = HeaderValue::from_str(k).map_err(|_| {
-                ClientError::Usage(format!("--idempotency-key {k:?} has characters a header cannot carry"))
-            })?;
-            req = req.header(IDEMPOTENCY_HEADER, value);
+        let url = reqwest::Url::parse(&format!("{}/upload", self.base))
+            .map_err(|e| ClientError::Usage(format!("--gateway {} is not a URL: {e}", one_line(&self.base))))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| ClientError::Usage(format!("--gateway {} has no host", one_line(&self.base))))?;
+        let target = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        // header values were checked (HeaderValue::from_str refuses CR, LF and the like), so
+        // nothing can be smuggled into the head
+        let mut headers = vec![("content-type", "text/csv".to_owned())];
+        if let Some(k) = &self.key {
+            headers.push((txpipe_common::auth::KEY_HEADER, String::from_utf8_lossy(k.as_bytes()).into_owned()));
         }
-        let answer = self.send(req).await?;
+        if let Some(k) = idempotency_key {
+            if HeaderValue::from_str(k).is_err() || k.is_empty() {
+                return Err(ClientError::Usage(format!("--idempotency-key {k:?} is not a header value")));
+            }
+            headers.push((IDEMPOTENCY_HEADER, k.to_owned()));
+        }
+        let req = crate::http1::Request {
+            host,
+            port: url.port_or_known_default().unwrap_or(80),
+            target: &target,
+            headers,
+            len,
+            body: file,
+        };
+        let resp = match crate::http1::post(req, CONNECT_TIMEOUT, ANSWER_TIMEOUT, on_bytes).await {
+            Ok(r) => r,
+            Err(crate::http1::Error::Source(source)) => return Err(file_error(source)),
+            Err(crate::http1::Error::Protocol(p)) => return Err(ClientError::BadAnswer(p)),
+            Err(e) => return Err(ClientError::Unreachable { url: self.base.clone(), source: Box::new(e) }),
+        };
+        let retry_after = resp.header("retry-after").and_then(|v| v.trim().parse::<u64>().ok());
+        let answer = interpret(resp.status, retry_after, &String::from_utf8_lossy(&resp.body))?;
         if answer["file_id"].as_str().is_none() {
             return Err(ClientError::BadAnswer(format!(
                 "an upload answer without a file_id: {}",
@@ -299,28 +322,35 @@ impl Gateway {
 
     /// Sends a request and reads its JSON answer; any non-2xx is [`ClientError::Refused`].
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
-        let unreachable = |source| ClientError::Unreachable { url: self.base.clone(), source };
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable { url: self.base.clone(), source: Box::new(e) };
         let resp = req.send().await.map_err(unreachable)?;
-        let status = resp.status();
+        let status = resp.status().as_u16();
         let retry_after =
             resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
         let text = resp.text().await.map_err(unreachable)?;
-        let parsed = serde_json::from_str::<Value>(&text);
-        if status.is_success() {
-            return parsed.map_err(|_| {
-                ClientError::BadAnswer(format!("{status} with a body that is not JSON: {}", one_line(&text)))
-            });
-        }
-        let body = match parsed {
-            Ok(v) if v["error"].is_string() => v,
-            // a proxy's page, or hyper's bare 400: keep the gateway's shape all the same
-            _ => serde_json::json!({
-                "error": status.canonical_reason().unwrap_or("error").to_lowercase().replace(' ', "_"),
-                "message": one_line(text.trim()),
-            }),
-        };
-        Err(ClientError::Refused { status: status.as_u16(), body, retry_after })
+        interpret(status, retry_after, &text)
     }
+}
+
+/// An answer's JSON if it is a 2xx; otherwise [`ClientError::Refused`] with the gateway's error
+/// body (or the text in the same shape, from a proxy or hyper's bare 400).
+fn interpret(status: u16, retry_after: Option<u64>, text: &str) -> Result<Value, ClientError> {
+    let parsed = serde_json::from_str::<Value>(text);
+    if (200..300).contains(&status) {
+        return parsed
+            .map_err(|_| ClientError::BadAnswer(format!("{status} with a body that is not JSON: {}", one_line(text))));
+    }
+    let body = match parsed {
+        Ok(v) if v["error"].is_string() => v,
+        _ => {
+            let reason = reqwest::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason());
+            serde_json::json!({
+                "error": reason.unwrap_or("error").to_lowercase().replace(' ', "_"),
+                "message": one_line(text.trim()),
+            })
+        }
+    };
+    Err(ClientError::Refused { status, body, retry_after })
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod client;
 pub mod commands;
 pub mod dlq;
 pub mod fleet;
+pub mod http1;
 pub mod keys;
 pub mod output;
 pub mod provision;

@@ -146,7 +146,15 @@ async fn upload_wait_status_and_files_against_a_running_fleet() {
     assert_exit(&o, 2, "files --status nonsense");
     assert!(stderr(&o).contains("400 bad_request: status must be one of"), "{}", stderr(&o));
 
-    // no API key: one clear line on stderr, nothing on stdout, exit 2
+    // no API key: one clear line on stderr, nothing on stdout, exit 2; for a file far larger
+    // than socket buffers too (the gateway answers before the body and closes: the client asks
+    // for 100 Continue first, so it reads that answer instead of a cut connection)
+    let big = write(dir.path(), "big.csv", &valid_csv("big", 40_000));
+    assert!(std::fs::metadata(&big).unwrap().len() > 2_000_000);
+    let big_s = big.to_str().unwrap();
+    let o = txpipe(&["upload", "--gateway", &base, big_s], None).await;
+    assert_exit(&o, 2, "upload of a large file without a key");
+    assert!(stderr(&o).contains("401 unauthorized"), "{}", stderr(&o));
     let o = txpipe(&["upload", "--wait", "--gateway", &base, valid_s], None).await;
     assert_exit(&o, 2, "upload without a key");
     assert!(stdout(&o).is_empty(), "{}", stdout(&o));
@@ -158,8 +166,7 @@ async fn upload_wait_status_and_files_against_a_running_fleet() {
     assert!(stderr(&o).contains("401 unauthorized"), "{}", stderr(&o));
 
     // over the gateway's size limit: refused (413) on its declared length, exit 2
-    let big = write(dir.path(), "big.csv", &valid_csv("big", 2000));
-    let o = txpipe(&["upload", "--json", "--gateway", &base, big.to_str().unwrap()], Some(&key)).await;
+    let o = txpipe(&["upload", "--json", "--gateway", &base, big_s], Some(&key)).await;
     assert_exit(&o, 2, "upload over the limit");
     assert!(stderr(&o).contains("413 too_large"), "{}", stderr(&o));
     assert_eq!(json_lines(&o)[0]["error"], "too_large", "the gateway's error body as it is");
