@@ -220,6 +220,12 @@ pub async fn upload(args: UploadArgs) -> Outcome {
     worst
 }
 
+/// Uploads refused as busy or rate-limited (429, 503 with a short `Retry-After`) are sent
+/// again this many times: the gateway keeps nothing of them, so trying again is safe.
+const UPLOAD_RETRIES: u32 = 3;
+/// The longest `Retry-After` worth waiting for (a daily quota's says hours: that is reported).
+const MAX_UPLOAD_RETRY_AFTER: u64 = 30;
+
 async fn upload_one(
     gateway: &Gateway,
     path: &Path,
@@ -227,13 +233,26 @@ async fn upload_one(
     key: Option<&str>,
     progress: bool,
 ) -> Result<Value, ClientError> {
-    // the size only sizes the bar: the client reads it again when it opens the file
-    let len = if progress { tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0) } else { 0 };
-    let bar = output::upload_bar(progress, name, len);
-    let counter = bar.clone();
-    let result = gateway.upload(path, key, move |n| counter.inc(n)).await;
-    bar.finish_and_clear();
-    result
+    let mut retries = 0;
+    loop {
+        // the size only sizes the bar: the client reads it again when it opens the file
+        let len = if progress { tokio::fs::metadata(path).await.map(|m| m.len()).unwrap_or(0) } else { 0 };
+        let bar = output::upload_bar(progress, name, len);
+        let counter = bar.clone();
+        let result = gateway.upload(path, key, move |n| counter.inc(n)).await;
+        bar.finish_and_clear();
+        match &result {
+            Err(e @ ClientError::Refused { status: 429 | 503, retry_after: Some(s), .. })
+                if retries < UPLOAD_RETRIES && *s <= MAX_UPLOAD_RETRY_AFTER =>
+            {
+                retries += 1;
+                let wait = (*s).max(1);
+                output::warn(format!("{name}: {e}; trying again in {wait} s"));
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            _ => return result,
+        }
+    }
 }
 
 /// Says `e` on stderr (and as a JSON line with --json); a failure, exit 2.

@@ -218,6 +218,24 @@ pub fn details(record: &Value) -> Vec<String> {
     if let Some(reason) = record["reason"].as_str() {
         out.push(field("reason", crate::client::one_line(reason)));
     }
+    let history = record["history"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let omitted = count(record, "history_omitted").unwrap_or(0);
+    for (i, h) in history.iter().enumerate() {
+        let label = if i == 0 { "history" } else { "" };
+        let mut line = format!(
+            "{}  {}",
+            short_time(&h["at"]),
+            h["status"].as_str().map(crate::client::one_line).unwrap_or_default()
+        );
+        if let Some(r) = h["reason"].as_str() {
+            line.push_str(&format!(": {}", crate::client::one_line(r)));
+        }
+        out.push(field(label, line));
+        // the record keeps the first change and the latest ones
+        if i == 0 && omitted > 0 {
+            out.push(field("", format!("… {omitted} more")));
+        }
+    }
     out
 }
 
@@ -295,6 +313,29 @@ mod tests {
         let r = json!({"file_id": "f1", "status": "processing_failed", "reason": "storage\ndown"});
         assert_eq!(summary("a.csv", &r), vec!["a.csv: failed (processing_failed): storage\\ndown (file f1)"]);
         assert_eq!(summary("f1", &r), vec!["f1: failed (processing_failed): storage\\ndown"]);
+    }
+
+    #[test]
+    fn details_show_counts_errors_and_history() {
+        let r = json!({"file_id": "f1", "status": "validation_failed", "created_at": "2024-01-15T10:30:00Z",
+                       "updated_at": "2024-01-15T10:30:01Z", "size_bytes": 95, "uploaded_by": "acme",
+                       "row_count": 4, "error_count": 1, "errors": [{"row": 2, "column": "amount", "message": "bad"}],
+                       "history": [{"status": "uploaded", "at": "2024-01-15T10:30:00Z"},
+                                   {"status": "validation_failed", "at": "2024-01-15T10:30:01Z", "reason": "1 problem"}]});
+        assert_eq!(
+            details(&r),
+            vec![
+                "file_id    f1",
+                "status     validation_failed",
+                "uploaded   2024-01-15 10:30:00Z by acme, 95 bytes",
+                "updated    2024-01-15 10:30:01Z",
+                "rows       4 rows",
+                "errors     1",
+                "  row 2, column amount: bad",
+                "history    2024-01-15 10:30:00Z  uploaded",
+                "           2024-01-15 10:30:01Z  validation_failed: 1 problem",
+            ]
+        );
     }
 
     #[test]

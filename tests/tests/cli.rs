@@ -190,10 +190,21 @@ async fn upload_sends_one_idempotency_key_per_file_and_says_when_the_gateway_is_
             let kept = kept.clone();
             async move {
                 let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                kept.lock().unwrap().push((get("idempotency-key"), get("content-length")));
+                let first_busy = {
+                    let mut kept = kept.lock().unwrap();
+                    let first = get("idempotency-key").as_deref() == Some("busy")
+                        && !kept.iter().any(|(k, _)| k.as_deref() == Some("busy"));
+                    kept.push((get("idempotency-key"), get("content-length")));
+                    first
+                };
+                if first_busy {
+                    let busy = serde_json::json!({"error": "busy", "message": "too many uploads at once"});
+                    let headers = [(axum::http::header::RETRY_AFTER, "1")];
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, headers, axum::Json(busy));
+                }
                 let answer = serde_json::json!({"file_id": "0190d1f4-0000-7000-8000-000000000001", "status": "uploaded",
                                                 "size_bytes": body.len()});
-                (axum::http::StatusCode::ACCEPTED, axum::Json(answer))
+                (axum::http::StatusCode::ACCEPTED, [(axum::http::header::RETRY_AFTER, "0")], axum::Json(answer))
             }
         }),
     );
@@ -209,7 +220,7 @@ async fn upload_sends_one_idempotency_key_per_file_and_says_when_the_gateway_is_
     assert_exit(&o, 0, "upload of two files with one idempotency key");
     let o = txpipe(&["upload", "--idempotency-key", "k8", "--gateway", &base, a_s], Some("txp_x")).await;
     assert_exit(&o, 0, "upload of one file with an idempotency key");
-    let lens = [a, b.clone(), b.clone()].map(|p| Some(std::fs::metadata(p).unwrap().len().to_string()));
+    let lens = [&a, &b, &b].map(|p| Some(std::fs::metadata(p).unwrap().len().to_string()));
     assert_eq!(
         *seen.lock().unwrap(),
         vec![
@@ -219,6 +230,13 @@ async fn upload_sends_one_idempotency_key_per_file_and_says_when_the_gateway_is_
         ],
         "KEY-N for the Nth of several files, the key as given for one; the file's length declared"
     );
+    seen.lock().unwrap().clear();
+
+    // busy (503 with a short Retry-After): sent again, and said so on stderr
+    let o = txpipe(&["upload", "--idempotency-key", "busy", "--gateway", &base, a_s], Some("txp_x")).await;
+    assert_exit(&o, 0, "upload once the gateway is no longer busy");
+    assert!(stderr(&o).contains("503 busy: too many uploads at once; trying again in 1 s"), "{}", stderr(&o));
+    assert_eq!(seen.lock().unwrap().len(), 2, "the upload was sent twice");
     server.abort();
     let _ = server.await;
 
