@@ -16,6 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// How long to wait for `100 Continue` before sending the body anyway.
 pub const CONTINUE_WAIT: Duration = Duration::from_secs(1);
+/// How long one chunk of the body may wait to be taken by the connection: a server that
+/// neither reads nor answers would otherwise hold the upload for ever.
+const WRITE_STALL: Duration = Duration::from_secs(60);
 /// The largest response head or body read (the gateway's answers are a few hundred bytes).
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -111,7 +114,11 @@ pub async fn post<B: AsyncRead + Unpin>(
             if n == 0 {
                 break;
             }
-            if let Err(e) = wr.write_all(&chunk[..n]).await {
+            let written = match tokio::time::timeout(WRITE_STALL, wr.write_all(&chunk[..n])).await {
+                Ok(w) => w,
+                Err(_) => return Err(Error::Timeout(WRITE_STALL)),
+            };
+            if let Err(e) = written {
                 // the server answered and closed mid-body (a body that stalls, say): its
                 // answer may still be readable
                 return match tokio::time::timeout(Duration::from_secs(2), read_final(&mut rd, &mut buf)).await {
@@ -259,7 +266,7 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>, Error> {
         if size == 0 {
             return Ok(out);
         }
-        if raw.len() < size + 2 {
+        if size.checked_add(2).is_none_or(|end| raw.len() < end) {
             return Err(bad());
         }
         out.extend_from_slice(&raw[..size]);
@@ -286,6 +293,7 @@ mod tests {
         assert_eq!(dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
         assert!(dechunk(b"5\r\nab").is_err());
         assert!(dechunk(b"zz\r\n").is_err());
+        assert!(dechunk(b"ffffffffffffffff\r\nab").is_err(), "a size that would overflow");
     }
 
     #[tokio::test]
