@@ -198,7 +198,11 @@ impl Gateway {
     ) -> Result<Value, ClientError> {
         let file_error = |source| ClientError::File { path: path.display().to_string(), source };
         let file = tokio::fs::File::open(path).await.map_err(file_error)?;
-        let len = file.metadata().await.map_err(file_error)?.len();
+        let meta = file.metadata().await.map_err(file_error)?;
+        if !meta.is_file() {
+            return Err(file_error(std::io::Error::other("not a regular file")));
+        }
+        let len = meta.len();
         let url = reqwest::Url::parse(&format!("{}/upload", self.base))
             .map_err(|e| ClientError::Usage(format!("--gateway {} is not a URL: {e}", one_line(&self.base))))?;
         let host = url

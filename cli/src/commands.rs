@@ -173,7 +173,7 @@ pub async fn upload(args: UploadArgs) -> Outcome {
             Ok(_) => {}
             // refused uploads are said at once (and in order in the JSON lines below)
             Err(e) => {
-                output::warn(format!("{name}: {e}"));
+                say(Some(&name), e);
                 if args.json && !args.wait {
                     out.json(&e.to_json());
                 }
@@ -255,12 +255,17 @@ async fn upload_one(
     }
 }
 
+/// Says `e` on stderr, after the file it is about (unless the error names it already).
+fn say(name: Option<&str>, e: &ClientError) {
+    match name {
+        Some(n) if !matches!(e, ClientError::File { .. }) => output::warn(format!("{n}: {e}")),
+        _ => output::warn(e),
+    }
+}
+
 /// Says `e` on stderr (and as a JSON line with --json); a failure, exit 2.
 fn fail(out: &mut Out, json: bool, name: Option<&str>, e: &ClientError) -> Outcome {
-    match name {
-        Some(n) => output::warn(format!("{n}: {e}")),
-        None => output::warn(e),
-    }
+    say(name, e);
     if json {
         out.json(&e.to_json());
     }
