@@ -1,5 +1,6 @@
-//! A small HTTP client of the gateway for the CLI: upload a file as a streamed raw body,
-//! read a file's status, list files, and wait for a file's final status by polling.
+//! A small HTTP client of the gateway for the CLI: upload a file as a streamed raw body
+//! (over [`crate::http1`], which waits for `100 Continue`), read a file's status and list
+//! files (reqwest), and wait for a file's final status by polling.
 //!
 //! Every failure becomes a [`ClientError`] that prints as one line and, for `--json`, as one
 //! JSON object: the gateway's own error body as it is when it sent one.
@@ -167,10 +168,6 @@ impl Gateway {
             _ => return Err(ClientError::Usage(format!("--gateway {} is not an http:// URL", one_line(&base)))),
         }
         Ok(Self { base, key, http })
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
