@@ -1,10 +1,10 @@
 //! The `txpipe` command: run the fleet on one machine, manage the topology and API keys, talk
 //! to a gateway, benchmark the validator.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use txpipe_cli::dlq;
+use txpipe_cli::{commands, dlq};
 use txpipe_common::auth::{KeyError, KeyLimits};
 use txpipe_common::config::AuthMode;
 use txpipe_common::stage::Service;
@@ -31,23 +31,14 @@ enum Command {
     Provision,
     /// Delete the namespace's bucket, tables and topology, with their data.
     Teardown,
-    /// Upload a CSV file to a running gateway and print its answer.
-    Upload {
-        file: PathBuf,
-        /// The gateway's base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        gateway: String,
-        #[command(flatten)]
-        key: KeyArg,
-    },
-    /// Show a file's status from a running gateway.
-    Status {
-        file_id: String,
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        gateway: String,
-        #[command(flatten)]
-        key: KeyArg,
-    },
+    /// Upload CSV files to a running gateway; with --wait, wait for each one's final status.
+    Upload(commands::UploadArgs),
+    /// Show a file's status from a running gateway; with --watch, follow it to a final status.
+    Status(commands::StatusArgs),
+    /// List your files (admin keys: every file), newest first.
+    Files(commands::FilesArgs),
+    /// Check CSV files against the contract offline, with the validator's own code.
+    Validate(commands::ValidateArgs),
     /// Create, list and revoke API keys (in the storage the settings name).
     Keys {
         #[command(subcommand)]
@@ -65,13 +56,6 @@ enum Command {
         #[command(subcommand)]
         which: Bench,
     },
-}
-
-#[derive(clap::Args)]
-struct KeyArg {
-    /// The API key to send (as x-api-key).
-    #[arg(long = "api-key", env = "TXPIPE_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -163,6 +147,14 @@ impl FilterArgs {
     }
 }
 
+/// The API key for `bench e2e --gateway`.
+#[derive(clap::Args)]
+struct KeyArg {
+    /// The API key to send (as x-api-key).
+    #[arg(long = "api-key", env = "TXPIPE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Bench {
     /// Validate a generated file and bare-parse it with the csv crate; print MB/s and peak memory.
@@ -218,6 +210,11 @@ enum Bench {
 async fn main() -> std::process::ExitCode {
     let command = match Cli::parse().command {
         Command::Up => return up().await,
+        // the client commands have exit statuses of their own (0 done, 1 rejected, 2 failed)
+        Command::Upload(args) => return commands::upload(args).await.into(),
+        Command::Status(args) => return commands::status(args).await.into(),
+        Command::Files(args) => return commands::files(args).await.into(),
+        Command::Validate(args) => return commands::validate(args).await.into(),
         other => other,
     };
     match run(command).await {
@@ -246,9 +243,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Upload { file, gateway, key } => upload(&file, &gateway, key.api_key.as_deref()).await,
-        Command::Status { file_id, gateway, key } => {
-            get_json(&format!("{}/files/{file_id}", gateway.trim_end_matches('/')), key.api_key.as_deref()).await
+        Command::Upload(_) | Command::Status(_) | Command::Files(_) | Command::Validate(_) => {
+            bail!("the client commands are run by main")
         }
         Command::Keys { command } => keys_command(command).await,
         Command::Bench { which: Bench::Validate { rows, file, runs } } => bench(rows, file, runs),
@@ -468,45 +464,6 @@ async fn topology(action: &str) -> anyhow::Result<()> {
         other => bail!("unknown action {other}"),
     }
     broker.close().await;
-    Ok(())
-}
-
-/// A request that carries the API key, if one is given.
-fn with_key(req: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
-    match key {
-        Some(k) => req.header(txpipe_common::auth::KEY_HEADER, k),
-        None => req,
-    }
-}
-
-async fn upload(file: &PathBuf, gateway: &str, key: Option<&str>) -> anyhow::Result<()> {
-    let body = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
-    let client = reqwest::Client::new();
-    let resp = with_key(client.post(format!("{}/upload", gateway.trim_end_matches('/'))), key)
-        .header("content-type", "text/csv")
-        .body(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(body)))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the gateway at {gateway}"))?;
-    print_response(resp).await
-}
-
-async fn get_json(url: &str, key: Option<&str>) -> anyhow::Result<()> {
-    let resp =
-        with_key(reqwest::Client::new().get(url), key).send().await.with_context(|| format!("cannot reach {url}"))?;
-    print_response(resp).await
-}
-
-async fn print_response(resp: reqwest::Response) -> anyhow::Result<()> {
-    let status = resp.status();
-    let text = resp.text().await?;
-    match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
-        Err(_) => println!("{text}"),
-    }
-    if !status.is_success() {
-        bail!("the gateway answered {status}");
-    }
     Ok(())
 }
 

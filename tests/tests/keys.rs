@@ -262,13 +262,14 @@ async fn txpipe_keys_creates_lists_and_revokes_and_the_client_commands_send_the_
     std::fs::write(&file, valid_csv("cli", 2)).unwrap();
     let file = file.to_str().unwrap();
     let base = fleet.base_url.as_str();
-    let (ok, out, _) = txpipe(&fleet, &["upload", file, "--gateway", base], &[]);
-    assert!(!ok && out.contains("unauthorized"), "{out}");
-    let (ok, out, err) = txpipe(&fleet, &["upload", file, "--gateway", base], &[("TXPIPE_API_KEY", &key)]);
+    let (ok, _, err) = txpipe(&fleet, &["upload", file, "--gateway", base], &[]);
+    assert!(!ok && err.contains("401 unauthorized"), "{err}");
+    let (ok, out, err) = txpipe(&fleet, &["upload", "--json", file, "--gateway", base], &[("TXPIPE_API_KEY", &key)]);
     assert!(ok, "{out} {err}");
     let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["file_id"].as_str().unwrap().to_owned();
-    let (ok, out, err) = txpipe(&fleet, &["status", &id, "--gateway", base, "--api-key", &key], &[]);
-    assert!(ok && out.contains(r#""uploaded_by": "ci""#), "{out} {err}");
+    let (ok, out, err) = txpipe(&fleet, &["status", "--json", &id, "--gateway", base, "--api-key", &key], &[]);
+    assert!(ok, "{out} {err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["uploaded_by"], "ci", "{out}");
 
     let (ok, out, err) = txpipe(&fleet, &["keys", "revoke", "ci"], &[]);
     assert!(ok && out.contains("revoked"), "{out} {err}");
