@@ -270,6 +270,8 @@ enum Claimed {
         waited: bool,
     },
     Stopping,
+    /// The file has no status record.
+    Missing,
 }
 
 /// An attempt's hold on [`Loop::solo`]; held, never read.
@@ -539,39 +541,53 @@ impl Loop {
         }
     }
 
-    /// One try at a message: admit it by the file's status, claim the file and move it through
-    /// the stage, and say what to do with the message.
+    /// One try at a message: claim the file (the claim reads the record and admits the message
+    /// in the same atomic change: one storage call, no separate read), move it through the
+    /// stage, and say what to do with the message. An observed message (the notifier's
+    /// `file.rejected`) moves nothing: it only reads the record.
     async fn attempt(&self, msg: &StageMessage, attempt_id: &str, resumed: bool) -> Result<Outcome, Failure> {
         let (stage, file_id) = (self.stage(), msg.file_id());
-        let Some(record) = self.handler.record(&self.deps, msg).await? else {
-            return Ok(Outcome::Publish(Vec::new()));
-        };
-        // held until the outcome is recorded
-        let mut _guard = None;
-        let step = match self.spec.admit(msg.routing_key(), &record) {
-            Admission::Refuse(why) => return Err(Failure::DeadLetter(why)),
-            Admission::PassOn => {
-                tracing::info!(%stage, %file_id, status = %record.status, "already past this stage; passing on its result");
-                return Ok(Outcome::Publish(self.announcing(&record)));
+        if self.spec.observes.is_some_and(|(key, _)| key == msg.routing_key()) {
+            let Some(record) = self.handler.record(&self.deps, msg).await? else {
+                return Ok(Outcome::Publish(Vec::new()));
+            };
+            return match self.spec.admit(msg.routing_key(), &record) {
+                Admission::Refuse(why) => Err(Failure::DeadLetter(why)),
+                _ => self.settle_step(file_id, self.handler.work(msg, &record).await?).await,
+            };
+        }
+        let (record, _guard) = match self.claim(file_id, attempt_id, resumed).await? {
+            Claimed::Mine(record, guard) => (record, guard),
+            Claimed::Poisoned(record) => return Ok(Outcome::Poisoned(Box::new(record))),
+            Claimed::Stopping => return Ok(Outcome::Abandon),
+            Claimed::Lost { record, waited } => {
+                if let Admission::PassOn = self.spec.admit(msg.routing_key(), &record) {
+                    tracing::info!(%stage, %file_id, status = %record.status, "already past this stage; passing on its result");
+                }
+                return self.lost(msg, record, waited || resumed);
             }
-            Admission::Observe => self.handler.work(msg, &record).await?,
-            Admission::Work => {
-                let record = match self.claim(file_id, attempt_id, resumed).await? {
-                    Claimed::Mine(record, guard) => {
-                        _guard = Some(guard);
-                        record
+            // no record: what that means is the handler's to say (the validator: an upload the
+            // gateway withdrew; elsewhere: an inconsistency for the DLQ)
+            Claimed::Missing => {
+                return match self.handler.record(&self.deps, msg).await? {
+                    None => Ok(Outcome::Publish(Vec::new())),
+                    Some(_) => {
+                        Err(Failure::Retry(format!("the record of file {file_id} came and went while claiming it")))
                     }
-                    Claimed::Poisoned(record) => return Ok(Outcome::Poisoned(Box::new(record))),
-                    Claimed::Stopping => return Ok(Outcome::Abandon),
-                    Claimed::Lost { record, waited } => return self.lost(msg, record, waited || resumed),
-                };
-                tokio::select! {
-                    biased;
-                    step = self.handler.work(msg, &record) => step?,
-                    never = self.heartbeat(file_id, attempt_id) => match never {},
                 }
             }
         };
+        // held until the outcome is recorded
+        let step = tokio::select! {
+            biased;
+            step = self.handler.work(msg, &record) => step?,
+            never = self.heartbeat(file_id, attempt_id) => match never {},
+        };
+        self.settle_step(file_id, step).await
+    }
+
+    /// Records how the stage's work ended and says what to publish.
+    async fn settle_step(&self, file_id: crate::FileId, step: Step) -> Result<Outcome, Failure> {
         match step {
             Step::Stay => Ok(Outcome::Publish(Vec::new())),
             Step::Advance(to, update) => {
@@ -599,11 +615,7 @@ impl Loop {
             };
             let record = match self.deps.storage.statuses.update(file_id, change).await {
                 Ok(Advance::Moved(r) | Advance::Refused(r)) => r,
-                // withdrawn by the gateway meanwhile: read again (the handler decides what a
-                // file without a record means)
-                Err(e) if e.kind() == crate::storage::StorageErrorKind::NotFound => {
-                    return Err(Failure::Retry(format!("file {file_id} has no status record any more")))
-                }
+                Err(e) if e.kind() == crate::storage::StorageErrorKind::NotFound => return Ok(Claimed::Missing),
                 Err(e) => return Err(Failure::storage("claiming the file", &e)),
             };
             let claim = *found.lock().unwrap_or_else(|p| p.into_inner());
