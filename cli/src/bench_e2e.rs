@@ -193,7 +193,7 @@ impl Fleet {
                 bail!("txpipe up exited ({status}):\n{log}");
             }
             let healthy =
-                http.get(format!("{}/health", fleet.base)).send().await.is_ok_and(|r| r.status().is_success());
+                http.get(format!("{}/readyz", fleet.base)).send().await.is_ok_and(|r| r.status().is_success());
             if healthy {
                 if let Ok(key) = std::fs::read_to_string(&key_path) {
                     fleet.key = key.trim().to_owned();

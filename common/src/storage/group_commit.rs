@@ -33,7 +33,7 @@ impl Writer {
     /// Starts the writer thread on `conn` (already open and set up).
     pub fn start(conn: Connection, name: String) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::unbounded_channel();
-        std::thread::Builder::new().name(name).spawn(move || run(conn, queue))?;
+        std::thread::Builder::new().name(name).spawn(move || serve(conn, queue))?;
         Ok(Self { jobs })
     }
 
@@ -67,21 +67,26 @@ fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StorageError>,
 ) -> Result<T, StorageError> {
-    conn.execute_batch("SAVEPOINT w").map_err(|e| StorageError::unavailable("sqlite savepoint").with_source(e))?;
+    run(conn, "SAVEPOINT w").map_err(|e| StorageError::unavailable("sqlite savepoint").with_source(e))?;
     let result = match std::panic::catch_unwind(AssertUnwindSafe(|| f(conn))) {
         Ok(r) => r,
         Err(_) => Err(StorageError::unavailable("a sqlite write panicked")),
     };
-    let end = if result.is_ok() { "RELEASE w" } else { "ROLLBACK TO w; RELEASE w" };
-    if let Err(e) = conn.execute_batch(end) {
+    let end = if result.is_ok() { Ok(()) } else { run(conn, "ROLLBACK TO w") };
+    if let Err(e) = end.and_then(|()| run(conn, "RELEASE w")) {
         return Err(StorageError::unavailable("sqlite savepoint").with_source(e));
     }
     result
 }
 
+/// Runs a statement without parameters, prepared once per connection (thousands run a second).
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 /// The writer thread: takes what is queued (at least one write), commits it as one
 /// transaction, answers every caller, and again, until every handle is dropped.
-fn run(conn: Connection, mut queue: mpsc::UnboundedReceiver<Job>) {
+fn serve(conn: Connection, mut queue: mpsc::UnboundedReceiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
@@ -91,7 +96,7 @@ fn run(conn: Connection, mut queue: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
-        let (finishes, committed): (Vec<Finish>, Result<(), String>) = match conn.execute_batch("BEGIN IMMEDIATE") {
+        let (finishes, committed): (Vec<Finish>, Result<(), String>) = match run(&conn, "BEGIN IMMEDIATE") {
             Err(e) => {
                 // not begun (the lock stayed busy past the timeout, the disk failed): no write
                 // runs, each caller hears why
@@ -101,8 +106,8 @@ fn run(conn: Connection, mut queue: mpsc::UnboundedReceiver<Job>) {
             }
             Ok(()) => {
                 let finishes = batch.drain(..).map(|job| job(Ok(&conn))).collect();
-                let committed = conn.execute_batch("COMMIT").map_err(|e| {
-                    let _ = conn.execute_batch("ROLLBACK");
+                let committed = run(&conn, "COMMIT").map_err(|e| {
+                    let _ = run(&conn, "ROLLBACK");
                     e.to_string()
                 });
                 (finishes, committed)

@@ -68,12 +68,98 @@ impl LocalObjectStore {
     }
 }
 
-/// Removes a temporary file when dropped (a no-op once it was renamed into place).
-struct RemoveOnDrop(PathBuf);
+/// The largest body written in one piece (gathered in memory first): a few in-flight uploads
+/// of this size cost little memory, and 100-row files are about 9 KB.
+const WHOLE_MAX: usize = 256 * 1024;
+
+/// Sets its flag when the put that owns it is dropped (its client gone) before the write
+/// finished.
+#[derive(Default)]
+struct DroppedFlag {
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: bool,
+}
+
+impl Drop for DroppedFlag {
+    fn drop(&mut self) {
+        if !self.done {
+            self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// Writes a whole object: a temporary file beside it, synced, renamed into place (unless the
+/// put was dropped meanwhile: then the temporary file goes).
+fn write_whole(
+    path: &Path,
+    chunks: &[bytes::Bytes],
+    dropped: &std::sync::atomic::AtomicBool,
+) -> Result<u64, StorageError> {
+    use std::io::Write;
+    let dir = path.parent().expect("a key has a parent directory");
+    std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create", dir, e))?;
+    let tmp = dir.join(format!(".{}.part", uuid::Uuid::new_v4()));
+    let guard = RemoveOnDrop(Some(tmp.clone()));
+    let mut file = std::fs::File::create(&tmp).map_err(|e| unavailable("cannot create", &tmp, e))?;
+    let mut size = 0u64;
+    for chunk in chunks {
+        file.write_all(chunk).map_err(|e| unavailable("cannot write", &tmp, e))?;
+        size += chunk.len() as u64;
+    }
+    file.sync_all().map_err(|e| unavailable("cannot sync", &tmp, e))?;
+    if dropped.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(StorageError::upload_failed(std::io::Error::other("the upload was abandoned")));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| unavailable("cannot rename into", path, e))?;
+    guard.keep();
+    Ok(size)
+}
+
+/// Removes a temporary file when dropped, unless it was kept (renamed into place).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl LocalObjectStore {
+    /// A body too large to gather: streamed to a temporary file chunk by chunk, `head` first.
+    async fn put_streaming(
+        &self,
+        path: &Path,
+        head: Vec<bytes::Bytes>,
+        mut body: ByteStream,
+    ) -> Result<u64, StorageError> {
+        let dir = path.parent().expect("a key has a parent directory");
+        tokio::fs::create_dir_all(dir).await.map_err(|e| unavailable("cannot create", dir, e))?;
+        let tmp = dir.join(format!(".{}.part", uuid::Uuid::new_v4()));
+        // a put dropped half-way (its client gone) removes its temporary file too
+        let guard = RemoveOnDrop(Some(tmp.clone()));
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| unavailable("cannot create", &tmp, e))?;
+        let mut size = 0u64;
+        for chunk in head {
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(|e| unavailable("cannot write", &tmp, e))?;
+        }
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(StorageError::upload_failed)?;
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(|e| unavailable("cannot write", &tmp, e))?;
+        }
+        file.sync_all().await.map_err(|e| unavailable("cannot sync", &tmp, e))?;
+        tokio::fs::rename(&tmp, path).await.map_err(|e| unavailable("cannot rename into", path, e))?;
+        guard.keep();
+        Ok(size)
     }
 }
 
@@ -81,25 +167,29 @@ impl Drop for RemoveOnDrop {
 impl ObjectStore for LocalObjectStore {
     async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, StorageError> {
         let path = self.path(key)?;
-        let dir = path.parent().expect("a key has a parent directory");
-        tokio::fs::create_dir_all(dir).await.map_err(|e| unavailable("cannot create", dir, e))?;
-        let tmp = dir.join(format!(".{}.part", uuid::Uuid::new_v4()));
-        // a put dropped half-way (its client gone) removes its temporary file too
-        let _guard = RemoveOnDrop(tmp.clone());
-        let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| unavailable("cannot create", &tmp, e))?;
-            let mut size = 0u64;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(StorageError::upload_failed)?;
-                size += chunk.len() as u64;
-                file.write_all(&chunk).await.map_err(|e| unavailable("cannot write", &tmp, e))?;
+        // most uploads are small: gathered here, then written, synced and renamed in one task
+        // on the blocking pool (one hop, not one per chunk); a larger body streams
+        let mut head = Vec::new();
+        let mut size = 0usize;
+        while size <= WHOLE_MAX {
+            match body.next().await {
+                Some(chunk) => {
+                    let chunk = chunk.map_err(StorageError::upload_failed)?;
+                    size += chunk.len();
+                    head.push(chunk);
+                }
+                None => {
+                    // the client may go away meanwhile: the write then removes its file
+                    let mut dropped = DroppedFlag::default();
+                    let flag = dropped.flag.clone();
+                    let written = tokio::task::spawn_blocking(move || write_whole(&path, &head, &flag)).await;
+                    dropped.done = true;
+                    return written
+                        .map_err(|e| StorageError::unavailable("object write task failed").with_source(e))?;
+                }
             }
-            file.sync_all().await.map_err(|e| unavailable("cannot sync", &tmp, e))?;
-            tokio::fs::rename(&tmp, &path).await.map_err(|e| unavailable("cannot rename into", &path, e))?;
-            Ok(size)
         }
-        .await;
-        result
+        self.put_streaming(&path, head, body).await
     }
 
     async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {

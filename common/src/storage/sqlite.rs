@@ -177,12 +177,14 @@ impl StatusStore for SqliteStore {
         let (id, status, at, json) =
             (record.file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), to_json(record));
         let (owner, key) = (record.uploaded_by.clone(), listing_key(record));
-        self.write(move |c| match c.execute(&sql, params![id, status, at, json, owner, key]) {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                Err(StorageError::already_exists(format!("file {id}")))
+        self.write(move |c| {
+            match c.prepare_cached(&sql).and_then(|mut st| st.execute(params![id, status, at, json, owner, key])) {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    Err(StorageError::already_exists(format!("file {id}")))
+                }
+                Err(e) => Err(db_err(e)),
             }
-            Err(e) => Err(db_err(e)),
         })
         .await
     }
@@ -190,8 +192,9 @@ impl StatusStore for SqliteStore {
     async fn get(&self, file_id: FileId) -> Result<Option<StatusRecord>, StorageError> {
         let sql = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
         self.with(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
             let json: Option<String> =
-                c.query_row(&sql, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
+                stmt.query_row(params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
             json.as_deref().map(from_json).transpose()
         })
         .await
@@ -545,19 +548,26 @@ impl SqliteStore {
         let write =
             format!("UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1", self.status_table);
         self.write(move |c| {
-            // IMMEDIATE takes the write lock up front: read-check-write is atomic across processes
-            let tx = c; // inside the writer's transaction
-            let json: Option<String> =
-                tx.query_row(&select, params![file_id.to_string()], |r| r.get(0)).optional().map_err(db_err)?;
+            // the writer's transaction is IMMEDIATE (the write lock taken up front): read, check
+            // and write are atomic across processes
+            let json: Option<String> = c
+                .prepare_cached(&select)
+                .and_then(|mut st| st.query_row(params![file_id.to_string()], |r| r.get(0)).optional())
+                .map_err(db_err)?;
             let mut record = from_json(&json.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?)?;
             if !change(&mut record) {
                 return Ok(Advance::Refused(record));
             }
-            tx.execute(
-                &write,
-                params![file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), to_json(&record)],
-            )
-            .map_err(db_err)?;
+            c.prepare_cached(&write)
+                .and_then(|mut st| {
+                    st.execute(params![
+                        file_id.to_string(),
+                        record.status.as_str(),
+                        record.updated_at.to_rfc3339(),
+                        to_json(&record)
+                    ])
+                })
+                .map_err(db_err)?;
             Ok(Advance::Moved(record))
         })
         .await
@@ -596,7 +606,10 @@ impl ApiKeyStore for SqliteStore {
         let sql = format!("SELECT record FROM {} WHERE hash = ?1", self.keys_table);
         let hash = hash.to_owned();
         self.with(move |c| {
-            let json: Option<String> = c.query_row(&sql, params![hash], |r| r.get(0)).optional().map_err(db_err)?;
+            let json: Option<String> = c
+                .prepare_cached(&sql)
+                .and_then(|mut st| st.query_row(params![hash], |r| r.get(0)).optional())
+                .map_err(db_err)?;
             json.as_deref().map(key_from_json).transpose()
         })
         .await
@@ -641,10 +654,12 @@ impl ApiKeyStore for SqliteStore {
         let (name, day, limit) = (name.to_owned(), day.to_string(), i64::try_from(limit).unwrap_or(i64::MAX));
         self.write(move |c| {
             let tx = c; // inside the writer's transaction
-            tx.execute(&forget, params![name, day]).map_err(db_err)?;
-            tx.execute(&start, params![name, day]).map_err(db_err)?;
-            let counted: Option<i64> =
-                tx.query_row(&count, params![name, day, limit], |r| r.get(0)).optional().map_err(db_err)?;
+            tx.prepare_cached(&forget).and_then(|mut st| st.execute(params![name, day])).map_err(db_err)?;
+            tx.prepare_cached(&start).and_then(|mut st| st.execute(params![name, day])).map_err(db_err)?;
+            let counted: Option<i64> = tx
+                .prepare_cached(&count)
+                .and_then(|mut st| st.query_row(params![name, day, limit], |r| r.get(0)).optional())
+                .map_err(db_err)?;
             Ok(match counted {
                 Some(n) => QuotaUse::Counted(n.max(0) as u64),
                 None => QuotaUse::Exhausted,
