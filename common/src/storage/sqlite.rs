@@ -8,7 +8,7 @@
 use super::group_commit::Writer;
 use super::listing::{cursor_after, listing_key};
 use super::{
-    decode_cursor, encode_cursor, stale, Advance, ApiKeyRecord, ApiKeyStore, Change, FilePage, FileQuery, QuotaUse,
+    decode_cursor, encode_cursor, Advance, ApiKeyRecord, ApiKeyStore, Change, FilePage, FileQuery, QuotaUse,
     StatusStore, StorageError, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
 };
 use crate::csv_schema::TxStatus;
@@ -330,21 +330,46 @@ const TX_VALUE_DEFS: &str = "amount TEXT NOT NULL, currency TEXT NOT NULL, times
 const TX_COLUMNS: &str = "transaction_id, file_id, amount, currency, timestamp, timestamp_epoch, merchant, status, \
                           processed_at, version, replaces_file, replaces_version";
 
-fn tx_params(r: &Transaction) -> [Box<dyn rusqlite::ToSql>; 12] {
-    [
-        Box::new(r.transaction_id.clone()),
-        Box::new(r.file_id.to_string()),
-        Box::new(r.amount.to_string()),
-        Box::new(r.currency.clone()),
-        Box::new(r.timestamp.to_rfc3339()),
-        Box::new(r.timestamp_epoch),
-        Box::new(r.merchant.clone()),
-        Box::new(r.status.as_str()),
-        Box::new(r.processed_at.to_rfc3339()),
-        Box::new(r.version as i64),
-        Box::new(r.replaces.map(|v| v.file_id.to_string())),
-        Box::new(r.replaces.map(|v| v.version as i64)),
-    ]
+/// One version's column values, formatted once and bound by reference (no box per value).
+struct TxValues<'a> {
+    t: &'a Transaction,
+    file_id: String,
+    amount: String,
+    timestamp: String,
+    processed_at: String,
+    replaces_file: Option<String>,
+}
+
+impl<'a> TxValues<'a> {
+    fn of(t: &'a Transaction) -> Self {
+        Self {
+            t,
+            file_id: t.file_id.to_string(),
+            amount: t.amount.to_string(),
+            timestamp: t.timestamp.to_rfc3339(),
+            processed_at: t.processed_at.to_rfc3339(),
+            replaces_file: t.replaces.map(|v| v.file_id.to_string()),
+        }
+    }
+
+    /// In [`TX_COLUMNS`] order, as `?1` to `?12`.
+    fn execute(&self, stmt: &mut rusqlite::CachedStatement<'_>) -> rusqlite::Result<usize> {
+        let t = self.t;
+        stmt.execute(params![
+            t.transaction_id,
+            self.file_id,
+            self.amount,
+            t.currency,
+            self.timestamp,
+            t.timestamp_epoch,
+            t.merchant,
+            t.status.as_str(),
+            self.processed_at,
+            t.version as i64,
+            self.replaces_file,
+            t.replaces.map(|v| v.version as i64),
+        ])
+    }
 }
 
 fn tx_from_row(r: &rusqlite::Row<'_>) -> Result<Transaction, StorageError> {
@@ -424,7 +449,7 @@ impl SqliteStore {
             "INSERT OR REPLACE INTO {table} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
         );
         let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
-        stmt.execute(rusqlite::params_from_iter(tx_params(r).iter())).map_err(db_err)?;
+        TxValues::of(r).execute(&mut stmt).map_err(db_err)?;
         Ok(())
     }
 }
@@ -445,22 +470,63 @@ impl TransactionStore for SqliteStore {
 
     async fn write(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError> {
         let (versions, tt, vt) = (versions.to_vec(), self.tx_table.clone(), self.versions_table.clone());
+        // the condition is in the write itself (a new transaction: insert unless the id exists;
+        // a next version: update only the version it replaces, which its `replaces_*` columns,
+        // ?11 and ?12, name), so the usual case costs one
+        // statement per table and no read; a refusal undoes the call's writes and reads the
+        // refused rows as they are (the writer's transaction is IMMEDIATE: no other process
+        // writes in between)
+        let new = format!(
+            "INSERT INTO {tt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (transaction_id) DO NOTHING"
+        );
+        let next = format!(
+            "UPDATE {tt} SET ({TX_COLUMNS}) = (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             WHERE transaction_id = ?1 AND file_id = ?11 AND version = ?12"
+        );
+        let keep = format!(
+            "INSERT OR REPLACE INTO {vt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        );
         self.write(move |c| {
-            // IMMEDIATE: the checks and the writes are one step for every process on the file
-            let tx = c; // inside the writer's transaction
-            let mut current = Vec::new();
-            for v in &versions {
-                current.extend(Self::select_current(tx, &tt, &v.transaction_id)?);
+            c.execute_batch("SAVEPOINT ledger").map_err(db_err)?;
+            let written = (|| -> Result<Vec<&Transaction>, StorageError> {
+                let mut refused = Vec::new();
+                for v in &versions {
+                    if !refused.is_empty() {
+                        // refused already: the rest are only checked
+                        if !v.expects(Self::select_current(c, &tt, &v.transaction_id)?.as_ref()) {
+                            refused.push(v);
+                        }
+                        continue;
+                    }
+                    let values = TxValues::of(v);
+                    let sql = if v.replaces.is_none() { &new } else { &next };
+                    let changed = values.execute(&mut c.prepare_cached(sql).map_err(db_err)?).map_err(db_err)?;
+                    if changed == 1 {
+                        values.execute(&mut c.prepare_cached(&keep).map_err(db_err)?).map_err(db_err)?;
+                    } else {
+                        refused.push(v);
+                    }
+                }
+                Ok(refused)
+            })();
+            let refused = match written {
+                Ok(r) if r.is_empty() => {
+                    c.execute_batch("RELEASE ledger").map_err(db_err)?;
+                    return Ok(WriteOutcome::Written);
+                }
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = c.execute_batch("ROLLBACK TO ledger; RELEASE ledger");
+                    return Err(e);
+                }
+            };
+            c.execute_batch("ROLLBACK TO ledger; RELEASE ledger").map_err(db_err)?;
+            let mut stale = Vec::with_capacity(refused.len());
+            for v in refused {
+                stale.push((v.transaction_id.clone(), Self::select_current(c, &tt, &v.transaction_id)?));
             }
-            let refused = stale(&versions, &current);
-            if !refused.is_empty() {
-                return Ok(WriteOutcome::Stale(refused));
-            }
-            for v in &versions {
-                Self::put_row(tx, &tt, v)?;
-                Self::put_row(tx, &vt, v)?;
-            }
-            Ok(WriteOutcome::Written)
+            Ok(WriteOutcome::Stale(stale))
         })
         .await
     }
