@@ -71,6 +71,9 @@ pub struct Settings {
     pub delivery_limit: u32,
     /// Rows per write batch in the transformer.
     pub batch_size: usize,
+    /// DynamoDB: conditional writes (TransactWriteItems of up to 50 rows) of one batch in
+    /// flight at once, so a provisioned table can be filled at its capacity.
+    pub dynamodb_write_concurrency: usize,
     /// What a row does whose transaction another file already stored with other values:
     /// `reject` (the file is refused, or in partial mode the row) or `update` (a new version).
     pub on_conflict: crate::status::OnConflict,
@@ -142,6 +145,7 @@ impl Default for Settings {
             retry_factor: 2.0,
             delivery_limit: 5,
             batch_size: 500,
+            dynamodb_write_concurrency: 4,
             on_conflict: crate::status::OnConflict::Reject,
             allow_upload_on_conflict: false,
             log_format: LogFormat::Json,
@@ -224,6 +228,9 @@ impl Settings {
         }
         if self.batch_size == 0 || self.batch_size > 10_000 {
             return bad("TXPIPE_BATCH_SIZE", "must be between 1 and 10000");
+        }
+        if self.dynamodb_write_concurrency == 0 || self.dynamodb_write_concurrency > 256 {
+            return bad("TXPIPE_DYNAMODB_WRITE_CONCURRENCY", "must be between 1 and 256");
         }
         if self.s3_part_size_bytes < 5 * 1024 * 1024 || self.s3_part_size_bytes > 512 * 1024 * 1024 {
             return bad("TXPIPE_S3_PART_SIZE_BYTES", "must be between 5 MiB (S3's minimum part) and 512 MiB");

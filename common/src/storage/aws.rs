@@ -34,9 +34,6 @@ use std::time::Duration;
 
 /// Keys per BatchGetItem call: DynamoDB's limit.
 const BATCH_GET_MAX: usize = 100;
-/// Conditional writes of a batch in flight at once (each a TransactWriteItems of up to
-/// [`super::MAX_WRITE`] versions).
-const TRANSACT_WRITES_IN_FLIGHT: usize = 4;
 /// Tries of a transaction that DynamoDB cancelled for a concurrent one on the same items.
 const TRANSACT_ATTEMPTS: usize = 8;
 /// The status table's sparse index of uploads recorded but not yet announced: only such items
@@ -352,6 +349,9 @@ pub struct DynamoStore {
     /// write. Never trusted for more: a stale entry only fails the write's condition, whose
     /// answer carries the item as it is (`ReturnValuesOnConditionCheckFailure`).
     known: std::sync::Mutex<KnownStatuses>,
+    /// Conditional writes of a batch in flight at once (each a TransactWriteItems of up to
+    /// [`super::MAX_WRITE`] versions): `TXPIPE_DYNAMODB_WRITE_CONCURRENCY`.
+    write_concurrency: usize,
 }
 
 /// A bounded map of file id → (record, version), oldest entries dropped first.
@@ -457,7 +457,7 @@ fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Transaction, Stor
 }
 
 impl DynamoStore {
-    pub fn new(sdk: &SdkConfig, names: &Names) -> Self {
+    pub fn new(sdk: &SdkConfig, names: &Names, write_concurrency: usize) -> Self {
         Self {
             client: aws_sdk_dynamodb::Client::from_conf(
                 aws_sdk_dynamodb::config::Builder::from(sdk).interceptor(CountCalls).build(),
@@ -467,6 +467,7 @@ impl DynamoStore {
             versions_table: names.transaction_versions_table(),
             keys_table: names.api_keys_table(),
             known: Default::default(),
+            write_concurrency: write_concurrency.max(1),
         }
     }
 
@@ -985,7 +986,7 @@ impl TransactionStore for DynamoStore {
         let chunks: Vec<Vec<Transaction>> = versions.chunks(super::MAX_WRITE).map(<[_]>::to_vec).collect();
         let outcomes: Vec<WriteOutcome> = futures::stream::iter(chunks)
             .map(|chunk| async move { self.write_chunk(&chunk).await })
-            .buffered(TRANSACT_WRITES_IN_FLIGHT)
+            .buffered(self.write_concurrency)
             .try_collect()
             .await?;
         let mut refused = Vec::new();

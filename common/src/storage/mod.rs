@@ -374,7 +374,7 @@ impl Storage {
 
     /// S3 and DynamoDB stores for `settings`' namespace, from an SDK configuration.
     pub fn aws(sdk: &aws_config::SdkConfig, settings: &Settings) -> Self {
-        let db = Arc::new(aws::DynamoStore::new(sdk, &settings.names()));
+        let db = Arc::new(aws::DynamoStore::new(sdk, &settings.names(), settings.dynamodb_write_concurrency));
         let objects = Arc::new(aws::S3ObjectStore::new(sdk, settings));
         Self { objects, statuses: db.clone(), transactions: db.clone(), keys: db }
     }
