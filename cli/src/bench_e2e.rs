@@ -12,7 +12,7 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -97,6 +97,10 @@ pub struct Report {
     pub broker_ceiling_files_per_second: Option<f64>,
     pub ratio_to_broker: Option<f64>,
     pub client_peak_rss_bytes: Option<u64>,
+    /// S3 and DynamoDB requests a file took in the timed run, by `service/operation` (from
+    /// the gateway's `txpipe_storage_calls_total`; only when the services run in the gateway's
+    /// process, as with `txpipe up`); empty on embedded storage.
+    pub storage_calls_per_file: BTreeMap<String, f64>,
 }
 
 impl Report {
@@ -120,6 +124,11 @@ impl Report {
         }
         if let Some(p) = &self.completed_ms {
             println!("  upload → completed:   {}", p.line());
+        }
+        if !self.storage_calls_per_file.is_empty() {
+            let total: f64 = self.storage_calls_per_file.values().sum();
+            let each: Vec<String> = self.storage_calls_per_file.iter().map(|(op, n)| format!("{op} {n:.2}")).collect();
+            println!("  storage calls a file: {total:.2} ({})", each.join(", "));
         }
         if let Some(c) = self.broker_ceiling_files_per_second {
             println!(
@@ -166,6 +175,8 @@ impl Fleet {
         let mut settings = settings.clone();
         settings.namespace = namespace.clone();
         settings.data_dir = dir.path().to_owned();
+        // the bucket and tables (S3 and DynamoDB need them made; the embedded store makes its own)
+        crate::provision::provision(&settings, None).await.context("provisioning the benchmark's namespace")?;
         let log = std::fs::File::create(dir.path().join("txpipe-up.log"))?;
         let exe = std::env::current_exe().context("finding the txpipe binary")?;
         let child = tokio::process::Command::new(exe)
@@ -417,12 +428,14 @@ async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, tar
         let ids: Vec<String> = warm.into_iter().filter_map(|s| s.file_id).collect();
         await_all(&finished, &ids, opts.idle_timeout).await;
     }
+    let calls_before = storage_calls(&http, base, key).await;
     let started = Instant::now();
     let sent = upload_all(&http, base, key, run_id, opts.warmup, opts.files, opts).await;
     let ids: Vec<String> = sent.iter().filter_map(|s| s.file_id.clone()).collect();
     await_all(&finished, &ids, opts.idle_timeout).await;
     listener.abort();
     broker.close().await;
+    let calls_after = storage_calls(&http, base, key).await;
     let done = finished.lock().unwrap_or_else(|p| p.into_inner());
     let (mut completed, mut rejected, mut failed, mut missing) = (0, 0, 0, 0);
     let mut last = started;
@@ -466,7 +479,36 @@ async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, tar
         broker_ceiling_files_per_second: None,
         ratio_to_broker: None,
         client_peak_rss_bytes: None,
+        storage_calls_per_file: calls_after
+            .into_iter()
+            .map(|(op, n)| {
+                let d = n - calls_before.get(&op).copied().unwrap_or(0.0);
+                (op, d / completed.max(1) as f64)
+            })
+            .filter(|(_, n)| *n > 0.0)
+            .collect(),
     })
+}
+
+/// The gateway's `txpipe_storage_calls_total`, by `service/operation` (empty if unreadable).
+async fn storage_calls(http: &reqwest::Client, base: &str, key: &str) -> BTreeMap<String, f64> {
+    let Ok(answer) = http.get(format!("{base}/metrics")).header("x-api-key", key).send().await else {
+        return BTreeMap::new();
+    };
+    let text = answer.text().await.unwrap_or_default();
+    let label = |labels: &str, name: &str| {
+        labels
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix("=\"")?.strip_suffix('"').map(str::to_owned))
+    };
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("txpipe_storage_calls_total{")?;
+            let (labels, value) = rest.split_once("} ")?;
+            let op = format!("{}/{}", label(labels, "service")?, label(labels, "operation")?);
+            Some((op, value.trim().parse::<f64>().ok()?))
+        })
+        .collect()
 }
 
 /// The broker alone, carrying the pipeline's message pattern: a client publishes
