@@ -41,6 +41,8 @@ pub struct Options {
     pub no_ceiling: bool,
     /// Give up waiting for notifications after this long without one.
     pub idle_timeout: Duration,
+    /// Also measure SQLite's own bulk rate for the same rows and schema (large files).
+    pub sqlite_baseline: bool,
 }
 
 /// Latency percentiles, in milliseconds.
@@ -101,6 +103,12 @@ pub struct Report {
     /// the gateway's `txpipe_storage_calls_total`; only when the services run in the gateway's
     /// process, as with `txpipe up`); empty on embedded storage.
     pub storage_calls_per_file: BTreeMap<String, f64>,
+    /// Peak resident memory of the `txpipe up` the run started (all four services).
+    pub txpipe_peak_rss_bytes: Option<u64>,
+    /// Rows a second SQLite itself stores of the same rows in the same two tables, in the same
+    /// run (`--sqlite-baseline`).
+    pub sqlite_rows_per_second: Option<f64>,
+    pub ratio_to_sqlite: Option<f64>,
 }
 
 impl Report {
@@ -137,6 +145,12 @@ impl Report {
         }
         if let Some(r) = self.ratio_to_broker {
             println!("ratio txpipe / broker: {r:.2}");
+        }
+        if let Some(b) = self.txpipe_peak_rss_bytes {
+            println!("txpipe up peak memory (all four services): {:.1} MB", b as f64 / 1e6);
+        }
+        if let (Some(rate), Some(r)) = (self.sqlite_rows_per_second, self.ratio_to_sqlite) {
+            println!("SQLite alone, same rows and tables, 20,000 rows a transaction: {rate:.0} rows/s; ratio txpipe / SQLite: {r:.2}");
         }
     }
 }
@@ -216,6 +230,13 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The child's peak resident memory so far (Linux).
+    fn peak_rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()?)).ok()?;
+        let kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
     }
 
     /// SIGTERM, as a user stops it; then its topology and storage go.
@@ -400,7 +421,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         Some(f) => format!("txpipe up ({:?} storage, namespace {})", settings.storage, f.settings.namespace),
         None => format!("{base} (namespace {})", settings.namespace),
     };
-    let result = measure(&opts, &settings, &base, &key, target).await;
+    let mut result = measure(&opts, &settings, &base, &key, target).await;
+    if let (Ok(report), Some(f)) = (result.as_mut(), &fleet) {
+        report.txpipe_peak_rss_bytes = f.peak_rss();
+    }
     if let Some(f) = fleet {
         if let Err(e) = f.stop().await {
             eprintln!("stopping the benchmark's txpipe up: {e:#}");
@@ -412,8 +436,74 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         report.broker_ceiling_files_per_second = Some(ceiling);
         report.ratio_to_broker = Some(report.files_per_second / ceiling);
     }
+    if opts.sqlite_baseline {
+        let rate = sqlite_baseline(opts.files, opts.rows).await?;
+        report.sqlite_rows_per_second = Some(rate);
+        report.ratio_to_sqlite = Some(report.rows_per_second / rate);
+    }
     report.client_peak_rss_bytes = peak_rss();
     Ok(report)
+}
+
+/// SQLite alone: rows like the run's (the same ids and values) inserted into the same two
+/// tables (made by txpipe's own store on a scratch database: the same schema and pragmas,
+/// `synchronous=FULL`), 20,000 rows a transaction, with prepared statements and a 64 MB page
+/// cache. Rows a second.
+pub async fn sqlite_baseline(files: u64, rows: u64) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let names = txpipe_common::Names::new("bench-sqlite")?;
+    let path = dir.path().join("baseline.sqlite3");
+    drop(txpipe_common::storage::sqlite::SqliteStore::open(&path, &names).await?);
+    let quote = |t: String| format!("\"{t}\"");
+    let (tt, vt) = (quote(names.transactions_table()), quote(names.transaction_versions_table()));
+    let run = FileId::new().to_string().replace('-', "");
+    tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let mut conn = rusqlite::Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "cache_size", -64_000)?;
+        let cols = "transaction_id, file_id, amount, currency, timestamp, timestamp_epoch, merchant, status, \
+                    processed_at, version";
+        let insert =
+            |table: &str| format!("INSERT INTO {table} ({cols}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
+        let (into_current, into_versions) = (insert(&tt), insert(&vt));
+        let processed_at = chrono::Utc::now().to_rfc3339();
+        let started = Instant::now();
+        let mut pending = 0u64;
+        let mut tx = conn.transaction()?;
+        for n in 0..files {
+            let file_id = FileId::new().to_string();
+            for i in 0..rows {
+                let id = format!("{}-{n}-{i}", &run[run.len() - 12..]);
+                let amount = format!("{}.{:02}", (n * 31 + i) % 10_000, i % 100);
+                let timestamp = format!("2024-05-{:02}T12:{:02}:00+00:00", i % 28 + 1, i % 60);
+                let merchant = format!("Merchant {}", i % 97);
+                for sql in [&into_current, &into_versions] {
+                    tx.prepare_cached(sql)?.execute(rusqlite::params![
+                        id,
+                        file_id,
+                        amount,
+                        "EUR",
+                        timestamp,
+                        1_714_000_000i64,
+                        merchant,
+                        "completed",
+                        processed_at,
+                        1i64
+                    ])?;
+                }
+                pending += 1;
+                if pending == 20_000 {
+                    tx.commit()?;
+                    tx = conn.transaction()?;
+                    pending = 0;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok((files * rows) as f64 / started.elapsed().as_secs_f64())
+    })
+    .await?
 }
 
 async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, target: String) -> anyhow::Result<Report> {
@@ -479,6 +569,9 @@ async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, tar
         broker_ceiling_files_per_second: None,
         ratio_to_broker: None,
         client_peak_rss_bytes: None,
+        txpipe_peak_rss_bytes: None,
+        sqlite_rows_per_second: None,
+        ratio_to_sqlite: None,
         storage_calls_per_file: calls_after
             .into_iter()
             .map(|(op, n)| {

@@ -200,6 +200,9 @@ enum Bench {
         /// Skip measuring the broker's ceiling.
         #[arg(long)]
         no_ceiling: bool,
+        /// Also measure SQLite's own bulk rate for the same rows and tables (large files).
+        #[arg(long)]
+        sqlite_baseline: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -249,7 +252,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Keys { command } => keys_command(command).await,
         Command::Bench { which: Bench::Validate { rows, file, runs } } => bench(rows, file, runs),
         Command::Bench {
-            which: Bench::E2e { gateway, namespace, key, files, rows, concurrency, rate, warmup, no_ceiling, json },
+            which:
+                Bench::E2e {
+                    gateway,
+                    namespace,
+                    key,
+                    files,
+                    rows,
+                    concurrency,
+                    rate,
+                    warmup,
+                    no_ceiling,
+                    sqlite_baseline,
+                    json,
+                },
         } => {
             if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
                 bail!("--rate must be a number of files a second above 0");
@@ -264,7 +280,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 rate,
                 warmup,
                 no_ceiling,
-                idle_timeout: std::time::Duration::from_secs(30),
+                // a large file may take a while to store before its notification comes
+                idle_timeout: std::time::Duration::from_secs(30) + std::time::Duration::from_micros(rows * 100),
+                sqlite_baseline,
             };
             let report = txpipe_cli::bench_e2e::run(opts).await?;
             if json {
