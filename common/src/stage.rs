@@ -114,6 +114,12 @@ pub struct StageSpec {
     pub publishes: &'static [RoutingKey],
     /// The notifications it publishes besides `file.failed`, which any stage may send.
     pub notifies: &'static [NotificationKey],
+    /// Whether a fresh file is taken into the working status while the stage works on it (one
+    /// attempt at a time, heartbeats, crashes counted). The notifier does without: its work is
+    /// one confirmed publish that any copy may repeat (the same message id), so it moves a
+    /// file from `processed` to `completed` in one write. A retry of a failed file, or a file
+    /// left in the working status, is still claimed.
+    pub holds_file: bool,
 }
 
 /// The pipeline, in order.
@@ -128,6 +134,7 @@ pub static STAGES: [StageSpec; 3] = [
         failed: FileStatus::ValidationFailed,
         publishes: &[RoutingKey::FileValidated, RoutingKey::FileRejected],
         notifies: &[],
+        holds_file: true,
     },
     StageSpec {
         stage: Stage::Transformer,
@@ -140,6 +147,7 @@ pub static STAGES: [StageSpec; 3] = [
         // file.rejected: a row conflicting with a transaction stored after validation
         publishes: &[RoutingKey::FileProcessed, RoutingKey::FileRejected],
         notifies: &[],
+        holds_file: true,
     },
     StageSpec {
         stage: Stage::Notifier,
@@ -151,6 +159,7 @@ pub static STAGES: [StageSpec; 3] = [
         failed: FileStatus::NotificationFailed,
         publishes: &[],
         notifies: &[NotificationKey::Completed, NotificationKey::Rejected],
+        holds_file: false,
     },
 ];
 

@@ -556,6 +556,17 @@ impl Loop {
                 _ => self.settle_step(file_id, self.handler.work(msg, &record).await?).await,
             };
         }
+        if !self.spec.holds_file {
+            // a fresh file moves from `from` to `done` in one write, without a claim (a copy
+            // racing this one finds the move made and passes it on)
+            let Some(record) = self.handler.record(&self.deps, msg).await? else {
+                return Ok(Outcome::Publish(Vec::new()));
+            };
+            if record.status == self.spec.from {
+                let _shared = self.solo.clone().read_owned().await;
+                return self.settle_step(file_id, self.handler.work(msg, &record).await?).await;
+            }
+        }
         let (record, _guard) = match self.claim(file_id, attempt_id, resumed).await? {
             Claimed::Mine(record, guard) => (record, guard),
             Claimed::Poisoned(record) => return Ok(Outcome::Poisoned(Box::new(record))),
