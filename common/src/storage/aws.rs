@@ -344,6 +344,7 @@ pub struct DynamoStore {
     tx_table: String,
     versions_table: String,
     pub(super) keys_table: String,
+    pub(super) idem_table: String,
 }
 
 fn sortable_time(t: DateTime<Utc>) -> String {
@@ -426,6 +427,7 @@ impl DynamoStore {
             tx_table: names.transactions_table(),
             versions_table: names.transaction_versions_table(),
             keys_table: names.api_keys_table(),
+            idem_table: names.idempotency_table(),
         }
     }
 
