@@ -4,6 +4,7 @@
 //! the verdict: 200 valid, 422 invalid with its errors, `until=completed` for the final status,
 //! 202 when the time runs out), against the real broker and over real HTTP.
 
+use futures::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -326,4 +327,85 @@ async fn a_second_gateway_replica_shares_the_keys_and_hears_the_verdicts() {
     deps.broker.close().await;
     assert_eq!(fleet.object_count().await, 3);
     fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_repeat_while_the_first_upload_streams_gets_409_then_the_first_answer() {
+    let gw = LoneGateway::spawn(|_| {}).await;
+    let csv = valid_csv("slow", 20);
+    let (head, tail) = csv.split_at(40);
+    let (head, tail) = (bytes::Bytes::from(head.to_owned()), bytes::Bytes::from(tail.to_owned()));
+    // the first upload sends part of its body, then pauses: it holds the key meanwhile
+    let slow = futures::stream::iter([Ok::<_, std::io::Error>(head), Ok(tail)]).then(|chunk| async move {
+        if chunk.as_ref().is_ok_and(|c| !c.starts_with(b"transaction_id")) {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        chunk
+    });
+    let first = reqwest::Client::new()
+        .post(format!("{}/upload", gw.base))
+        .header(txpipe_common::auth::KEY_HEADER, &gw.key)
+        .header("content-type", "text/csv")
+        .header("idempotency-key", "slow-1")
+        .body(reqwest::Body::wrap_stream(slow))
+        .send();
+    let first = tokio::spawn(async move { answer(first.await.unwrap()).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (code, headers, busy) =
+        answer(post(&gw.base, &gw.key, "", &[("idempotency-key", "slow-1")], csv.clone()).await).await;
+    assert_eq!((code, busy["error"].as_str()), (409, Some("idempotency_key_in_use")), "{busy}");
+    assert_eq!(headers["retry-after"], "1");
+    let (code, _, first) = first.await.unwrap();
+    assert_eq!(code, 202, "{first}");
+    let (code, _, again) = answer(post(&gw.base, &gw.key, "", &[("idempotency-key", "slow-1")], csv).await).await;
+    assert_eq!((code, &again), (202, &first));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_waiting_upload_is_woken_by_the_event_not_by_polling() {
+    use txpipe_common::messages::StageMessage;
+    use txpipe_common::stage::RoutingKey;
+    use txpipe_common::status::StatusUpdate;
+    let gw = LoneGateway::spawn(|_| {}).await;
+    for round in 0..3 {
+        let (base, key) = (gw.base.clone(), gw.key.clone());
+        let waiting = tokio::spawn(async move {
+            let resp = post(&base, &key, "", &[("prefer", "wait=20")], valid_csv(&format!("ev{round}"), 1)).await;
+            (Instant::now(), answer(resp).await)
+        });
+        // the upload is announced, and its wait has read the status (uploaded) once
+        let file_id = loop {
+            let query = txpipe_common::storage::FileQuery {
+                owner: Some("lone".into()),
+                status: Some(FileStatus::Uploaded),
+                since: None,
+                limit: 10,
+                cursor: None,
+            };
+            if let Some(r) = gw.deps.storage.statuses.list(&query).await.unwrap().items.into_iter().next() {
+                break r.file_id;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // as the validator would: the verdict stored, then file.validated published
+        let statuses = &gw.deps.storage.statuses;
+        let now = chrono::Utc::now();
+        statuses.advance(file_id, FileStatus::Validating, StatusUpdate::default(), now).await.unwrap();
+        let update = StatusUpdate { row_count: Some(1), ..Default::default() };
+        let record = match statuses.advance(file_id, FileStatus::Validated, update, now).await.unwrap() {
+            txpipe_common::storage::Advance::Moved(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let published = Instant::now();
+        let event = StageMessage::from_record(RoutingKey::FileValidated, &record).outgoing(&gw.deps.names);
+        gw.deps.publisher.publish(&event).await.expect("routed to the gateway's own queue");
+        let (answered, (code, _, body)) = waiting.await.unwrap();
+        assert_eq!((code, &body["status"]), (200, &Value::from("validated")), "{body}");
+        // the fallback read is 2 s after the first one, at least 1.7 s after the event
+        let took = answered.saturating_duration_since(published);
+        assert!(took < Duration::from_millis(1000), "round {round}: answered {took:?} after the event");
+    }
+    gw.shutdown().await;
 }
