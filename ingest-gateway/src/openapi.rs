@@ -48,7 +48,8 @@ pub struct ErrorBody {
                        (`x-api-key` or `Authorization: Bearer`).",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
-    components(schemas(ErrorBody))
+    // schemas only a parameter refers to are not collected from the annotations
+    components(schemas(ErrorBody, crate::verdicts::Until))
 )]
 pub(crate) struct ApiDoc;
 
@@ -144,6 +145,32 @@ fn add_header(response: &mut Response, name: &str, h: utoipa::openapi::header::H
 #[cfg(test)]
 mod tests {
     use serde_json::Value;
+
+    /// Every `$ref` in `v`.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_reference_resolves() {
+        let doc = serde_json::to_value(crate::openapi(true)).unwrap();
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(all.iter().any(|r| r.ends_with("/Until")), "the test sees parameters' references");
+        for r in all {
+            let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{r}"));
+            assert!(doc["components"]["schemas"][name].is_object(), "{r} is not in the document");
+        }
+    }
 
     #[test]
     fn every_keyed_operation_needs_a_key_and_every_error_has_the_one_shape() {
