@@ -15,8 +15,10 @@
 //!   different — 422 `idempotency_key_reused`.
 //! - The claim is completed, with the upload, in the same task that commits the upload, which
 //!   a client hanging up cannot cancel; an upload that fails (or is abandoned before it is
-//!   committed) releases the key, so a retry with it starts afresh. A claim whose gateway died
-//!   holds the key for [`LEASE`], then the next request takes it over.
+//!   committed) releases the key, so a retry with it starts afresh. The claim's lease
+//!   ([`LEASE`]) is renewed every [`RENEW_EVERY`] while the upload runs, however long its body
+//!   takes; a claim whose gateway died holds the key until its lease runs out, then the next
+//!   request takes it over.
 //! - A repeat is not counted against the daily quota: nothing is stored for it.
 
 use crate::GatewayError;
@@ -33,10 +35,12 @@ pub(crate) const REPLAYED_HEADER: &str = "idempotent-replayed";
 pub(crate) const MAX_KEY_CHARS: usize = 255;
 /// How long a key's record is kept, from its first request.
 pub(crate) const KEEP: chrono::Duration = chrono::Duration::hours(24);
-/// How long an unfinished claim holds its key: longer than any upload takes to stream (the
-/// body idle timeout bounds a stalled one, not a slow one), short enough that a gateway that
-/// died mid-upload does not block the key for the day.
-pub(crate) const LEASE: chrono::Duration = chrono::Duration::minutes(10);
+/// How long an unfinished claim holds its key without being renewed: a gateway that died
+/// mid-upload blocks the key (409) this long at most.
+pub(crate) const LEASE: chrono::Duration = chrono::Duration::minutes(2);
+/// How often a live upload renews its claim: a few renewals fit in a lease, so one slow or
+/// failed storage call does not lose it.
+pub(crate) const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The request's `Idempotency-Key`, if it sent one: 1 to [`MAX_KEY_CHARS`] visible ASCII
 /// characters, as a bare token or as the draft's quoted string (`"…"`, no escapes inside).
@@ -94,20 +98,51 @@ pub(crate) async fn claim(store: &Arc<dyn IdempotencyStore>, key: String) -> Res
     let claim =
         NewClaim { key: key.clone(), token: token.clone(), now, lease_until: now + LEASE, expires_at: now + KEEP };
     match store.claim(&claim).await.map_err(|e| GatewayError::from_storage("claiming the Idempotency-Key", e))? {
-        Claim::Claimed => Ok(Found::Claimed(Held { store: store.clone(), key, token, settled: false })),
+        Claim::Claimed => {
+            let renewing = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(renew(store.clone(), key.clone(), token.clone(), RENEW_EVERY, renewing.clone()));
+            Ok(Found::Claimed(Held { store: store.clone(), key, token, settled: false, renewing }))
+        }
         Claim::InFlight => Err(GatewayError::IdempotencyInFlight),
         Claim::Done(upload) => Ok(Found::Done(upload)),
     }
 }
 
-/// A key this request holds. Completed with the upload once it is committed; released if it is
-/// dropped before that (the upload failed, or the request was abandoned before its commit),
-/// from a task of its own, so a retry with the key is not refused for [`LEASE`].
+/// Renews the claim `every` so often ([`RENEW_EVERY`]) until `stop` (the claim completed or
+/// released) or until the claim is no longer this token's.
+async fn renew(
+    store: Arc<dyn IdempotencyStore>,
+    key: String,
+    token: String,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        match store.renew(&key, &token, Utc::now() + LEASE).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            // the next round may get through; the lease outlasts a few failed ones
+            Err(e) => {
+                tracing::debug!(error = %txpipe_common::error::Chain(&e), "renewing an Idempotency-Key's claim failed")
+            }
+        }
+    }
+}
+
+/// A key this request holds, its claim renewed while it lives. Completed with the upload once
+/// it is committed; released if it is dropped before that (the upload failed, or the request
+/// was abandoned before its commit), from a task of its own, so a retry with the key is not
+/// refused until the lease runs out.
 pub(crate) struct Held {
     store: Arc<dyn IdempotencyStore>,
     key: String,
     token: String,
     settled: bool,
+    renewing: tokio_util::sync::CancellationToken,
 }
 
 impl Held {
@@ -116,6 +151,7 @@ impl Held {
     /// repeat meanwhile gets 409.
     pub(crate) async fn complete(mut self, upload: &IdempotentUpload) {
         self.settled = true;
+        self.renewing.cancel();
         match self.store.complete(&self.key, &self.token, upload).await {
             Ok(true) => {}
             Ok(false) => {
@@ -131,6 +167,7 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        self.renewing.cancel();
         if self.settled {
             return;
         }
@@ -195,6 +232,66 @@ mod tests {
             assert_eq!(err.code(), "bad_request", "{bad:?}");
         }
         assert_eq!(key_of(&headers(&[b"a", b"b"])).unwrap_err().code(), "bad_request", "twice");
+    }
+
+    /// A store that counts renewals and says the claim is lost after `keep` of them.
+    struct Counting {
+        renewed: std::sync::atomic::AtomicUsize,
+        keep: usize,
+    }
+
+    #[async_trait::async_trait]
+    impl IdempotencyStore for Counting {
+        async fn claim(&self, _: &NewClaim) -> Result<Claim, txpipe_common::storage::StorageError> {
+            Ok(Claim::Claimed)
+        }
+        async fn renew(
+            &self,
+            _: &str,
+            _: &str,
+            until: chrono::DateTime<Utc>,
+        ) -> Result<bool, txpipe_common::storage::StorageError> {
+            assert!(until > Utc::now() + LEASE - chrono::Duration::seconds(5), "a whole lease from now");
+            let n = self.renewed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            Ok(n < self.keep)
+        }
+        async fn complete(
+            &self,
+            _: &str,
+            _: &str,
+            _: &IdempotentUpload,
+        ) -> Result<bool, txpipe_common::storage::StorageError> {
+            Ok(true)
+        }
+        async fn release(&self, _: &str, _: &str) -> Result<(), txpipe_common::storage::StorageError> {
+            Ok(())
+        }
+        async fn check(&self) -> Result<(), txpipe_common::storage::StorageError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_renewed_while_held_and_no_longer_once_lost_or_settled() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let every = std::time::Duration::from_millis(10);
+        let store = Arc::new(Counting { renewed: Default::default(), keep: usize::MAX });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(renew(store.clone(), "k".into(), "t".into(), every, stop.clone()));
+        tokio::time::sleep(every * 10).await;
+        assert!(store.renewed.load(SeqCst) >= 3, "renewed while held");
+        stop.cancel();
+        task.await.unwrap();
+        let after = store.renewed.load(SeqCst);
+        tokio::time::sleep(every * 5).await;
+        assert_eq!(store.renewed.load(SeqCst), after, "not once settled");
+
+        // a claim taken over (renew says false) stops renewing by itself
+        let lost = Arc::new(Counting { renewed: Default::default(), keep: 2 });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(renew(lost.clone(), "k".into(), "t".into(), every, stop));
+        tokio::time::timeout(every * 50, task).await.expect("stops once lost").unwrap();
+        assert_eq!(lost.renewed.load(SeqCst), 2);
     }
 
     #[test]

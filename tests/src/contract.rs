@@ -469,9 +469,9 @@ pub async fn status_listing(store: Arc<dyn StatusStore>) {
     }
 }
 
-/// Idempotency keys: a key is claimed once (also by many at once), held while in flight,
-/// answered with its upload once completed, freed when released or when its holder's lease runs
-/// out, forgotten after its window; only the claim's own token completes or releases it, and
+/// Idempotency keys: a key is claimed once (also by many at once), held while in flight (and
+/// renewed), answered with its upload once completed, freed when released or when its holder's
+/// lease runs out, forgotten after its window; only the claim's own token completes or releases it, and
 /// keys are independent (another API key's record of the same Idempotency-Key is another key).
 pub async fn idempotency_store(store: Arc<dyn IdempotencyStore>) {
     store.check().await.unwrap();
@@ -520,6 +520,15 @@ pub async fn idempotency_store(store: Arc<dyn IdempotencyStore>) {
     assert_eq!(store.claim(&fresh("alice#k3", "t2")).await.unwrap(), Claim::Claimed, "taken over");
     assert!(!store.complete(&c.key, "t1", &upload(1)).await.unwrap());
     assert!(store.complete(&c.key, "t2", &upload(2)).await.unwrap());
+
+    // a claim renewed while its upload streams keeps its key past its first lease
+    let e = claim("alice#k6", "t1", now - hour, now + hour * 24);
+    assert_eq!(store.claim(&e).await.unwrap(), Claim::Claimed);
+    assert!(!store.renew(&e.key, "t9", now + hour).await.unwrap(), "only its own token renews it");
+    assert!(store.renew(&e.key, "t1", now + hour).await.unwrap());
+    assert_eq!(store.claim(&fresh("alice#k6", "t2")).await.unwrap(), Claim::InFlight, "renewed: still held");
+    assert!(store.complete(&e.key, "t1", &upload(3)).await.unwrap());
+    assert!(!store.renew(&e.key, "t1", now + hour).await.unwrap(), "a done key is not renewed");
 
     // past its window a record is forgotten, done or not
     let d = claim("alice#k4", "t1", now + hour, now - hour);

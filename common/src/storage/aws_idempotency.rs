@@ -1,7 +1,7 @@
 //! The idempotency-key table on DynamoDB: `{ns}-idempotency-keys`, keyed by `key` (the API
 //! key's name and the SHA-256 of the `Idempotency-Key`). An item is claimed by one conditional
 //! `PutItem` (the key is free, its record past `expires_at`, or its claim past `lease_until`),
-//! completed or released by a write conditional on the claim's `token`. `expires_at` (seconds
+//! renewed, completed or released by a write conditional on the claim's `token`. `expires_at` (seconds
 //! since the epoch) is the table's TTL attribute; DynamoDB deletes expired items only some
 //! time later, so every condition and read also treats them as gone.
 
@@ -9,6 +9,7 @@ use super::aws::{classify, get_s, is_code, s, DynamoStore};
 use super::{Claim, IdempotencyStore, IdempotentUpload, NewClaim, StorageError};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
+use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 
 /// How often a claim is tried again when the item it lost to vanished before it could be read.
@@ -102,6 +103,28 @@ impl IdempotencyStore for DynamoStore {
             Ok(_) => Ok(true),
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => Ok(false),
             Err(e) => Err(classify("recording an idempotent upload", e)),
+        }
+    }
+
+    async fn renew(&self, key: &str, token: &str, lease_until: DateTime<Utc>) -> Result<bool, StorageError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.idem_table)
+            .key("key", s(key))
+            .update_expression("SET #l = :l")
+            .condition_expression("#t = :t AND attribute_not_exists(#u)")
+            .expression_attribute_names("#l", "lease_until")
+            .expression_attribute_names("#u", "upload")
+            .expression_attribute_names("#t", "token")
+            .expression_attribute_values(":l", n(lease_until.timestamp_millis()))
+            .expression_attribute_values(":t", s(token))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if is_code(&e, "ConditionalCheckFailedException") => Ok(false),
+            Err(e) => Err(classify("renewing an idempotency key's claim", e)),
         }
     }
 

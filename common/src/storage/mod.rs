@@ -391,6 +391,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Records the claimed key's upload (keeping its `expires_at`); false if the claim was lost
     /// meanwhile (taken over after its lease, or released).
     async fn complete(&self, key: &str, token: &str, upload: &IdempotentUpload) -> Result<bool, StorageError>;
+    /// Extends an unfinished claim of this token to `lease_until` (its upload is still
+    /// streaming); false if the claim is no longer this token's, or is done.
+    async fn renew(&self, key: &str, token: &str, lease_until: DateTime<Utc>) -> Result<bool, StorageError>;
     /// Frees a key this token claimed and did not complete (its upload failed); anything else
     /// is left as it is.
     async fn release(&self, key: &str, token: &str) -> Result<(), StorageError>;

@@ -713,6 +713,13 @@ impl IdempotencyStore for SqliteStore {
         self.with(move |c| c.execute(&sql, params![key, token, json]).map(|n| n == 1).map_err(db_err)).await
     }
 
+    async fn renew(&self, key: &str, token: &str, lease_until: DateTime<Utc>) -> Result<bool, StorageError> {
+        let sql =
+            format!("UPDATE {} SET lease_until = ?3 WHERE key = ?1 AND token = ?2 AND upload IS NULL", self.idem_table);
+        let (key, token, until) = (key.to_owned(), token.to_owned(), lease_until.timestamp_millis());
+        self.with(move |c| c.execute(&sql, params![key, token, until]).map(|n| n == 1).map_err(db_err)).await
+    }
+
     async fn release(&self, key: &str, token: &str) -> Result<(), StorageError> {
         let sql = format!("DELETE FROM {} WHERE key = ?1 AND token = ?2 AND upload IS NULL", self.idem_table);
         let (key, token) = (key.to_owned(), token.to_owned());
