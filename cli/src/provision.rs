@@ -32,11 +32,12 @@ pub async fn provision(
             txpipe_common::storage::Storage::open(settings).await?;
             let layout = LocalLayout::of(settings);
             vec![format!(
-                "local storage ready: objects in {}, tables {}, {} and {} in {}",
+                "local storage ready: objects in {}, tables {}, {}, {} and {} in {}",
                 layout.objects_dir().display(),
                 names.status_table(),
                 names.transactions_table(),
                 names.api_keys_table(),
+                names.idempotency_table(),
                 layout.database().display()
             )]
         }
@@ -75,10 +76,11 @@ pub async fn teardown(
             let _ = std::fs::remove_dir_all(&dir);
             vec![
                 format!(
-                    "dropped tables {}, {} and {}",
+                    "dropped tables {}, {}, {} and {}",
                     names.status_table(),
                     names.transactions_table(),
-                    names.api_keys_table()
+                    names.api_keys_table(),
+                    names.idempotency_table()
                 ),
                 format!("removed {}", dir.display()),
             ]

@@ -12,8 +12,8 @@ use crate::names::Names;
 use crate::stage::{Service, Stage};
 use backon::BackoffBuilder;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -321,6 +321,31 @@ impl Broker {
         Ok(())
     }
 
+    /// Subscribes this process alone to `bindings` (exchange, routing key): declares `queue`
+    /// exclusive and auto-deleted (a classic queue, gone with the connection, so a process that
+    /// dies leaves nothing behind), capped at [`SUBSCRIPTION_MAX_LENGTH`] messages (the oldest
+    /// dropped first), binds it and consumes it without acks. For signals a process can afford
+    /// to lose (it reads the state they point at anyway), never for work. Bounded in time.
+    pub async fn subscribe_own(&self, queue: &str, bindings: &[(String, &str)]) -> Result<Subscription, AmqpError> {
+        let subscribe = async {
+            let ch = self.channel().await?;
+            let mut args = FieldTable::default();
+            // exclusive queues cannot be quorum queues, whatever the vhost's default type is
+            args.insert(s("x-queue-type"), long("classic"));
+            args.insert(s("x-max-length"), AMQPValue::LongLongInt(SUBSCRIPTION_MAX_LENGTH));
+            let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+            ch.queue_declare(s(queue), opts, args).await?;
+            for (exchange, key) in bindings {
+                ch.queue_bind(s(queue), s(exchange), s(key), QueueBindOptions::default(), FieldTable::default())
+                    .await?;
+            }
+            let opts = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
+            let consumer = ch.basic_consume(s(queue), s("txpipe-own"), opts, FieldTable::default()).await?;
+            Ok(Subscription { channel: ch, consumer })
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, subscribe).await.map_err(|_| AmqpError::Disconnected)?
+    }
+
     /// How many messages `queue` holds now (a passive declare: nothing is created).
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, AmqpError> {
         let ch = self.channel().await?;
@@ -343,6 +368,32 @@ impl Broker {
         }
         let _ = ch.close(200, s("torn down")).await;
         Ok(())
+    }
+}
+
+/// The most messages a [`Broker::subscribe_own`] queue holds before the oldest are dropped.
+pub const SUBSCRIPTION_MAX_LENGTH: i64 = 10_000;
+
+/// A process's own subscription ([`Broker::subscribe_own`]).
+pub struct Subscription {
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Subscription {
+    /// The next message's body; None once the subscription is over (its channel or
+    /// connection closed: subscribe again once the link is back).
+    pub async fn next(&mut self) -> Option<Vec<u8>> {
+        use futures::StreamExt;
+        match self.consumer.next().await {
+            Some(Ok(delivery)) => Some(delivery.data),
+            _ => None,
+        }
+    }
+
+    /// Closes its channel (the queue goes with the connection, or now if unused).
+    pub async fn close(self) {
+        let _ = self.channel.close(200, s("done")).await;
     }
 }
 

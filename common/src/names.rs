@@ -92,6 +92,18 @@ impl Names {
         format!("{}-api-keys", self.ns)
     }
 
+    /// `{ns}-idempotency-keys`: the uploads' `Idempotency-Key`s, by API key name and the key's
+    /// SHA-256, each kept 24 hours.
+    pub fn idempotency_table(&self) -> String {
+        format!("{}-idempotency-keys", self.ns)
+    }
+
+    /// The prefix of the gateways' own event queues (`{ns}.gateway.{random}`): each replica's
+    /// exclusive, auto-deleted queue of the events an upload waiting for its verdict wakes on.
+    pub fn gateway_queue_prefix(&self) -> String {
+        format!("{}.gateway.", self.ns)
+    }
+
     /// `uploads/{file_id}.csv`.
     pub fn object_key(&self, file_id: &FileId) -> String {
         format!("uploads/{file_id}.csv")
@@ -116,6 +128,8 @@ mod tests {
         assert_eq!(n.status_table(), "txpipe-processing-status");
         assert_eq!(n.bucket(), "txpipe-csv-files");
         assert_eq!(n.api_keys_table(), "txpipe-api-keys");
+        assert_eq!(n.idempotency_table(), "txpipe-idempotency-keys");
+        assert_eq!(n.gateway_queue_prefix(), "txpipe.gateway.");
         assert_eq!(n.stage_of_queue("txpipe.notifier"), Some(Stage::Notifier));
         assert_eq!(n.stage_of_queue("other.notifier"), None);
     }

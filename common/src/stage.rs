@@ -291,6 +291,20 @@ impl Service {
         }
     }
 
+    /// The events it hears on a queue of its own, exclusive to the process
+    /// ([`crate::amqp::Broker::subscribe_own`], named `{ns}.gateway.{random}`): the gateway
+    /// hears every verdict and final status, to answer uploads that wait for theirs
+    /// (`Prefer: wait`). Stage messages on the pipeline exchange, then notifications.
+    pub fn hears(self) -> (&'static [RoutingKey], &'static [NotificationKey]) {
+        match self {
+            Service::Gateway => (
+                &[RoutingKey::FileValidated, RoutingKey::FileRejected],
+                &[NotificationKey::Completed, NotificationKey::Rejected, NotificationKey::Failed],
+            ),
+            Service::Worker(_) => (&[], &[]),
+        }
+    }
+
     /// The stage queue it consumes, if any.
     pub fn consumes(self) -> Option<Stage> {
         match self {

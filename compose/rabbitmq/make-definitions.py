@@ -18,10 +18,13 @@ USERS = {  # user: (password, tags)
 # `txpipe provision` as txpipe-admin, and a service refused to declare one checks it exists.
 PERMISSIONS = {
     "txpipe-admin": (".*", ".*", ".*"),
-    # declares the exchanges and the DLQ; publishes file.uploaded
-    "txpipe-gateway": (r"^txpipe\.(pipeline|notifications|dlx|dlq)$",
-                       r"^txpipe\.(pipeline|dlq)$",
-                       r"^txpipe\.(pipeline|dlx)$"),
+    # declares the exchanges and the DLQ; publishes file.uploaded; hears verdicts and final
+    # statuses (for uploads that wait for theirs) on an exclusive queue of its own,
+    # txpipe.gateway.<random>, bound to the pipeline and notifications exchanges (it may
+    # consume only that queue, and publish no notification)
+    "txpipe-gateway": (r"^txpipe\.(pipeline|notifications|dlx|dlq|gateway\.[0-9a-f]{32})$",
+                       r"^txpipe\.(pipeline|dlq|gateway\.[0-9a-f]{32})$",
+                       r"^txpipe\.(pipeline|notifications|dlx|gateway\.[0-9a-f]{32})$"),
     # consumes its queue; publishes the next message, dead-letter copies and file.failed notices
     "txpipe-validator": (r"^txpipe\.(pipeline|notifications|dlx|dlq|validator)$",
                          r"^txpipe\.(pipeline|notifications|dlx|dlq|validator)$",

@@ -53,6 +53,13 @@ pub enum GatewayError {
     Busy,
     #[error("service unavailable, try again later: {0}")]
     Unavailable(String),
+    /// Another request with the same `Idempotency-Key` is still being handled (409, with
+    /// `Retry-After`).
+    #[error("a request with this Idempotency-Key is still in progress; retry shortly to get its answer")]
+    IdempotencyInFlight,
+    /// The `Idempotency-Key` was used for another request (422).
+    #[error("{0}")]
+    IdempotencyMismatch(String),
     #[error("internal error: {0}")]
     Internal(String),
     /// Over a rate limit or the daily quota (429): the limit's headers and `Retry-After` go
@@ -103,6 +110,8 @@ impl GatewayError {
             GatewayError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             GatewayError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             GatewayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            GatewayError::IdempotencyInFlight => (StatusCode::CONFLICT, "idempotency_key_in_use"),
+            GatewayError::IdempotencyMismatch(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             GatewayError::Limited { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
             GatewayError::Rejected(status, _) => (*status, rejection_code(*status)),
@@ -152,6 +161,9 @@ impl IntoResponse for GatewayError {
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if matches!(self, GatewayError::IdempotencyInFlight) {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let GatewayError::Limited { limit, retry_after, .. } = &self {
             limit.write(resp.headers_mut());

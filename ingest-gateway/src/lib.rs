@@ -15,16 +15,23 @@
 //! connections, a per-chunk idle deadline on upload bodies, a cap on uploads in flight, and a
 //! bounded wait for requests in flight at shutdown.
 //!
+//! An upload may carry an `Idempotency-Key` ([`idempotency`]: a repeat gets the first answer,
+//! kept in the table store so every replica agrees) and `Prefer: wait=N` ([`verdicts`]: the
+//! answer waits for the validator's verdict, woken by the pipeline's events on a queue of this
+//! gateway's own).
+//!
 //! The routes are built from their handlers' OpenAPI annotations ([`openapi`]), so the
 //! document at `GET /openapi.json` lists exactly what the router serves.
 
 mod error;
 mod files;
+mod idempotency;
 pub mod limits;
 mod multipart;
 mod openapi;
 mod sweep;
 mod upload;
+mod verdicts;
 
 pub use error::{GatewayError, REQUEST_ID_HEADER};
 
@@ -114,8 +121,13 @@ async fn metrics(state: State<Deps>) -> impl IntoResponse {
     txpipe_common::health::metrics(state).await
 }
 
-/// The gateway's routes over `deps`.
+/// The gateway's routes over `deps`. Uploads that wait for their verdict read their status
+/// every 2 s; [`run`] also has them woken by the pipeline's events.
 pub fn router(deps: Deps) -> Router {
+    router_with(deps, verdicts::Verdicts::default())
+}
+
+fn router_with(deps: Deps, verdicts: verdicts::Verdicts) -> Router {
     let limiter = Arc::new(limits::RateLimiter::default());
     let slots = upload::UploadSlots::new(deps.settings.max_uploads_in_flight);
     let with_metrics = deps.settings.metrics_addr.is_none();
@@ -136,6 +148,7 @@ pub fn router(deps: Deps) -> Router {
         .fallback(|| async { GatewayError::NotFound("no such endpoint".into()) })
         .layer(Extension(doc))
         .layer(Extension(slots))
+        .layer(Extension(verdicts))
         // the upload body is streamed and its size checked as it arrives
         .layer(DefaultBodyLimit::disable())
         .layer(CatchPanicLayer::custom(error::panicked))
@@ -155,7 +168,8 @@ pub fn router(deps: Deps) -> Router {
 /// Serves the gateway on `listener` until `shutdown` resolves. Declares the queue uploads go
 /// to first, so an upload accepted before any validator runs still waits for one. While the
 /// broker is unreachable, uploads get 503; if reconnecting is given up, the gateway stops
-/// with an error so a supervisor restarts it. The sweeper of unannounced uploads runs beside it.
+/// with an error so a supervisor restarts it. The sweeper of unannounced uploads runs beside it,
+/// and so does the subscription that wakes uploads waiting for their verdict.
 pub async fn run(
     listener: tokio::net::TcpListener,
     deps: Deps,
@@ -165,17 +179,23 @@ pub async fn run(
     let broker = deps.broker.clone();
     let lost = Arc::new(AtomicBool::new(false));
     let flag = lost.clone();
+    let verdicts = verdicts::Verdicts::default();
+    let waits = verdicts.clone();
     let stop = async move {
         tokio::select! {
             _ = shutdown => {}
             _ = broker.gave_up() => flag.store(true, Ordering::SeqCst),
         }
+        // uploads waiting for a verdict answer now (202), so shutdown need not wait for them
+        waits.stop();
     };
     let sweeping = CancellationToken::new();
     let sweeper = tokio::spawn(sweep::run(deps.clone(), sweeping.clone()));
-    serve(listener, router(deps.clone()), &deps.settings, stop).await;
+    let listener_task = tokio::spawn(verdicts::listen(deps.clone(), verdicts.clone(), sweeping.clone()));
+    serve(listener, router_with(deps.clone(), verdicts), &deps.settings, stop).await;
     sweeping.cancel();
     let _ = sweeper.await;
+    let _ = listener_task.await;
     if lost.load(Ordering::SeqCst) {
         return Err(GatewayError::Unavailable(
             "lost RabbitMQ for longer than TXPIPE_RECONNECT_TIMEOUT_MS; stopping".into(),

@@ -170,16 +170,15 @@ impl Charge {
         }
     }
 
-    /// Keeps the count for an accepted upload (and says what is left); gives it back for a
-    /// failed one, so a refused upload never uses up the quota.
-    pub async fn settle(mut self, result: Result<Response, GatewayError>) -> Result<Response, GatewayError> {
+    /// Keeps the count for an accepted upload (and says what is left, for the answer's
+    /// headers: [`Limit::write`]); gives it back for a failed one, so a refused upload never
+    /// uses up the quota. Settled as soon as the upload is committed, before any wait for its
+    /// verdict, so a client that hangs up while waiting keeps its upload counted.
+    pub async fn settle<T>(mut self, result: Result<T, GatewayError>) -> Result<(T, Option<Limit>), GatewayError> {
         match result {
-            Ok(mut resp) => {
+            Ok(done) => {
                 self.counted = None;
-                if let Some(limit) = self.limit {
-                    limit.write(resp.headers_mut());
-                }
-                Ok(resp)
+                Ok((done, self.limit))
             }
             Err(e) => {
                 if let Some(counted) = self.counted.take() {

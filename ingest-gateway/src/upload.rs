@@ -13,11 +13,19 @@
 //! The body is the CSV itself (`text/csv`, `application/octet-stream`...), or a
 //! `multipart/form-data` form whose file part is the CSV ([`crate::multipart`]); both stream
 //! into the store through the same limits.
+//!
+//! Two request headers change the answer: `Idempotency-Key` ([`crate::idempotency`]: a repeat
+//! gets the first upload's answer, nothing is stored twice) and `Prefer: wait=N`
+//! ([`crate::verdicts`]: the answer waits for the validator's verdict, or with `?until=completed`
+//! the file's final status, at most N seconds, keeping the upload's slot meanwhile).
 
+use crate::idempotency::Found;
 use crate::multipart::{PartError, FILE_FIELD};
+use crate::verdicts::{Until, Verdicts};
 use crate::GatewayError;
 use axum::body::Body;
 use axum::extract::{Extension, State};
+use axum::http::HeaderValue;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -25,6 +33,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit as Slot;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use txpipe_common::auth::Caller;
@@ -32,7 +41,7 @@ use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, UploadFinished, UploadStored};
 use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::{FileStatus, Mode, OnConflict, StatusRecord, UploadOptions};
-use txpipe_common::storage::{ByteStream, StorageError, StorageErrorKind};
+use txpipe_common::storage::{ByteStream, IdempotentUpload, ObjectReader, ObjectStore, StorageError, StorageErrorKind};
 use txpipe_common::{Deps, FileId};
 
 /// Content types accepted on `POST /upload` for a raw body (the CSV itself).
@@ -97,11 +106,13 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, GatewayError> {
 struct OptionsQuery {
     mode: Option<String>,
     on_conflict: Option<String>,
+    until: Option<String>,
 }
 
-/// `?mode=all|partial&on_conflict=reject|update`, checked before anything is read or counted:
-/// an unknown value, or an `on_conflict` the deployment does not let uploads choose, is a 400.
-pub(crate) struct Options(UploadOptions);
+/// `?mode=all|partial&on_conflict=reject|update&until=validated|completed`, checked before
+/// anything is read or counted: an unknown value, or an `on_conflict` the deployment does not
+/// let uploads choose, is a 400. (`until` matters only with `Prefer: wait`.)
+pub(crate) struct Options(UploadOptions, Until);
 
 impl axum::extract::FromRequestParts<Deps> for Options {
     type Rejection = GatewayError;
@@ -132,7 +143,12 @@ impl axum::extract::FromRequestParts<Deps> for Options {
                 asked
             }
         };
-        Ok(Options(UploadOptions { mode, on_conflict }))
+        let until = match q.until.as_deref() {
+            None => Until::default(),
+            Some(u) => Until::parse(u)
+                .ok_or_else(|| GatewayError::BadRequest(format!("until must be validated or completed, not {u:?}")))?,
+        };
+        Ok(Options(UploadOptions { mode, on_conflict }, until))
     }
 }
 
@@ -172,8 +188,21 @@ pub(crate) struct UploadForm {
     file: Vec<u8>,
 }
 
+/// The 422 answer of an upload: the file's status record when the verdict was waited for and
+/// the file is invalid, or the error of an `Idempotency-Key` used for another upload.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code, clippy::large_enum_variant)] // only describes the answer in the document
+pub(crate) enum Unprocessable {
+    Rejected(StatusRecord),
+    Refused(crate::openapi::ErrorBody),
+}
+
 /// Uploads a CSV of transactions: stores it, records it as `uploaded` and queues it for
-/// validation, then answers 202 with the file's id. Follow the file at `status_url`.
+/// validation, then answers 202 with the file's id. Follow the file at `status_url`, or send
+/// `Prefer: wait=N` to have the answer wait for the validator's verdict (200 valid, 422
+/// invalid, 202 undecided after N seconds). With `Idempotency-Key`, a repeat within 24 hours
+/// gets the first upload's answer and nothing is stored twice.
 #[utoipa::path(
     post,
     path = "/upload",
@@ -181,6 +210,10 @@ pub(crate) struct UploadForm {
     params(
         ("mode" = Option<Mode>, Query, description = "`all` (default): every row or none; `partial`: the valid rows are stored, the others reported and counted in `rejected_rows`"),
         ("on_conflict" = Option<OnConflict>, Query, description = "A row whose transaction another file stored with other values: `reject` refuses it (the file, unless partial), `update` stores it as the next version. Default TXPIPE_ON_CONFLICT; choosing another is a 400 unless TXPIPE_ALLOW_UPLOAD_ON_CONFLICT"),
+        ("until" = Option<Until>, Query, description = "With `Prefer: wait`: what the answer waits for, the validator's verdict (`validated`, default) or the file's final status (`completed`)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters (a UUID, say; bare or as a quoted string). A repeat with the same key from the same API key within 24 hours gets the first upload's answer (same `file_id`, `Idempotent-Replayed: true`) and stores nothing; while the first is in progress, 409; with another file or other options, 422",
+            max_length = 257, min_length = 1, pattern = r#"^("[!#-\[\]-~]{1,255}"|[!#-\[\]-~]{1,255})$"#),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): wait up to N seconds (at most 60; more is taken as 60) for the verdict before answering: 200 valid (the status record), 422 invalid (the status record with `errors`), 202 undecided. Other preferences are ignored"),
         ("traceparent" = Option<String>, Header, description = "W3C trace context to continue (else the gateway starts a trace); sent back on the answer"),
     ),
     request_body(
@@ -194,25 +227,45 @@ pub(crate) struct UploadForm {
         ),
     ),
     responses(
-        (status = 202, description = "Stored and queued for validation", body = UploadAccepted,
+        (status = 200, description = "`Prefer: wait` and the file is valid (`until=completed`: it completed, or a stage failed it, see `status` and `reason`): its status record, as `GET /files/{file_id}` gives it", body = StatusRecord,
             headers(
                 ("Location" = String, description = "The file's status URL"),
+                ("Preference-Applied" = String, description = "`wait=N`: the wait that was honoured"),
+                ("Idempotent-Replayed" = String, description = "`true` when this answers a repeated Idempotency-Key"),
                 ("traceparent" = String, description = "The trace the file's processing carries"),
                 ("X-Quota-Limit" = u64, description = "Uploads allowed a UTC day for the key"),
                 ("X-Quota-Remaining" = u64, description = "Uploads left today"),
                 ("X-Quota-Reset" = u64, description = "Seconds until the quota starts again (UTC midnight)"),
             )),
-        (status = 400, description = "A bad `mode` or `on_conflict`, an empty body (`empty_body`), a form without exactly one file part or a malformed form (`bad_request`)", body = crate::openapi::ErrorBody),
+        (status = 202, description = "Stored and queued for validation (with `Prefer: wait`, not decided in time)", body = UploadAccepted,
+            headers(
+                ("Location" = String, description = "The file's status URL"),
+                ("Preference-Applied" = String, description = "`wait=N`: the wait that was honoured"),
+                ("Idempotent-Replayed" = String, description = "`true` when this answers a repeated Idempotency-Key"),
+                ("traceparent" = String, description = "The trace the file's processing carries"),
+                ("X-Quota-Limit" = u64, description = "Uploads allowed a UTC day for the key"),
+                ("X-Quota-Remaining" = u64, description = "Uploads left today"),
+                ("X-Quota-Reset" = u64, description = "Seconds until the quota starts again (UTC midnight)"),
+            )),
+        (status = 400, description = "A bad `mode`, `on_conflict` or `until`, a malformed `Idempotency-Key`, an empty body (`empty_body`), a form without exactly one file part or a malformed form (`bad_request`)", body = crate::openapi::ErrorBody),
         (status = 408, description = "The body stopped arriving for TXPIPE_BODY_IDLE_TIMEOUT_MS (`body_timeout`)", body = crate::openapi::ErrorBody),
+        (status = 409, description = "A request with the same Idempotency-Key is still in progress (`idempotency_key_in_use`): retry after `Retry-After` for its answer", body = crate::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 413, description = "Larger than TXPIPE_MAX_UPLOAD_BYTES (`too_large`)", body = crate::openapi::ErrorBody),
         (status = 415, description = "Not a CSV content type nor multipart/form-data (`unsupported_media_type`)", body = crate::openapi::ErrorBody),
+        (status = 422, description = "`Prefer: wait` and the file is invalid (`validation_failed`): its status record, with `errors` and `error_count`; or the Idempotency-Key was used for another file or other options (`idempotency_key_reused`)", body = Unprocessable,
+            headers(
+                ("Location" = String, description = "The file's status URL (a rejected file)"),
+                ("Preference-Applied" = String, description = "`wait=N`: the wait that was honoured"),
+            )),
     )
 )]
 pub(crate) async fn upload(
     State(deps): State<Deps>,
     Extension(caller): Extension<Caller>,
     Extension(slots): Extension<UploadSlots>,
-    Options(options): Options,
+    Extension(verdicts): Extension<Verdicts>,
+    Options(options, until): Options,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, GatewayError> {
@@ -234,27 +287,162 @@ pub(crate) async fn upload(
         http.route = "/upload",
     );
     let trace = trace.adopt(&span).unwrap_or(trace);
-    let result = match crate::limits::Charge::take(&deps, &caller).await {
-        Ok(charge) => {
-            let work = accept(deps.clone(), slots, owner, options, headers, body);
-            charge.settle(trace.scope_in(span, "upload", work).await).await
+    let wait = crate::verdicts::wait_of(&headers).map(|secs| Wait { secs, until });
+    let taken: Result<Taken, GatewayError> = async {
+        // a malformed key is refused before anything is counted or read
+        let held = match crate::idempotency::key_of(&headers)? {
+            None => None,
+            Some(key) => {
+                let key = crate::idempotency::record_key(owner.as_deref(), &key);
+                match crate::idempotency::claim(&deps.storage.idempotency, key).await? {
+                    Found::Claimed(held) => Some(held),
+                    // a repeat: read, compared, answered as the first was; nothing stored or counted
+                    Found::Done(first) => {
+                        let slot = repeat(&deps, &slots, &first, options, &headers, body, wait.is_some()).await?;
+                        return Ok(Taken { accepted: accepted_of(&first), slot, quota: None, replayed: true });
+                    }
+                }
+            }
+        };
+        let charge = crate::limits::Charge::take(&deps, &caller).await?;
+        let work = accept(deps.clone(), slots, owner, options, headers, body, held, wait.is_some());
+        let ((accepted, slot), quota) = charge.settle(trace.scope_in(span, "upload", work).await).await?;
+        Ok(Taken { accepted, slot, quota, replayed: false })
+    }
+    .await;
+    let result = match taken {
+        Ok(taken) => {
+            // the slot, if kept, is held while the answer waits
+            let mut resp = answer(&deps, &verdicts, taken.accepted, wait).await;
+            drop(taken.slot);
+            if let Some(quota) = taken.quota {
+                quota.write(resp.headers_mut());
+            }
+            if taken.replayed {
+                resp.headers_mut().insert(crate::idempotency::REPLAYED_HEADER, HeaderValue::from_static("true"));
+            }
+            Ok((resp, taken.replayed))
         }
         Err(e) => Err(e),
     };
-    let result = result.map(|mut resp| {
-        if let Ok(v) = trace.header().parse() {
-            resp.headers_mut().insert(txpipe_common::trace::HEADER, v);
-        }
-        resp
-    });
     let label = match &result {
+        Ok((_, true)) => "replayed",
         Ok(_) => "accepted",
         Err(e) => e.code(),
     };
     UploadFinished { result: label }.emit();
-    result
+    result.map(|(mut resp, _)| {
+        if let Ok(v) = trace.header().parse() {
+            resp.headers_mut().insert(txpipe_common::trace::HEADER, v);
+        }
+        resp
+    })
 }
 
+/// `Prefer: wait=N` with `?until=`.
+#[derive(Clone, Copy)]
+struct Wait {
+    secs: u64,
+    until: Until,
+}
+
+/// An upload taken (or a repeat recognised), before its answer.
+struct Taken {
+    accepted: UploadAccepted,
+    /// The upload slot, kept while the answer waits.
+    slot: Option<Slot>,
+    /// The daily quota after this upload, for the answer's headers.
+    quota: Option<crate::limits::Limit>,
+    /// A repeated Idempotency-Key's answer.
+    replayed: bool,
+}
+
+/// The answer to a taken upload: 202 at once, or with `wait`, what the file's status says once
+/// decided (200 or 422 with the status record), or 202 if it is not decided in time.
+async fn answer(deps: &Deps, verdicts: &Verdicts, accepted: UploadAccepted, wait: Option<Wait>) -> Response {
+    let location = [(header::LOCATION, accepted.status_url.clone())];
+    let Some(wait) = wait else {
+        return (StatusCode::ACCEPTED, location, Json(accepted)).into_response();
+    };
+    let decided = verdicts.wait_for(deps, accepted.file_id, wait.until, Duration::from_secs(wait.secs)).await;
+    let mut resp = match decided {
+        Some(record) => (crate::verdicts::status_code(&record), location, Json(record)).into_response(),
+        None => (StatusCode::ACCEPTED, location, Json(accepted)).into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("wait={}", wait.secs)) {
+        resp.headers_mut().insert(crate::verdicts::PREFERENCE_APPLIED, v);
+    }
+    resp
+}
+
+/// The 202 body of an upload, as its first request was answered.
+fn accepted_of(first: &IdempotentUpload) -> UploadAccepted {
+    UploadAccepted {
+        file_id: first.file_id,
+        status: "uploaded",
+        status_url: format!("/files/{}", first.file_id),
+        size_bytes: first.size_bytes,
+        sha256: first.sha256.clone(),
+        mode: first.options.mode,
+        on_conflict: first.options.on_conflict,
+    }
+}
+
+/// A repeated `Idempotency-Key` whose upload is done: reads the body through the same limits
+/// into nothing, only hashing it, and lets the first answer stand if it is the same file with
+/// the same options (422 otherwise). Returns the upload slot if the answer is to wait.
+async fn repeat(
+    deps: &Deps,
+    slots: &UploadSlots,
+    first: &IdempotentUpload,
+    options: UploadOptions,
+    headers: &HeaderMap,
+    body: Body,
+    keep_slot: bool,
+) -> Result<Option<Slot>, GatewayError> {
+    let nowhere: Arc<dyn ObjectStore> = Arc::new(Discard);
+    let key = deps.names.object_key(&first.file_id);
+    let received = receive(deps, &nowhere, slots, &key, headers, body).await?;
+    if let Some(why) = crate::idempotency::mismatch(first, &received.sha256, options) {
+        return Err(GatewayError::IdempotencyMismatch(why));
+    }
+    Ok(keep_slot.then_some(received.slot))
+}
+
+/// An object store that keeps nothing: a repeated upload's body streams through it only to be
+/// hashed (and sized).
+struct Discard;
+
+#[async_trait::async_trait]
+impl ObjectStore for Discard {
+    async fn put(&self, _: &str, mut body: ByteStream) -> Result<u64, StorageError> {
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            size += chunk.map_err(StorageError::upload_failed)?.len() as u64;
+        }
+        Ok(size)
+    }
+    async fn get(&self, key: &str) -> Result<ObjectReader, StorageError> {
+        Err(StorageError::not_found(key.to_owned()))
+    }
+    async fn delete(&self, _: &str) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn check(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+/// A body received whole: its size, its SHA-256 and the upload slot it streamed under.
+struct Received {
+    size: u64,
+    sha256: String,
+    slot: Slot,
+}
+
+/// Stores a new upload's body and commits it (recorded, announced, and its Idempotency-Key
+/// completed). Returns its 202 body and, if `keep_slot` (the answer is to wait), the slot.
+#[allow(clippy::too_many_arguments)]
 async fn accept(
     deps: Deps,
     slots: UploadSlots,
@@ -262,8 +450,42 @@ async fn accept(
     options: UploadOptions,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, GatewayError> {
-    let kind = body_kind(&headers)?;
+    held: Option<crate::idempotency::Held>,
+    keep_slot: bool,
+) -> Result<(UploadAccepted, Option<Slot>), GatewayError> {
+    let file_id = FileId::new();
+    let key = deps.names.object_key(&file_id);
+    let Received { size, sha256, slot } = receive(&deps, &deps.storage.objects, &slots, &key, &headers, body).await?;
+    // committing holds no slot, unless the answer will wait (then the wait counts as in flight)
+    let slot = keep_slot.then_some(slot);
+    // from here on the upload completes even if the client goes: this task is not cancelled
+    // when the request is (an unread 202 is harmless; a half-done upload is not)
+    // (the task keeps the trace, a task-local, so the messages still carry it)
+    let span = tracing::info_span!(target: txpipe_common::telemetry::OTEL_TARGET, "commit", otel.name = "commit upload", file_id = %file_id);
+    txpipe_common::trace::set_attribute("file_id", &file_id.to_string());
+    let work = crate::error::with_request_id(
+        crate::error::request_id(),
+        commit(deps.clone(), Stored { file_id, key, size, sha256 }, owner, options, held),
+    );
+    let commit = match txpipe_common::trace::current() {
+        Some(trace) => tokio::spawn(trace.scope_in(span, "upload", work)),
+        None => tokio::spawn(work.in_current_span()),
+    };
+    let accepted = commit.await.map_err(|e| GatewayError::Internal(format!("the upload task failed: {e}")))??;
+    Ok((accepted, slot))
+}
+
+/// Streams the body into `objects` under `key` within the upload limits (a slot, the size
+/// limit, the idle timeout), taking its SHA-256 on the way; on any failure nothing is left.
+async fn receive(
+    deps: &Deps,
+    objects: &Arc<dyn ObjectStore>,
+    slots: &UploadSlots,
+    key: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Received, GatewayError> {
+    let kind = body_kind(headers)?;
     let limit = deps.settings.max_upload_bytes;
     // what may come over the wire: the file, plus a form's own bytes
     let wire_limit = match kind {
@@ -280,20 +502,17 @@ async fn accept(
     }
     let slot = slots.take()?;
 
-    let file_id = FileId::new();
-    let key = deps.names.object_key(&file_id);
     let idle = Duration::from_millis(deps.settings.body_idle_timeout_ms);
     let cut = Arc::new(std::sync::Mutex::new(Cut::None));
     let stream = limited(body.into_data_stream().map_err(std::io::Error::other), wire_limit, Some(idle), cut.clone());
-    let objects = &deps.storage.objects;
     // the file's SHA-256, taken as its bytes go by (a form's: its file part's)
     let digest = Digest::default();
     let stored = match kind {
-        BodyKind::Raw => objects.put(&key, digest.of(stream)).await,
+        BodyKind::Raw => objects.put(key, digest.of(stream)).await,
         BodyKind::Form(boundary) => {
             let part = |bytes: ByteStream| digest.of(limited(bytes, limit, None, cut.clone()));
             let cut_short = || *cut.lock().unwrap_or_else(|p| p.into_inner()) != Cut::None;
-            match crate::multipart::store_file_part(objects, &key, stream, boundary, part).await {
+            match crate::multipart::store_file_part(objects, key, stream, boundary, part).await {
                 Ok(size) => Ok(size),
                 // the file part's stream broke on its own: the form is malformed (a body that
                 // went over the limit or stalled is said so below)
@@ -321,7 +540,6 @@ async fn accept(
             }
         }
     };
-    drop(slot);
     let cut = *cut.lock().unwrap_or_else(|p| p.into_inner());
     let size = match stored {
         Ok(size) => size,
@@ -330,29 +548,16 @@ async fn accept(
             return Err(GatewayError::TooLarge(limit))
         }
         Err(e) if e.kind() == StorageErrorKind::UploadFailed && cut == Cut::Idle => {
-            tracing::warn!(%file_id, ?idle, "upload body stalled; dropped");
+            tracing::warn!(%key, ?idle, "upload body stalled; dropped");
             return Err(GatewayError::BodyTimeout(idle));
         }
         Err(e) => return Err(GatewayError::from_storage("storing the upload", e)),
     };
     if size == 0 {
-        let _ = objects.delete(&key).await;
+        let _ = objects.delete(key).await;
         return Err(GatewayError::EmptyBody);
     }
-    // from here on the upload completes even if the client goes: this task is not cancelled
-    // when the request is (an unread 202 is harmless; a half-done upload is not)
-    // (the task keeps the trace, a task-local, so the messages still carry it)
-    let span = tracing::info_span!(target: txpipe_common::telemetry::OTEL_TARGET, "commit", otel.name = "commit upload", file_id = %file_id);
-    txpipe_common::trace::set_attribute("file_id", &file_id.to_string());
-    let work = crate::error::with_request_id(
-        crate::error::request_id(),
-        commit(deps.clone(), Stored { file_id, key, size, sha256: digest.hex() }, owner, options),
-    );
-    let commit = match txpipe_common::trace::current() {
-        Some(trace) => tokio::spawn(trace.scope_in(span, "upload", work)),
-        None => tokio::spawn(work.in_current_span()),
-    };
-    commit.await.map_err(|e| GatewayError::Internal(format!("the upload task failed: {e}")))?
+    Ok(Received { size, sha256: digest.hex(), slot })
 }
 
 /// `chunks` as a stream that fails once it passes `limit` bytes or goes `idle` (if given)
@@ -431,7 +636,8 @@ async fn commit(
     stored: Stored,
     owner: Option<String>,
     options: UploadOptions,
-) -> Result<Response, GatewayError> {
+    held: Option<crate::idempotency::Held>,
+) -> Result<UploadAccepted, GatewayError> {
     let Stored { file_id, key, size, sha256 } = stored;
     let objects = &deps.storage.objects;
     // recorded as not yet announced: no worker starts on it until the broker has confirmed
@@ -482,17 +688,13 @@ async fn commit(
         }
     }
     UploadStored { file_id, bytes: size }.emit();
-    let status_url = format!("/files/{file_id}");
-    let body = UploadAccepted {
-        file_id,
-        status: "uploaded",
-        status_url: status_url.clone(),
-        size_bytes: size,
-        sha256,
-        mode: options.mode,
-        on_conflict: options.on_conflict,
-    };
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())
+    let upload = IdempotentUpload { file_id, size_bytes: size, sha256, options };
+    // in this task, which the client cannot cancel: an upload committed is always its key's
+    // answer (an earlier failure dropped the claim, releasing the key for a retry)
+    if let Some(held) = held {
+        held.complete(&upload).await;
+    }
+    Ok(accepted_of(&upload))
 }
 
 /// Publishes file.uploaded. If the broker link is down, waits a little for it to come back

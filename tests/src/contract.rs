@@ -11,8 +11,8 @@ use tokio::io::AsyncReadExt;
 use txpipe_common::csv_schema::TxStatus;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{
-    Advance, ApiKeyRecord, ApiKeyStore, ObjectStore, QuotaUse, StatusStore, StorageError, StorageErrorKind,
-    Transaction, TransactionStore, VersionRef, WriteOutcome,
+    Advance, ApiKeyRecord, ApiKeyStore, Claim, IdempotencyStore, IdempotentUpload, NewClaim, ObjectStore, QuotaUse,
+    StatusStore, StorageError, StorageErrorKind, Transaction, TransactionStore, VersionRef, WriteOutcome,
 };
 use txpipe_common::FileId;
 
@@ -467,4 +467,81 @@ pub async fn status_listing(store: Arc<dyn StatusStore>) {
         let q = FileQuery { cursor: Some(bad), ..list(Some(&alice), 10) };
         assert_eq!(kind_of(store.list(&q).await), StorageErrorKind::InvalidCursor);
     }
+}
+
+/// Idempotency keys: a key is claimed once (also by many at once), held while in flight (and
+/// renewed), answered with its upload once completed, freed when released or when its holder's
+/// lease runs out, forgotten after its window; only the claim's own token completes or releases it, and
+/// keys are independent (another API key's record of the same Idempotency-Key is another key).
+pub async fn idempotency_store(store: Arc<dyn IdempotencyStore>) {
+    store.check().await.unwrap();
+    let p = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let now = Utc::now();
+    let hour = chrono::Duration::hours(1);
+    let claim = |key: &str, token: &str, lease_until: DateTime<Utc>, expires_at: DateTime<Utc>| NewClaim {
+        key: format!("{key}-{p}"),
+        token: token.into(),
+        now,
+        lease_until,
+        expires_at,
+    };
+    let fresh = |key: &str, token: &str| claim(key, token, now + hour, now + hour * 24);
+    let upload = |size_bytes: u64| IdempotentUpload {
+        file_id: FileId::new(),
+        size_bytes,
+        sha256: "ab".repeat(32),
+        options: Default::default(),
+    };
+
+    let a = fresh("alice#k1", "t1");
+    assert_eq!(store.claim(&a).await.unwrap(), Claim::Claimed);
+    assert_eq!(store.claim(&fresh("alice#k1", "t2")).await.unwrap(), Claim::InFlight, "held while in flight");
+    assert_eq!(store.claim(&fresh("bob#k1", "t3")).await.unwrap(), Claim::Claimed, "another key's record is apart");
+    let first = upload(42);
+    assert!(!store.complete(&a.key, "t2", &first).await.unwrap(), "only the claim's own token completes it");
+    assert!(store.complete(&a.key, "t1", &first).await.unwrap());
+    assert!(!store.complete(&a.key, "t1", &upload(7)).await.unwrap(), "completed once");
+    assert_eq!(store.claim(&fresh("alice#k1", "t4")).await.unwrap(), Claim::Done(first.clone()));
+    store.release(&a.key, "t1").await.unwrap();
+    assert_eq!(store.claim(&fresh("alice#k1", "t5")).await.unwrap(), Claim::Done(first), "a done key stays done");
+
+    // released (its upload failed): the next request has it
+    let b = fresh("alice#k2", "t1");
+    assert_eq!(store.claim(&b).await.unwrap(), Claim::Claimed);
+    store.release(&b.key, "t9").await.unwrap();
+    assert_eq!(store.claim(&fresh("alice#k2", "t2")).await.unwrap(), Claim::InFlight, "another token cannot free it");
+    store.release(&b.key, "t1").await.unwrap();
+    assert_eq!(store.claim(&fresh("alice#k2", "t3")).await.unwrap(), Claim::Claimed);
+    assert!(!store.complete(&b.key, "t1", &upload(1)).await.unwrap(), "a released claim cannot complete");
+
+    // a claim whose lease ran out (its gateway died) is taken over; the old holder loses it
+    let c = claim("alice#k3", "t1", now - hour, now + hour * 24);
+    assert_eq!(store.claim(&c).await.unwrap(), Claim::Claimed);
+    assert_eq!(store.claim(&fresh("alice#k3", "t2")).await.unwrap(), Claim::Claimed, "taken over");
+    assert!(!store.complete(&c.key, "t1", &upload(1)).await.unwrap());
+    assert!(store.complete(&c.key, "t2", &upload(2)).await.unwrap());
+
+    // a claim renewed while its upload streams keeps its key past its first lease
+    let e = claim("alice#k6", "t1", now - hour, now + hour * 24);
+    assert_eq!(store.claim(&e).await.unwrap(), Claim::Claimed);
+    assert!(!store.renew(&e.key, "t9", now + hour).await.unwrap(), "only its own token renews it");
+    assert!(store.renew(&e.key, "t1", now + hour).await.unwrap());
+    assert_eq!(store.claim(&fresh("alice#k6", "t2")).await.unwrap(), Claim::InFlight, "renewed: still held");
+    assert!(store.complete(&e.key, "t1", &upload(3)).await.unwrap());
+    assert!(!store.renew(&e.key, "t1", now + hour).await.unwrap(), "a done key is not renewed");
+
+    // past its window a record is forgotten, done or not
+    let d = claim("alice#k4", "t1", now + hour, now - hour);
+    assert_eq!(store.claim(&d).await.unwrap(), Claim::Claimed);
+    assert!(store.complete(&d.key, "t1", &upload(1)).await.unwrap());
+    assert_eq!(store.claim(&fresh("alice#k4", "t2")).await.unwrap(), Claim::Claimed, "expired: a new request");
+
+    // many at once (as several gateway replicas): exactly one claims
+    let tries = (0..8).map(|i| {
+        let (s, c) = (store.clone(), fresh("alice#k5", &format!("r{i}")));
+        tokio::spawn(async move { s.claim(&c).await.unwrap() })
+    });
+    let results = futures::future::join_all(tries).await;
+    let claimed = results.iter().filter(|r| *r.as_ref().unwrap() == Claim::Claimed).count();
+    assert_eq!(claimed, 1, "{results:?}");
 }

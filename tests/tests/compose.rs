@@ -143,6 +143,17 @@ fn needs(service: Service, n: &Names) -> (Vec<String>, Vec<String>, Vec<String>)
         write.extend([n.dead_letter_exchange(), n.notifications_exchange()]);
         read.push(n.queue(stage));
     }
+    let (stage_events, notifications) = service.hears();
+    if !stage_events.is_empty() || !notifications.is_empty() {
+        // a queue of its own for the events it hears: declared, bound, consumed
+        let own = format!("{}0123456789abcdef0123456789abcdef", n.gateway_queue_prefix());
+        configure.push(own.clone());
+        write.push(own.clone());
+        read.push(own);
+        if !notifications.is_empty() {
+            read.push(n.notifications_exchange());
+        }
+    }
     (configure, write, read)
 }
 

@@ -169,8 +169,58 @@ async fn each_service_works_as_its_own_user_and_is_refused_what_it_must_not_do()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // what each user must never do
+    // an upload that waits for its verdict: the gateway hears it on a queue of its own, which
+    // its user may declare, bind to the pipeline and notifications exchanges, and consume
     let names = base.names();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let bindings = loop {
+        let listed = rabbitmqctl(&[
+            "list_bindings",
+            "-p",
+            &loaded.vhost,
+            "source_name",
+            "destination_name",
+            "routing_key",
+            "--no-table-headers",
+            "--quiet",
+        ])
+        .unwrap();
+        let own: Vec<String> = listed
+            .lines()
+            .filter(|l| l.contains(&names.gateway_queue_prefix()))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        if own.len() >= 6 || tokio::time::Instant::now() > deadline {
+            break own;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for wanted in [
+        "txpipe.pipeline file.validated",
+        "txpipe.pipeline file.rejected",
+        "txpipe.notifications file.completed",
+        "txpipe.notifications file.rejected",
+        "txpipe.notifications file.failed",
+    ] {
+        let (exchange, key) = wanted.split_once(' ').unwrap();
+        assert!(
+            bindings.iter().any(|b| b.starts_with(exchange) && b.ends_with(key)),
+            "the gateway's own queue is bound to {wanted}: {bindings:?}"
+        );
+    }
+    let r = http
+        .post(format!("{url}/upload?until=completed"))
+        .header("content-type", "text/csv")
+        .header("prefer", "wait=30")
+        .body(txpipe_tests::valid_csv("lp-wait", 3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["preference-applied"], "wait=30");
+    assert_eq!(r.json::<Json>().await.unwrap()["status"], "completed");
+
+    // what each user must never do
     let refused = |what: &str, result: Result<(), String>| {
         let err = result.expect_err(&format!("{what} must be refused"));
         assert!(err.contains("ACCESS_REFUSED") || err.contains("403"), "{what}: {err}");

@@ -73,6 +73,12 @@ async fn sqlite_api_key_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn sqlite_idempotency_store_meets_the_contract() {
+    let (_dir, s) = local().await;
+    contract::idempotency_store(s.idempotency).await;
+}
+
+#[tokio::test]
 async fn two_processes_worth_of_connections_share_one_database() {
     // two independent opens of the same file, as two worker processes would have
     let dir = tempfile::tempdir().unwrap();
@@ -150,6 +156,13 @@ async fn dynamodb_api_key_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn dynamodb_idempotency_store_meets_the_contract() {
+    let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
+    contract::idempotency_store(s.idempotency).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
 async fn a_missing_bucket_or_table_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().unwrap();
     let settings = aws_settings(&dir);
@@ -162,6 +175,8 @@ async fn a_missing_bucket_or_table_is_a_clear_startup_error() {
     assert!(err.contains(&settings.names().status_table()) && err.contains("txpipe provision"), "{err}");
     let err = storage.keys.check().await.unwrap_err().to_string();
     assert!(err.contains(&settings.names().api_keys_table()) && err.contains("txpipe provision"), "{err}");
+    let err = storage.idempotency.check().await.unwrap_err().to_string();
+    assert!(err.contains(&settings.names().idempotency_table()) && err.contains("txpipe provision"), "{err}");
 }
 
 #[tokio::test]

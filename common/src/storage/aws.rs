@@ -344,6 +344,7 @@ pub struct DynamoStore {
     tx_table: String,
     versions_table: String,
     pub(super) keys_table: String,
+    pub(super) idem_table: String,
     /// The status records this process last read or wrote, with their versions: the base of
     /// its next conditional write, so a status change is one request instead of a read and a
     /// write. Never trusted for more: a stale entry only fails the write's condition, whose
@@ -466,6 +467,7 @@ impl DynamoStore {
             tx_table: names.transactions_table(),
             versions_table: names.transaction_versions_table(),
             keys_table: names.api_keys_table(),
+            idem_table: names.idempotency_table(),
             known: Default::default(),
             write_concurrency: write_concurrency.max(1),
         }

@@ -1,11 +1,12 @@
 //! Storage ports: the object store (CSV files), the processing-status table, the
-//! transactions table and the API-key table (keys and their daily upload counts), each a
-//! trait held as `Arc<dyn …>`. The embedded adapters (a local
+//! transactions table, the API-key table (keys and their daily upload counts) and the
+//! idempotency-key table (uploads by `Idempotency-Key`), each a trait held as `Arc<dyn …>`. The embedded adapters (a local
 //! directory and SQLite) live here; the S3/DynamoDB adapters implement the same traits, and
 //! one contract test suite (`txpipe-tests`) runs against each. Every failure is a
 //! [`StorageError`] whose [`StorageClass`] decides what callers do about it.
 
 pub mod aws;
+mod aws_idempotency;
 mod aws_keys;
 mod error;
 mod group_commit;
@@ -17,7 +18,7 @@ pub mod sqlite;
 use crate::config::{Settings, StorageKind};
 use crate::csv_schema::{Row, TxStatus};
 use crate::file_id::FileId;
-use crate::status::{FileStatus, StatusRecord, StatusUpdate};
+use crate::status::{FileStatus, StatusRecord, StatusUpdate, UploadOptions};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
@@ -341,6 +342,65 @@ pub trait ApiKeyStore: Send + Sync + 'static {
     async fn check(&self) -> Result<(), StorageError>;
 }
 
+/// The upload an `Idempotency-Key` stands for, once its first request is done: enough to give
+/// a repeat the first request's answer, and to tell whether the repeat is the same request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotentUpload {
+    pub file_id: FileId,
+    pub size_bytes: u64,
+    /// Lower-case hex SHA-256 of the file's bytes (a repeat must carry the same).
+    pub sha256: String,
+    /// The upload's options (a repeat must ask for the same).
+    pub options: UploadOptions,
+}
+
+/// Asking for an idempotency key: `key` is the record's key (the API key's name and the
+/// SHA-256 of the `Idempotency-Key`, never the raw key), `token` names this request's claim.
+#[derive(Clone, Debug)]
+pub struct NewClaim {
+    pub key: String,
+    pub token: String,
+    pub now: DateTime<Utc>,
+    /// Until when an unfinished claim holds the key; after that (its gateway crashed, say) the
+    /// next request takes it over.
+    pub lease_until: DateTime<Utc>,
+    /// When the record is forgotten (the window in which a repeat gets the first answer).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What claiming an idempotency key found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The key was free (never used, forgotten, or its holder's lease ran out): it is this
+    /// request's now.
+    Claimed,
+    /// Another request holds it and has not finished.
+    InFlight,
+    /// A request with this key finished: its upload.
+    Done(IdempotentUpload),
+}
+
+/// The idempotency-key table (`{ns}-idempotency-keys`): one record per key, shared by every
+/// gateway replica, so a repeated upload is stored and announced once whichever replica it
+/// reaches. A record is claimed (atomically, one conditional write), then completed with the
+/// upload or released if the upload failed; it is forgotten after its `expires_at`.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims `claim.key` for `claim.token` unless a live record holds it: atomically, so of
+    /// requests racing for a key exactly one gets [`Claim::Claimed`].
+    async fn claim(&self, claim: &NewClaim) -> Result<Claim, StorageError>;
+    /// Records the claimed key's upload (keeping its `expires_at`); false if the claim was lost
+    /// meanwhile (taken over after its lease, or released).
+    async fn complete(&self, key: &str, token: &str, upload: &IdempotentUpload) -> Result<bool, StorageError>;
+    /// Extends an unfinished claim of this token to `lease_until` (its upload is still
+    /// streaming); false if the claim is no longer this token's, or is done.
+    async fn renew(&self, key: &str, token: &str, lease_until: DateTime<Utc>) -> Result<bool, StorageError>;
+    /// Frees a key this token claimed and did not complete (its upload failed); anything else
+    /// is left as it is.
+    async fn release(&self, key: &str, token: &str) -> Result<(), StorageError>;
+    async fn check(&self) -> Result<(), StorageError>;
+}
+
 /// Every store a service may use.
 #[derive(Clone)]
 pub struct Storage {
@@ -348,6 +408,7 @@ pub struct Storage {
     pub statuses: Arc<dyn StatusStore>,
     pub transactions: Arc<dyn TransactionStore>,
     pub keys: Arc<dyn ApiKeyStore>,
+    pub idempotency: Arc<dyn IdempotencyStore>,
 }
 
 impl Storage {
@@ -360,7 +421,13 @@ impl Storage {
                 let objects = local::LocalObjectStore::open(layout.objects_dir())?;
                 let db = sqlite::SqliteStore::open(&layout.database(), &names).await?;
                 let db = Arc::new(db);
-                Ok(Self { objects: Arc::new(objects), statuses: db.clone(), transactions: db.clone(), keys: db })
+                Ok(Self {
+                    objects: Arc::new(objects),
+                    statuses: db.clone(),
+                    transactions: db.clone(),
+                    keys: db.clone(),
+                    idempotency: db,
+                })
             }
             StorageKind::Aws => {
                 let sdk = aws::load_sdk_config(settings).await;
@@ -376,7 +443,7 @@ impl Storage {
     pub fn aws(sdk: &aws_config::SdkConfig, settings: &Settings) -> Self {
         let db = Arc::new(aws::DynamoStore::new(sdk, &settings.names(), settings.dynamodb_write_concurrency));
         let objects = Arc::new(aws::S3ObjectStore::new(sdk, settings));
-        Self { objects, statuses: db.clone(), transactions: db.clone(), keys: db }
+        Self { objects, statuses: db.clone(), transactions: db.clone(), keys: db.clone(), idempotency: db }
     }
 
     /// Ok when every store answers.
@@ -384,7 +451,8 @@ impl Storage {
         self.objects.check().await?;
         self.statuses.check().await?;
         self.transactions.check().await?;
-        self.keys.check().await
+        self.keys.check().await?;
+        self.idempotency.check().await
     }
 }
 

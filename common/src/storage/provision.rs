@@ -1,5 +1,6 @@
 //! `txpipe provision` / `txpipe teardown` for the aws backend: create or remove the bucket
-//! and the tables of a namespace (status, transactions, API keys), idempotently, saying what was done.
+//! and the tables of a namespace (status, transactions, API keys, idempotency keys),
+//! idempotently, saying what was done.
 
 use super::aws::{
     S3ObjectStore, LISTED_KEY, LISTING_INDEX, LISTING_KEY, OWNER_INDEX, OWNER_KEY, UNANNOUNCED_INDEX, UNANNOUNCED_KEY,
@@ -37,8 +38,10 @@ fn string_attr(name: &str) -> AttributeDefinition {
 }
 
 /// Creates what is missing: the bucket, the status table, the transactions and
-/// transaction-versions tables, the API-key table (with a TTL on old upload counters); turns on
-/// point-in-time recovery where the service supports it.
+/// transaction-versions tables, the API-key table (with a TTL on old upload counters), the
+/// idempotency-key table (with a TTL on records past their day); turns on point-in-time
+/// recovery where the service supports it (not for idempotency keys: a day's worth of
+/// ephemeral records).
 pub async fn provision(
     s3: &S3ObjectStore,
     ddb: &aws_sdk_dynamodb::Client,
@@ -139,12 +142,19 @@ pub async fn provision(
         .key_schema(key("pk", KeyType::Hash));
     done.push(create_table(&keys, req).await?);
     wait_active(ddb, &keys).await?;
-    let ttl = TimeToLiveSpecification::builder().enabled(true).attribute_name("expires_at").build().expect("complete");
-    match ddb.update_time_to_live().table_name(&keys).time_to_live_specification(ttl).send().await {
-        Ok(_) => done.push(format!("TTL on expires_at for {keys} (old upload counters expire)")),
-        // already on, or not supported by this server: counters of past days are only kept then
-        Err(e) => done.push(format!("TTL not changed for {keys} ({})", e.code().unwrap_or("unsupported"))),
-    }
+    done.push(expire_on(ddb, &keys, "old upload counters expire").await);
+
+    // a key's uploads by Idempotency-Key, each record kept a day
+    let idem = names.idempotency_table();
+    let req = ddb
+        .create_table()
+        .table_name(&idem)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(string_attr("key"))
+        .key_schema(key("key", KeyType::Hash));
+    done.push(create_table(&idem, req).await?);
+    wait_active(ddb, &idem).await?;
+    done.push(expire_on(ddb, &idem, "idempotency keys are forgotten after their day").await);
 
     for table in [&status, &tx, &versions, &keys] {
         wait_active(ddb, table).await?;
@@ -160,6 +170,17 @@ pub async fn provision(
         }
     }
     Ok(done)
+}
+
+/// Turns on DynamoDB's TTL on `expires_at` for `table`, saying what it did.
+async fn expire_on(ddb: &aws_sdk_dynamodb::Client, table: &str, why: &str) -> String {
+    let ttl = TimeToLiveSpecification::builder().enabled(true).attribute_name("expires_at").build().expect("complete");
+    match ddb.update_time_to_live().table_name(table).time_to_live_specification(ttl).send().await {
+        Ok(_) => format!("TTL on expires_at for {table} ({why})"),
+        // already on, or not supported by this server: expired items are then only kept (every
+        // read treats them as gone)
+        Err(e) => format!("TTL not changed for {table} ({})", e.code().unwrap_or("unsupported")),
+    }
 }
 
 async fn create_table(
@@ -289,9 +310,13 @@ pub async fn teardown(
             }
         }
     }
-    for table in
-        [names.status_table(), names.transactions_table(), names.transaction_versions_table(), names.api_keys_table()]
-    {
+    for table in [
+        names.status_table(),
+        names.transactions_table(),
+        names.transaction_versions_table(),
+        names.api_keys_table(),
+        names.idempotency_table(),
+    ] {
         match ddb.delete_table().table_name(&table).send().await {
             Ok(_) => done.push(format!("deleted DynamoDB table {table}")),
             Err(e) if e.code() == Some("ResourceNotFoundException") => {

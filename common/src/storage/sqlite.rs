@@ -1,15 +1,16 @@
-//! The embedded table store: the processing-status, transactions and API-key tables (with
-//! the keys' daily upload counts) in one SQLite file. WAL and a busy timeout let several
-//! processes on one host share it. Writes go through one writer thread per store that commits
-//! many callers' writes in one transaction ([`super::group_commit`]); reads run on a
-//! connection of their own on the blocking pool (WAL readers see the last commit and never
-//! wait for the writer), so the async workers never stall on the database.
+//! The embedded table store: the processing-status, transactions, API-key (with the keys'
+//! daily upload counts) and idempotency-key tables in one SQLite file. WAL and a busy timeout
+//! let several processes on one host share it. Writes go through one writer thread per store
+//! that commits many callers' writes in one transaction ([`super::group_commit`]); reads run
+//! on a connection of their own on the blocking pool (WAL readers see the last commit and
+//! never wait for the writer), so the async workers never stall on the database.
 
 use super::group_commit::Writer;
 use super::listing::{cursor_after, listing_key};
 use super::{
-    decode_cursor, encode_cursor, Advance, ApiKeyRecord, ApiKeyStore, Change, FilePage, FileQuery, QuotaUse,
-    StatusStore, StorageError, Transaction, TransactionPage, TransactionStore, VersionRef, WriteOutcome,
+    decode_cursor, encode_cursor, Advance, ApiKeyRecord, ApiKeyStore, Change, Claim, FilePage, FileQuery,
+    IdempotencyStore, IdempotentUpload, NewClaim, QuotaUse, StatusStore, StorageError, Transaction, TransactionPage,
+    TransactionStore, VersionRef, WriteOutcome,
 };
 use crate::csv_schema::TxStatus;
 use crate::file_id::FileId;
@@ -32,6 +33,7 @@ pub struct SqliteStore {
     versions_table: String,
     keys_table: String,
     usage_table: String,
+    idem_table: String,
 }
 
 fn db_err(e: rusqlite::Error) -> StorageError {
@@ -61,6 +63,9 @@ impl SqliteStore {
         let keys_table = quoted(&names.api_keys_table());
         let usage_table = quoted(&format!("{}-usage", names.api_keys_table()));
         let (st, tt, kt, ut) = (status_table.clone(), tx_table.clone(), keys_table.clone(), usage_table.clone());
+        let idem_table = quoted(&names.idempotency_table());
+        let it = idem_table.clone();
+        let idem_expiry = quoted(&format!("{}-expiry", names.idempotency_table()));
         let unannounced = quoted(&format!("{}-unannounced", names.status_table()));
         let working = quoted(&format!("{}-working", names.status_table()));
         let listing = ListingIndexes::of(names);
@@ -104,6 +109,16 @@ impl SqliteStore {
                     count INTEGER NOT NULL,
                     PRIMARY KEY (name, day)
                  ) WITHOUT ROWID;
+                 -- lease_until in ms, expires_at in s since the epoch; upload: the JSON of the
+                 -- finished upload (NULL while in flight)
+                 CREATE TABLE IF NOT EXISTS {it} (
+                    key TEXT PRIMARY KEY,
+                    token TEXT NOT NULL,
+                    lease_until INTEGER NOT NULL,
+                    expires_at INTEGER NOT NULL,
+                    upload TEXT
+                 ) WITHOUT ROWID;
+                 CREATE INDEX IF NOT EXISTS {idem_expiry} ON {it} (expires_at);
                  CREATE INDEX IF NOT EXISTS {unannounced} ON {st} (file_id)
                     WHERE json_extract(record, '$.announced') = 0;
                  CREATE INDEX IF NOT EXISTS {working} ON {st} (status, file_id) WHERE status IN {WORKING};"
@@ -129,6 +144,7 @@ impl SqliteStore {
             versions_table,
             keys_table,
             usage_table,
+            idem_table,
         })
     }
 
@@ -641,9 +657,16 @@ impl SqliteStore {
 
     /// Drops every table of the namespace (`txpipe teardown` for local storage).
     pub async fn drop_tables(&self) -> Result<(), StorageError> {
-        let sql = [&self.status_table, &self.tx_table, &self.versions_table, &self.keys_table, &self.usage_table]
-            .map(|t| format!("DROP TABLE IF EXISTS {t};"))
-            .concat();
+        let sql = [
+            &self.status_table,
+            &self.tx_table,
+            &self.versions_table,
+            &self.keys_table,
+            &self.usage_table,
+            &self.idem_table,
+        ]
+        .map(|t| format!("DROP TABLE IF EXISTS {t};"))
+        .concat();
         self.write(move |c| c.execute_batch(&sql).map_err(db_err)).await
     }
 }
@@ -743,6 +766,67 @@ impl ApiKeyStore for SqliteStore {
 
     async fn check(&self) -> Result<(), StorageError> {
         let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.keys_table);
+        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+    }
+}
+
+fn upload_from_json(s: &str) -> Result<IdempotentUpload, StorageError> {
+    serde_json::from_str(s).map_err(|e| StorageError::corrupt("idempotency record").with_source(e))
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    async fn claim(&self, claim: &NewClaim) -> Result<Claim, StorageError> {
+        let t = &self.idem_table;
+        // records expire by time: whatever is past its window is deleted on the way (the index
+        // on expires_at keeps that cheap), so the table holds a day of keys at most
+        let forget = format!("DELETE FROM {t} WHERE expires_at <= ?1");
+        let select = format!("SELECT lease_until, upload FROM {t} WHERE key = ?1");
+        let put = format!(
+            "INSERT OR REPLACE INTO {t} (key, token, lease_until, expires_at, upload) VALUES (?1, ?2, ?3, ?4, NULL)"
+        );
+        let c = claim.clone();
+        self.write(move |tx| {
+            // in the writer's IMMEDIATE transaction: the check and the claim are one step
+            tx.execute(&forget, params![c.now.timestamp()]).map_err(db_err)?;
+            let found: Option<(i64, Option<String>)> =
+                tx.query_row(&select, params![c.key], |r| Ok((r.get(0)?, r.get(1)?))).optional().map_err(db_err)?;
+            let outcome = match found {
+                Some((_, Some(upload))) => return Ok(Claim::Done(upload_from_json(&upload)?)),
+                Some((lease_until, None)) if lease_until > c.now.timestamp_millis() => return Ok(Claim::InFlight),
+                // free, or held by a claim whose lease ran out
+                _ => Claim::Claimed,
+            };
+            let row = params![c.key, c.token, c.lease_until.timestamp_millis(), c.expires_at.timestamp()];
+            tx.execute(&put, row).map_err(db_err)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn complete(&self, key: &str, token: &str, upload: &IdempotentUpload) -> Result<bool, StorageError> {
+        let sql =
+            format!("UPDATE {} SET upload = ?3 WHERE key = ?1 AND token = ?2 AND upload IS NULL", self.idem_table);
+        let (key, token) = (key.to_owned(), token.to_owned());
+        let json = serde_json::to_string(upload).expect("an upload always serializes");
+        self.write(move |c| c.execute(&sql, params![key, token, json]).map(|n| n == 1).map_err(db_err)).await
+    }
+
+    async fn renew(&self, key: &str, token: &str, lease_until: DateTime<Utc>) -> Result<bool, StorageError> {
+        let sql =
+            format!("UPDATE {} SET lease_until = ?3 WHERE key = ?1 AND token = ?2 AND upload IS NULL", self.idem_table);
+        let (key, token, until) = (key.to_owned(), token.to_owned(), lease_until.timestamp_millis());
+        self.write(move |c| c.execute(&sql, params![key, token, until]).map(|n| n == 1).map_err(db_err)).await
+    }
+
+    async fn release(&self, key: &str, token: &str) -> Result<(), StorageError> {
+        let sql = format!("DELETE FROM {} WHERE key = ?1 AND token = ?2 AND upload IS NULL", self.idem_table);
+        let (key, token) = (key.to_owned(), token.to_owned());
+        self.write(move |c| c.execute(&sql, params![key, token]).map(|_| ()).map_err(db_err)).await
+    }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.idem_table);
         self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
     }
 }
