@@ -8,15 +8,18 @@
 //! `*_failed` (the request succeeded, the file did not: the record says why), 200;
 //! `validation_failed`, 422. Every answer to an honoured wait says `Preference-Applied: wait=N`.
 //!
-//! No polling of storage: each gateway holds one exclusive, auto-deleted queue of its own
-//! (`{ns}.gateway.{random}`), bound to the pipeline exchange's `file.validated` and
+//! No polling of storage: while uploads wait (and for [`IDLE_UNSUBSCRIBE`] after the last),
+//! each gateway holds one exclusive, auto-deleted queue of its own (`{ns}.gateway.{random}`),
+//! bound to the pipeline exchange's `file.validated` and
 //! `file.rejected` and the notifications exchange's `file.completed`, `file.rejected` and
 //! `file.failed` (`Service::hears`), so every replica hears every event; an event wakes the
 //! uploads waiting for its file ([`Verdicts`], a map of file id to waiters), which read the
 //! status once and answer or wait again. A waiter is registered *before* its first read (the
 //! decision may predate it), and re-reads every [`FALLBACK_READ`] anyway, so an event lost
 //! (a broker reconnect, a full queue, a gateway whose user may not subscribe) costs at most
-//! that much delay. A waiting upload keeps its upload slot (`TXPIPE_MAX_UPLOADS_IN_FLIGHT`), so
+//! that much delay. Nobody waiting, no queue: a gateway whose clients never wait costs the
+//! broker nothing per file; the first wait after a quiet spell waits (up to
+//! [`SUBSCRIBE_WAIT`]) for the subscription before its first read. A waiting upload keeps its upload slot (`TXPIPE_MAX_UPLOADS_IN_FLIGHT`), so
 //! waits cannot pile up past the gateway's caps; at shutdown every wait answers at once.
 
 use std::collections::HashMap;
@@ -34,6 +37,10 @@ pub(crate) const MAX_WAIT_SECS: u64 = 60;
 const FALLBACK_READ: Duration = Duration::from_secs(2);
 /// The pause before subscribing again after the subscription failed or ended.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+/// How long the subscription stays after the last wait ended.
+const IDLE_UNSUBSCRIBE: Duration = Duration::from_secs(30);
+/// How long a wait waits for the subscription before its first read.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(1);
 /// The response header that says which preference was honoured.
 pub(crate) const PREFERENCE_APPLIED: &str = "preference-applied";
 
@@ -101,11 +108,25 @@ pub(crate) fn status_code(record: &StatusRecord) -> axum::http::StatusCode {
 #[derive(Clone, Default)]
 pub(crate) struct Verdicts(Arc<Inner>);
 
-#[derive(Default)]
 struct Inner {
     waiting: Mutex<HashMap<FileId, (watch::Sender<()>, usize)>>,
     /// Cancelled at shutdown: every wait answers at once.
     stopping: CancellationToken,
+    /// Bumped when a wait begins: the listener subscribes if it is not.
+    wanted: tokio::sync::Notify,
+    /// Whether the listener is subscribed now.
+    subscribed: watch::Sender<bool>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            waiting: Mutex::default(),
+            stopping: CancellationToken::new(),
+            wanted: tokio::sync::Notify::new(),
+            subscribed: watch::channel(false).0,
+        }
+    }
 }
 
 /// One waiting upload; unregisters itself when dropped.
@@ -143,6 +164,11 @@ impl Verdicts {
         }
     }
 
+    /// True when no upload waits.
+    fn idle(&self) -> bool {
+        self.0.waiting.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
     /// Files with uploads waiting now (for tests and logs).
     #[cfg(test)]
     fn waiting(&self) -> usize {
@@ -166,6 +192,9 @@ impl Verdicts {
         let deadline = tokio::time::Instant::now() + wait;
         // registered before the first read, so an event between the two is not missed
         let mut waiter = self.register(file_id);
+        self.0.wanted.notify_one();
+        let mut subscribed = self.0.subscribed.subscribe();
+        let _ = tokio::time::timeout(SUBSCRIBE_WAIT.min(wait), subscribed.wait_for(|s| *s)).await;
         loop {
             let read = tokio::time::timeout_at(deadline, deps.storage.statuses.get(file_id)).await;
             match read {
@@ -213,6 +242,13 @@ pub(crate) async fn listen(deps: Deps, verdicts: Verdicts, stop: CancellationTok
         .collect();
     let mut warned = false;
     loop {
+        // subscribed only while someone waits
+        if verdicts.idle() {
+            tokio::select! {
+                _ = verdicts.0.wanted.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+        }
         let up = tokio::select! {
             up = deps.broker.wait_up() => up,
             _ = stop.cancelled() => return,
@@ -228,15 +264,35 @@ pub(crate) async fn listen(deps: Deps, verdicts: Verdicts, stop: CancellationTok
             Ok(mut subscription) => {
                 tracing::debug!(%queue, "hearing verdicts for waiting uploads");
                 warned = false;
+                verdicts.0.subscribed.send_replace(true);
+                let mut quiet_since: Option<tokio::time::Instant> = None;
+                // an interval, not a sleep per message: a busy pipeline must not keep it from firing
+                let mut check = tokio::time::interval(IDLE_UNSUBSCRIBE / 4);
                 loop {
                     let body = tokio::select! {
                         body = subscription.next() => body,
+                        _ = check.tick() => {
+                            // nobody has waited for a while: the queue goes until someone does
+                            if !verdicts.idle() {
+                                quiet_since = None;
+                            } else if quiet_since.get_or_insert_with(tokio::time::Instant::now).elapsed() >= IDLE_UNSUBSCRIBE {
+                                verdicts.0.subscribed.send_replace(false);
+                                subscription.close().await;
+                                tracing::debug!(%queue, "no upload waits: unsubscribed");
+                                break;
+                            }
+                            continue;
+                        }
                         _ = stop.cancelled() => {
+                            verdicts.0.subscribed.send_replace(false);
                             subscription.close().await;
                             return;
                         }
                     };
-                    let Some(body) = body else { break };
+                    let Some(body) = body else {
+                        verdicts.0.subscribed.send_replace(false);
+                        break;
+                    };
                     if let Ok(about) = serde_json::from_slice::<About>(&body) {
                         verdicts.wake(about.file_id);
                     }

@@ -169,8 +169,20 @@ async fn each_service_works_as_its_own_user_and_is_refused_what_it_must_not_do()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // an upload that waits for its verdict: the gateway hears it on a queue of its own, which
-    // its user may declare, bind to the pipeline and notifications exchanges, and consume
+    // an upload that waits for its verdict: the gateway hears it on a queue of its own (made
+    // while uploads wait, kept a while after), which its user may declare, bind to the
+    // pipeline and notifications exchanges, and consume
+    let r = http
+        .post(format!("{url}/upload?until=completed"))
+        .header("content-type", "text/csv")
+        .header("prefer", "wait=30")
+        .body(txpipe_tests::valid_csv("lp-wait", 3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["preference-applied"], "wait=30");
+    assert_eq!(r.json::<Json>().await.unwrap()["status"], "completed");
     let names = base.names();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let bindings = loop {
@@ -208,17 +220,6 @@ async fn each_service_works_as_its_own_user_and_is_refused_what_it_must_not_do()
             "the gateway's own queue is bound to {wanted}: {bindings:?}"
         );
     }
-    let r = http
-        .post(format!("{url}/upload?until=completed"))
-        .header("content-type", "text/csv")
-        .header("prefer", "wait=30")
-        .body(txpipe_tests::valid_csv("lp-wait", 3))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["preference-applied"], "wait=30");
-    assert_eq!(r.json::<Json>().await.unwrap()["status"], "completed");
 
     // what each user must never do
     let refused = |what: &str, result: Result<(), String>| {
