@@ -1,5 +1,5 @@
-"""The seed's pipeline (docs: /work/shared/seed/aws-serverless-pipeline.md, the AWS serverless
-design txpipe replaces) run against an S3/DynamoDB/SNS endpoint such as moto, for
+"""The seed's pipeline (the AWS serverless design txpipe replaces: API Gateway, three Python
+Lambdas chained by Step Functions, S3, DynamoDB, SNS) run against an S3/DynamoDB/SNS endpoint such as moto, for
 `scripts/bench-moto`, which compares it with `txpipe bench e2e` on the same server.
 
 What runs is a stand-in for the seed's three Lambdas, making the same AWS calls in the same
@@ -332,20 +332,16 @@ def run(endpoint: str, files: int, rows: int, concurrency: int, warmup: int) -> 
         next_file = [0]
         latencies: list[float] = []
         errors: list[str] = []
-        phase = {"end": 0, "timed_from": warmup}
-        ready = threading.Barrier(concurrency + 1)
-        go = threading.Event()
+        last = [0.0]
+        # the threads live through both passes (their clients and connections stay warm); the
+        # main thread meets them when their clients are made, after the warm-up, at the start
+        barrier = threading.Barrier(concurrency + 1)
 
-        def worker() -> None:
-            try:
-                lambdas = SeedLambdas(endpoint, res, calls)
-            finally:
-                ready.wait()
-            go.wait()
+        def files_until(lambdas: SeedLambdas, end: int, timed: bool) -> None:
             while True:
                 with lock:
                     n = next_file[0]
-                    if n >= phase["end"]:
+                    if n >= end:
                         return
                     next_file[0] += 1
                 body = csv_file(run_id, n, rows)
@@ -356,31 +352,36 @@ def run(endpoint: str, files: int, rows: int, concurrency: int, warmup: int) -> 
                     with lock:
                         errors.append(f"file {n}: {e}")
                     continue
-                if n >= phase["timed_from"]:
+                if timed:
                     with lock:
                         latencies.append(notified - started)
                         last[0] = max(last[0], notified)
 
-        def pass_of(count: int) -> float:
-            """Runs files [next, next+count) on C threads; returns the time it started."""
-            nonlocal ready, go
-            phase["end"] = next_file[0] + count
-            ready, go = threading.Barrier(concurrency + 1), threading.Event()
-            threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-            for t in threads:
-                t.start()
-            ready.wait()  # every thread has its clients
-            started = time.perf_counter()
-            go.set()
-            for t in threads:
-                t.join()
-            return started
+        def worker() -> None:
+            try:
+                lambdas: SeedLambdas | None = SeedLambdas(endpoint, res, calls)
+            except Exception as e:  # noqa: BLE001 - reported; the thread still meets the others
+                lambdas = None
+                with lock:
+                    errors.append(f"making clients: {e}")
+            barrier.wait()
+            if lambdas:
+                files_until(lambdas, warmup, timed=False)
+            barrier.wait()
+            barrier.wait()
+            if lambdas:
+                files_until(lambdas, warmup + files, timed=True)
 
-        last = [0.0]
-        if warmup:
-            pass_of(warmup)
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        barrier.wait()  # clients made
+        barrier.wait()  # warm-up done
         calls.enabled = True
-        started = pass_of(files)
+        started = time.perf_counter()
+        barrier.wait()  # go
+        for t in threads:
+            t.join()
         calls.enabled = False
         completed = len(latencies)
         seconds = max(last[0] - started, 1e-9)
