@@ -21,28 +21,56 @@ use txpipe_common::messages::{Outgoing, StageMessage};
 use txpipe_common::stage::{RoutingKey, Stage};
 use txpipe_common::{FileId, Settings};
 
-/// What to run.
-#[derive(Clone, Debug)]
+/// What to run: the flags of `txpipe bench e2e`.
+#[derive(Clone, Debug, clap::Args)]
 pub struct Options {
-    /// A running gateway's base URL; `None`: start `txpipe up` on a fresh namespace.
+    /// A running gateway (default: start `txpipe up` on a fresh namespace, removed afterwards).
+    #[arg(long)]
     pub gateway: Option<String>,
+    /// With --gateway: the API key to send (as x-api-key).
+    #[arg(long = "api-key", env = "TXPIPE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// The running gateway's namespace (its notifications exchange is listened on).
+    /// With --gateway: its namespace, whose notifications exchange is listened on (default:
+    /// TXPIPE_NAMESPACE).
+    #[arg(long)]
     pub namespace: Option<String>,
+    /// Files to upload (after the warm-up).
+    #[arg(long, default_value_t = 2000)]
     pub files: u64,
+    /// Rows a file.
+    #[arg(long, default_value_t = 100)]
     pub rows: u64,
-    /// Uploads in flight (closed loop), unless `rate` is given.
+    /// Uploads in flight (closed loop), unless --rate is given.
+    #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Files a second offered (open loop): uploads start on schedule whatever the answers.
+    /// Offer this many files a second instead (open loop: uploads start on schedule whatever
+    /// the answers; latency under a steady load).
+    #[arg(long, value_parser = positive_rate)]
     pub rate: Option<f64>,
-    /// Files uploaded and awaited before the timed run.
+    /// Files uploaded and awaited before timing.
+    #[arg(long, default_value_t = 100)]
     pub warmup: u64,
-    /// Skip the broker-ceiling run.
+    /// Skip measuring the broker's ceiling.
+    #[arg(long)]
     pub no_ceiling: bool,
-    /// Give up waiting for notifications after this long without one.
-    pub idle_timeout: Duration,
-    /// Also measure SQLite's own bulk rate for the same rows and schema (large files).
+    /// Also measure SQLite's own bulk rate for the same rows and tables (large files).
+    #[arg(long)]
     pub sqlite_baseline: bool,
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err("a number of files a second above 0".into()),
+    }
+}
+
+impl Options {
+    /// How long to wait for notifications without one arriving: a large file may take a
+    /// while to store before its notification comes.
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(30) + Duration::from_micros(self.rows.saturating_mul(100))
+    }
 }
 
 /// Latency percentiles, in milliseconds.
@@ -525,13 +553,13 @@ async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, tar
     if opts.warmup > 0 {
         let warm = upload_all(&http, base, key, run_id, 0, opts.warmup, opts).await;
         let ids: Vec<String> = warm.into_iter().filter_map(|s| s.file_id).collect();
-        await_all(&finished, &ids, opts.idle_timeout).await;
+        await_all(&finished, &ids, opts.idle_timeout()).await;
     }
     let calls_before = storage_calls(&http, base, key).await;
     let started = Instant::now();
     let sent = upload_all(&http, base, key, run_id, opts.warmup, opts.files, opts).await;
     let ids: Vec<String> = sent.iter().filter_map(|s| s.file_id.clone()).collect();
-    await_all(&finished, &ids, opts.idle_timeout).await;
+    await_all(&finished, &ids, opts.idle_timeout()).await;
     listener.abort();
     broker.close().await;
     let calls_after = storage_calls(&http, base, key).await;

@@ -147,14 +147,6 @@ impl FilterArgs {
     }
 }
 
-/// The API key for `bench e2e --gateway`.
-#[derive(clap::Args)]
-struct KeyArg {
-    /// The API key to send (as x-api-key).
-    #[arg(long = "api-key", env = "TXPIPE_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-}
-
 #[derive(Subcommand)]
 enum Bench {
     /// Validate a generated file and bare-parse it with the csv crate; print MB/s and peak memory.
@@ -173,36 +165,8 @@ enum Bench {
     /// print files/s, rows/s, latency percentiles and the broker's own ceiling for the same
     /// message pattern, measured in the same run.
     E2e {
-        /// A running gateway (default: start `txpipe up` on a fresh namespace, removed afterwards).
-        #[arg(long)]
-        gateway: Option<String>,
-        /// With --gateway: its namespace, whose notifications exchange is listened on
-        /// (default: TXPIPE_NAMESPACE).
-        #[arg(long)]
-        namespace: Option<String>,
         #[command(flatten)]
-        key: KeyArg,
-        /// Files to upload (after the warm-up).
-        #[arg(long, default_value_t = 2000)]
-        files: u64,
-        /// Rows a file.
-        #[arg(long, default_value_t = 100)]
-        rows: u64,
-        /// Uploads in flight.
-        #[arg(long, default_value_t = 32)]
-        concurrency: usize,
-        /// Offer this many files a second instead (open loop; latency under a steady load).
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Files uploaded and awaited before timing.
-        #[arg(long, default_value_t = 100)]
-        warmup: u64,
-        /// Skip measuring the broker's ceiling.
-        #[arg(long)]
-        no_ceiling: bool,
-        /// Also measure SQLite's own bulk rate for the same rows and tables (large files).
-        #[arg(long)]
-        sqlite_baseline: bool,
+        options: txpipe_cli::bench_e2e::Options,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -251,40 +215,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Keys { command } => keys_command(command).await,
         Command::Bench { which: Bench::Validate { rows, file, runs } } => bench(rows, file, runs),
-        Command::Bench {
-            which:
-                Bench::E2e {
-                    gateway,
-                    namespace,
-                    key,
-                    files,
-                    rows,
-                    concurrency,
-                    rate,
-                    warmup,
-                    no_ceiling,
-                    sqlite_baseline,
-                    json,
-                },
-        } => {
-            if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-                bail!("--rate must be a number of files a second above 0");
-            }
-            let opts = txpipe_cli::bench_e2e::Options {
-                gateway,
-                api_key: key.api_key,
-                namespace,
-                files,
-                rows,
-                concurrency,
-                rate,
-                warmup,
-                no_ceiling,
-                // a large file may take a while to store before its notification comes
-                idle_timeout: std::time::Duration::from_secs(30) + std::time::Duration::from_micros(rows * 100),
-                sqlite_baseline,
-            };
-            let report = txpipe_cli::bench_e2e::run(opts).await?;
+        Command::Bench { which: Bench::E2e { options, json } } => {
+            let report = txpipe_cli::bench_e2e::run(options).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
