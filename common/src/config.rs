@@ -144,7 +144,7 @@ impl Default for Settings {
             retry_initial_delay_ms: 2000,
             retry_factor: 2.0,
             delivery_limit: 5,
-            batch_size: 500,
+            batch_size: 2000,
             dynamodb_write_concurrency: 4,
             on_conflict: crate::status::OnConflict::Reject,
             allow_upload_on_conflict: false,
