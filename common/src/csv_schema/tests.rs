@@ -581,3 +581,49 @@ fn check_gives_the_same_verdicts_and_errors_as_parse() {
     // both verdicts are well represented, and most valid rows take the quick path, not all
     assert!(valid > 3_000 && valid < 27_000 && quick * 10 > valid * 8 && quick < valid, "{valid} valid, {quick} quick");
 }
+
+#[test]
+fn id_hashes_report_exactly_the_repeated_ones() {
+    let mut hashes = IdHashes::new();
+    let mut g = Gen(0x5851_F42D_4C95_7F2D);
+    let values: Vec<u64> = (0..50_000).map(|_| g.next()).collect();
+    for &v in &values {
+        hashes.push(v);
+    }
+    // repeats in partitions of every size: the top byte fixed, spread, or zero
+    let repeats = [values[7], values[49_999], 0, u64::MAX, 0x00FF_FFFF_FFFF_FFFF];
+    for &r in &repeats {
+        hashes.push(r);
+    }
+    hashes.push(0);
+    hashes.push(u64::MAX);
+    let mut got: Vec<u64> = hashes.repeated().into_iter().collect();
+    got.sort_unstable();
+    let mut want = vec![values[7], values[49_999], 0, u64::MAX];
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert!(IdHashes::new().repeated().is_empty());
+}
+
+#[test]
+fn duplicates_among_many_rows_are_all_found_and_counted_as_rejected() {
+    let mut body = String::from(HEADER);
+    let mut want = Vec::new();
+    for row in 1..=20_000u64 {
+        // every 97th row repeats the id of the row 50 before it; every 1000th is also invalid
+        let (id, first) = if row % 97 == 0 && row > 50 { (row - 50, Some(row - 50)) } else { (row, None) };
+        let amount = if row % 1000 == 0 { "x" } else { "1" };
+        body.push_str(&format!("t{id},{amount},USD,2024-01-15T10:30:00Z,m,completed\n"));
+        if let Some(first) = first {
+            want.push(format!("{row}:transaction_id:transaction_id 't{id}' already appears in row {first}"));
+        }
+    }
+    let r = validate(|| Ok(body.as_bytes()), 1000).unwrap();
+    let dups: Vec<String> = messages(&r).into_iter().filter(|m| m.contains("already appears")).collect();
+    assert_eq!(dups, want);
+    let invalid = 20;
+    assert_eq!(r.error_count, want.len() as u64 + invalid);
+    // a row both invalid and a duplicate is rejected once (rows 97 * k that are multiples of 1000)
+    let both = (1..=20_000u64).filter(|r| r % 97 == 0 && r % 1000 == 0).count() as u64;
+    assert_eq!(r.rejected_rows, want.len() as u64 + invalid - both);
+}
