@@ -37,7 +37,11 @@ const BITS: [u64; SLOTS.div_ceil(64)] = {
 
 /// True when `code` is an active ISO 4217 code, in upper case (`USD`, not `usd`).
 pub fn is_iso4217(code: &str) -> bool {
-    let b = code.as_bytes();
+    is_iso4217_bytes(code.as_bytes())
+}
+
+/// [`is_iso4217`] on raw bytes (a code is ASCII, so no UTF-8 check is needed first).
+pub fn is_iso4217_bytes(b: &[u8]) -> bool {
     if b.len() != 3 || !b.iter().all(u8::is_ascii_uppercase) {
         return false;
     }

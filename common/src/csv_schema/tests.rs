@@ -276,3 +276,354 @@ fn quoted_values_are_short_whatever_they_hold() {
     }
     assert_eq!(show("a\tb"), "a\\tb");
 }
+
+/// A small deterministic generator (xorshift64*), so the generated cases are the same on
+/// every run and a failure can be replayed.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T: ?Sized>(&mut self, items: &[&'a T]) -> &'a T {
+        items[self.below(items.len())]
+    }
+
+    /// `min` digits and up to `spread - 1` more.
+    fn digits(&mut self, min: usize, spread: usize) -> String {
+        let n = min + self.below(spread);
+        (0..n).map(|_| char::from(b'0' + self.below(10) as u8)).collect()
+    }
+}
+
+/// A date-time of RFC 3339's shape with each part drawn from valid and invalid values.
+fn gen_timestamp(g: &mut Gen) -> String {
+    let year = match g.below(6) {
+        0 => g.pick(&["0000", "1900", "2000", "2023", "2024", "2100", "2400", "9999"]).to_owned(),
+        _ => format!("{:04}", g.below(10_000)),
+    };
+    let month = format!("{:02}", g.below(14));
+    let day = format!("{:02}", g.below(33));
+    let sep = g.pick(&["T", "T", "T", "t", " ", "_", "TT"]);
+    let hour = format!("{:02}", g.below(26));
+    let minute = format!("{:02}", g.below(62));
+    let second = match g.below(8) {
+        0 => "60".to_owned(),
+        1 => "61".to_owned(),
+        _ => format!("{:02}", g.below(60)),
+    };
+    let fraction = match g.below(6) {
+        0 => ".".to_owned(),
+        1 | 2 => format!(".{}", g.digits(1, 12)),
+        _ => String::new(),
+    };
+    let offset = match g.below(10) {
+        0 => "z".to_owned(),
+        1..=3 => "Z".to_owned(),
+        4 => g.pick(&["", "+05", "+0530", "UTC", "−05:00", "-00:00", "+23:59", "+24:00", "Z ", "+05:30x"]).to_owned(),
+        _ => format!("{}{:02}:{:02}", g.pick(&["+", "-"]), g.below(26), g.below(62)),
+    };
+    format!("{year}-{month}-{day}{sep}{hour}:{minute}:{second}{fraction}{offset}")
+}
+
+/// `s` with a few characters replaced, dropped or added.
+fn mutate(g: &mut Gen, s: &str) -> String {
+    let mut chars: Vec<char> = s.chars().collect();
+    for _ in 0..1 + g.below(3) {
+        let at = g.below(chars.len() + 1);
+        let c = ['0', '9', '-', ':', 'T', ' ', '.', 'Z', '+', 'é', '\u{2212}', 'x'][g.below(12)];
+        match g.below(3) {
+            0 if at < chars.len() => chars[at] = c,
+            1 if at < chars.len() => {
+                chars.remove(at);
+            }
+            _ => chars.insert(at, c),
+        }
+    }
+    chars.into_iter().collect()
+}
+
+#[test]
+fn the_quick_timestamp_check_agrees_with_chrono() {
+    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+    let (mut quick, mut accepted) = (0, 0);
+    for i in 0..300_000 {
+        let s = gen_timestamp(&mut g);
+        let s = if i % 3 == 0 { mutate(&mut g, &s) } else { s };
+        let fast = rfc3339_common_shape(s.as_bytes());
+        let chrono = DateTime::parse_from_rfc3339(&s).is_ok();
+        assert!(!fast || chrono, "the quick check accepts {s:?}, chrono does not");
+        // all chrono accepts but the quick check leaves to it: leap seconds, U+2212
+        let leap = s.get(17..19) == Some("60");
+        assert!(fast || !chrono || leap || s.contains('\u{2212}'), "the quick check leaves {s:?} to chrono");
+        quick += usize::from(fast);
+        accepted += usize::from(chrono);
+    }
+    // the generator reaches both sides of every check
+    assert!(quick > 20_000 && accepted > quick, "{quick} quick of {accepted} accepted");
+}
+
+#[test]
+fn the_quick_timestamp_check_on_edge_cases() {
+    for (s, quick) in [
+        ("2024-01-15T10:30:00Z", true),
+        ("2024-01-15t10:30:00z", true),
+        ("2024-01-15 10:30:00Z", true),
+        ("2024-01-15T10:30:00.123456789123+05:30", true),
+        ("2024-01-15T10:30:00-00:00", true),
+        ("2024-01-15T23:59:59+23:59", true),
+        ("2024-02-29T00:00:00Z", true),
+        ("2000-02-29T00:00:00Z", true),
+        ("0000-02-29T00:00:00Z", true),
+        ("2023-02-29T00:00:00Z", false),
+        ("1900-02-29T00:00:00Z", false),
+        ("2024-02-30T00:00:00Z", false),
+        ("2024-04-31T00:00:00Z", false),
+        ("2024-00-10T00:00:00Z", false),
+        ("2024-01-00T00:00:00Z", false),
+        ("2024-01-15T24:00:00Z", false),
+        ("2024-01-15T10:60:00Z", false),
+        ("2024-01-15T10:30:00.Z", false),
+        ("2024-01-15T10:30:00+24:00", false),
+        ("2024-01-15T10:30:00+05:60", false),
+        ("2024-01-15T10:30:00+0530", false),
+        ("2024-01-15T10:30:00", false),
+        ("2024-01-15T10:30:00ZZ", false),
+        ("+2024-01-15T10:30:00Z", false),
+        // valid, but left to chrono
+        ("2016-12-31T23:59:60Z", false),
+        ("2024-01-15T10:30:60.5+01:00", false),
+        ("2024-01-15T10:30:00\u{2212}05:00", false),
+    ] {
+        assert_eq!(rfc3339_common_shape(s.as_bytes()), quick, "{s}");
+        if quick {
+            assert!(DateTime::parse_from_rfc3339(s).is_ok(), "{s}");
+        }
+    }
+    for leap in ["2016-12-31T23:59:60Z", "2024-01-15T10:30:60.5+01:00", "2024-01-15T10:30:00\u{2212}05:00"] {
+        assert!(DateTime::parse_from_rfc3339(leap).is_ok(), "{leap}: chrono still decides");
+    }
+}
+
+#[test]
+fn the_quick_amount_check_agrees_with_the_exact_parse() {
+    let mut g = Gen(0xD1B5_4A32_D192_ED03);
+    let mut quick = 0;
+    for i in 0..200_000 {
+        let sign = g.pick(&["", "", "-", "+", "--", " "]);
+        let int = match g.below(4) {
+            0 => format!("{}{}", "0".repeat(g.below(6)), g.digits(0, 30)),
+            _ => g.digits(0, 31),
+        };
+        let frac = match g.below(4) {
+            0 => String::new(),
+            1 => ".".to_owned(),
+            _ => format!(".{}", g.digits(0, 31)),
+        };
+        let s = format!("{sign}{int}{frac}");
+        let s = if i % 4 == 0 { mutate(&mut g, &s) } else { s };
+        let fast = amount_certainly_exact(s.as_bytes());
+        let parsed = parse_amount(&s);
+        assert!(!fast || parsed.is_ok(), "the quick check accepts {s:?}: {parsed:?}");
+        if fast {
+            assert_eq!(parsed, Decimal::from_str_exact(&s).map_err(|e| e.to_string()), "{s}");
+        }
+        // what the quick check leaves to the parse and the parse accepts: only long amounts
+        let digits = s.bytes().filter(u8::is_ascii_digit).count();
+        assert!(fast || parsed.is_err() || digits > EXACT_DIGITS, "the quick check leaves {s:?}");
+        quick += usize::from(fast);
+    }
+    assert!(quick > 30_000, "{quick}");
+    for (s, quick) in [
+        ("0", true),
+        ("-0.00", true),
+        ("+1", true),
+        ("9999999999999999999999999999", true),
+        ("0.000000000000000000000000001", true),
+        ("99999999999999999999999999999", false),
+        ("00000000000000000000000000001", false),
+        ("", false),
+        ("-", false),
+        (".5", false),
+        ("5.", false),
+        ("1e5", false),
+    ] {
+        assert_eq!(amount_certainly_exact(s.as_bytes()), quick, "{s}");
+    }
+}
+
+#[test]
+fn the_quick_checks_do_not_panic_on_any_bytes() {
+    let mut g = Gen(0x0123_4567_89AB_CDEF);
+    for _ in 0..200_000 {
+        let len = g.below(40);
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| match g.below(3) {
+                0 => b"0123456789-:T.Z+z "[g.below(18)],
+                _ => g.next() as u8,
+            })
+            .collect();
+        rfc3339_common_shape(&bytes);
+        amount_certainly_exact(&bytes);
+        crate::currency::is_iso4217_bytes(&bytes);
+    }
+}
+
+/// A data row of fields drawn from valid and invalid values, padded, quoted and stretched.
+fn gen_row(g: &mut Gen, row: usize) -> Vec<u8> {
+    let id = match g.below(30) {
+        0 => String::new(),
+        1 => "é".repeat(MAX_TRANSACTION_ID_BYTES / 2 + g.below(2)),
+        2 => "x".repeat(MAX_TRANSACTION_ID_BYTES + g.below(2)),
+        _ => format!("t{row}"),
+    };
+    let amount = match g.below(15) {
+        0 => {
+            g.pick(&["", "x", "1.", "1e5", "-", "00000000000000000000000000000001", "1".repeat(40).as_str()]).to_owned()
+        }
+        _ => {
+            let sign = g.pick(&["", "-", "+"]);
+            format!("{sign}{}.{}", g.digits(1, 8), g.digits(1, 4))
+        }
+    };
+    let currency = match g.below(15) {
+        0 => g.pick(&["usd", "XXX", "US", "", "USDD"]),
+        _ => g.pick(&["USD", "EUR", "JPY"]),
+    };
+    let timestamp = match g.below(8) {
+        0 => {
+            let t = gen_timestamp(g);
+            mutate(g, &t)
+        }
+        1 => format!("2024-01-15T10:30:00.{}Z", "1".repeat(MAX_FIELD_BYTES - 20 + g.below(3))),
+        2 | 3 => gen_timestamp(g),
+        _ => format!("2024-{:02}-{:02}T10:30:{:02}Z", 1 + g.below(12), 1 + g.below(28), g.below(61)),
+    };
+    let merchant = match g.below(30) {
+        0 => String::new(),
+        1 => "m".repeat(MAX_FIELD_BYTES + g.below(2) - 1),
+        2 => "Café, \"Zürich\"".to_owned(),
+        _ => "Acme".to_owned(),
+    };
+    let status = match g.below(15) {
+        0 => g.pick(&["COMPLETED", "done", ""]),
+        _ => g.pick(&["completed", "pending", "failed"]),
+    };
+    let mut fields: Vec<Vec<u8>> = [id, amount, currency.to_owned(), timestamp, merchant, status.to_owned()]
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    if g.below(20) == 0 {
+        let f = g.below(6);
+        fields[f].push(0xE9); // not UTF-8
+    }
+    if g.below(20) == 0 {
+        fields.push("x".repeat(MAX_ROW_BYTES - 1100 + g.below(200)).into_bytes());
+    } else if g.below(30) == 0 {
+        fields.pop(); // ragged
+    } else {
+        fields.push(b"note".to_vec());
+    }
+    let mut line = Vec::new();
+    for (i, f) in fields.into_iter().enumerate() {
+        if i > 0 {
+            line.push(b',');
+        }
+        let pad = if g.below(8) == 0 { &b" "[..] } else { b"" };
+        if g.below(6) == 0 || f.contains(&b',') || f.contains(&b'"') {
+            line.push(b'"');
+            line.extend_from_slice(pad);
+            for &b in &f {
+                if b == b'"' {
+                    line.push(b'"');
+                }
+                line.push(b);
+            }
+            line.push(b'"');
+        } else {
+            line.extend_from_slice(pad);
+            line.extend_from_slice(&f);
+            line.extend_from_slice(pad);
+        }
+    }
+    line.push(b'\n');
+    line
+}
+
+#[test]
+fn check_gives_the_same_verdicts_and_errors_as_parse() {
+    let mut g = Gen(0xA076_1D64_78BD_642F);
+    let mut body = HEADER_X.as_bytes().to_vec();
+    for row in 0..30_000 {
+        body.extend(gen_row(&mut g, row));
+    }
+    let mut checked = Scanner::new(&body[..]).unwrap();
+    let mut parsed = Scanner::new(&body[..]).unwrap();
+    let (mut valid, mut quick) = (0, 0);
+    while checked.advance().unwrap() {
+        assert!(parsed.advance().unwrap());
+        let (mut check_log, mut parse_log) = (ErrorLog::new(100), ErrorLog::new(100));
+        let verdict = checked.check(&mut check_log);
+        assert_eq!(verdict, parsed.parse(&mut parse_log).is_some(), "row {}", checked.row());
+        assert_eq!(check_log.into_parts(), parse_log.into_parts(), "row {}", checked.row());
+        valid += usize::from(verdict);
+        quick += usize::from(checked.passes_quickly());
+    }
+    assert!(!parsed.advance().unwrap());
+    // both verdicts are well represented, and most valid rows take the quick path, not all
+    assert!(valid > 3_000 && valid < 27_000 && quick * 10 > valid * 8 && quick < valid, "{valid} valid, {quick} quick");
+}
+
+#[test]
+fn id_hashes_report_exactly_the_repeated_ones() {
+    let mut hashes = IdHashes::new();
+    let mut g = Gen(0x5851_F42D_4C95_7F2D);
+    let values: Vec<u64> = (0..50_000).map(|_| g.next()).collect();
+    for &v in &values {
+        hashes.push(v);
+    }
+    // repeats in partitions of every size: the top byte fixed, spread, or zero
+    let repeats = [values[7], values[49_999], 0, u64::MAX, 0x00FF_FFFF_FFFF_FFFF];
+    for &r in &repeats {
+        hashes.push(r);
+    }
+    hashes.push(0);
+    hashes.push(u64::MAX);
+    let mut got: Vec<u64> = hashes.repeated().into_iter().collect();
+    got.sort_unstable();
+    let mut want = vec![values[7], values[49_999], 0, u64::MAX];
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert!(IdHashes::new().repeated().is_empty());
+}
+
+#[test]
+fn duplicates_among_many_rows_are_all_found_and_counted_as_rejected() {
+    let mut body = String::from(HEADER);
+    let mut want = Vec::new();
+    for row in 1..=20_000u64 {
+        // every 97th row repeats the id of the row 50 before it; every 1000th is also invalid
+        let (id, first) = if row % 97 == 0 && row > 50 { (row - 50, Some(row - 50)) } else { (row, None) };
+        let amount = if row % 1000 == 0 { "x" } else { "1" };
+        body.push_str(&format!("t{id},{amount},USD,2024-01-15T10:30:00Z,m,completed\n"));
+        if let Some(first) = first {
+            want.push(format!("{row}:transaction_id:transaction_id 't{id}' already appears in row {first}"));
+        }
+    }
+    let r = validate(|| Ok(body.as_bytes()), 1000).unwrap();
+    let dups: Vec<String> = messages(&r).into_iter().filter(|m| m.contains("already appears")).collect();
+    assert_eq!(dups, want);
+    let invalid = 20;
+    assert_eq!(r.error_count, want.len() as u64 + invalid);
+    // a row both invalid and a duplicate is rejected once (rows 97 * k that are multiples of 1000)
+    let both = (1..=20_000u64).filter(|r| r % 97 == 0 && r % 1000 == 0).count() as u64;
+    assert_eq!(r.rejected_rows, want.len() as u64 + invalid - both);
+}
