@@ -559,8 +559,15 @@ impl Loop {
         if !self.spec.holds_file {
             // a fresh file moves from `from` to `done` in one write, without a claim (a copy
             // racing this one finds the move made and passes it on)
-            let Some(record) = self.handler.record(&self.deps, msg).await? else {
-                return Ok(Outcome::Publish(Vec::new()));
+            // the record this process wrote when the file reached `from` is that status's
+            // record (a status's fields do not change until the next status): no read needed
+            let remembered = self.deps.storage.statuses.remembered(file_id).filter(|r| r.status == self.spec.from);
+            let record = match remembered {
+                Some(r) => r,
+                None => match self.handler.record(&self.deps, msg).await? {
+                    Some(r) => r,
+                    None => return Ok(Outcome::Publish(Vec::new())),
+                },
             };
             if record.status == self.spec.from {
                 let _shared = self.solo.clone().read_owned().await;

@@ -771,6 +771,11 @@ impl StatusStore for DynamoStore {
     }
 
     async fn mark_announced(&self, file_id: FileId) -> Result<(), StorageError> {
+        // a file once announced stays announced: if this process saw the mark made (a validator
+        // in it claimed the file first), there is nothing to write or read
+        if self.known().get(file_id).is_some_and(|(r, _)| r.announced) {
+            return Ok(());
+        }
         self.modify(file_id, |r| !std::mem::replace(&mut r.announced, true)).await.map(|_| ())
     }
 
@@ -827,6 +832,10 @@ impl StatusStore for DynamoStore {
 
     async fn update(&self, file_id: FileId, change: Change) -> Result<Advance, StorageError> {
         self.modify(file_id, |r| change(r)).await
+    }
+
+    fn remembered(&self, file_id: FileId) -> Option<StatusRecord> {
+        self.known().get(file_id).map(|(r, _)| r)
     }
 
     async fn stalled(

@@ -101,6 +101,13 @@ pub trait StatusStore: Send + Sync + 'static {
     /// optionally in one status and recorded since a time, at most `query.limit`, after
     /// `query.cursor` ([`listing`]). Reads an index by owner and time, never the whole table.
     async fn list(&self, query: &FileQuery) -> Result<FilePage, StorageError>;
+    /// The record as this process last read or wrote it, if the store keeps that (DynamoDB
+    /// does, as the base of its conditional writes): no request, and possibly stale, so only
+    /// for a caller that can tell (a status only moves forward, and the fields a status sets
+    /// do not change until the next one). None by default.
+    fn remembered(&self, _file_id: FileId) -> Option<StatusRecord> {
+        None
+    }
     async fn check(&self) -> Result<(), StorageError>;
 }
 
