@@ -23,37 +23,18 @@ type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// returns how to answer its caller.
 type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> Finish + Send>;
 
-/// How often the checkpointer copies the WAL back into the database.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
 /// The handle callers write through; cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::UnboundedSender<Job>,
-    /// Dropped with the last handle: the checkpointer then stops.
-    _alive: std::sync::Arc<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl Writer {
-    /// Starts the writer thread on `conn` (already open and set up), and a checkpointer on a
-    /// connection of its own to `path`: SQLite would otherwise run each WAL checkpoint inside
-    /// the commit that crosses its threshold, holding every caller of that batch (and the next)
-    /// for the time it takes to copy and sync a few megabytes. A passive checkpoint never
-    /// blocks the writer.
-    pub fn start(conn: Connection, path: &std::path::Path, name: String) -> Result<Self, StorageError> {
-        let started = |e: std::io::Error| StorageError::unavailable("cannot start the sqlite writer").with_source(e);
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(|e| StorageError::unavailable("sqlite wal_autocheckpoint").with_source(e))?;
-        let checkpoints = Connection::open(path)
-            .map_err(|e| StorageError::unavailable(format!("cannot open {}", path.display())).with_source(e))?;
-        let (alive, stopped) = std::sync::mpsc::sync_channel::<()>(0);
-        std::thread::Builder::new()
-            .name(format!("{name}-checkpoint"))
-            .spawn(move || checkpoint(checkpoints, stopped))
-            .map_err(started)?;
+    /// Starts the writer thread on `conn` (already open and set up).
+    pub fn start(conn: Connection, name: String) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::unbounded_channel();
-        std::thread::Builder::new().name(name).spawn(move || serve(conn, queue)).map_err(started)?;
-        Ok(Self { jobs, _alive: std::sync::Arc::new(alive) })
+        std::thread::Builder::new().name(name).spawn(move || serve(conn, queue))?;
+        Ok(Self { jobs })
     }
 
     /// Runs `f` in the next batch's transaction; its result once that batch is durable.
@@ -101,16 +82,6 @@ fn in_savepoint<T>(
 /// Runs a statement without parameters, prepared once per connection (thousands run a second).
 fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
-}
-
-/// The checkpointer thread: a passive checkpoint every [`CHECKPOINT_EVERY`] until the writer's
-/// handles are all dropped.
-fn checkpoint(conn: Connection, stopped: std::sync::mpsc::Receiver<()>) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "sqlite: a WAL checkpoint failed; trying again later");
-        }
-    }
 }
 
 /// The writer thread: takes what is queued (at least one write), commits it as one

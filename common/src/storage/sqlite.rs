@@ -55,7 +55,6 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path` with the tables of `names`.
     pub async fn open(path: &Path, names: &Names) -> Result<Self, StorageError> {
         let path = path.to_owned();
-        let db_path = path.clone();
         let status_table = quoted(&names.status_table());
         let tx_table = quoted(&names.transactions_table());
         let by_file = quoted(&format!("{}-by-file", names.transactions_table()));
@@ -135,7 +134,8 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StorageError::unavailable("opening the database failed").with_source(e))??;
-        let writer = Writer::start(writer, &db_path, thread_name)?;
+        let writer = Writer::start(writer, thread_name)
+            .map_err(|e| StorageError::unavailable("cannot start the sqlite writer").with_source(e))?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             writer,
