@@ -86,46 +86,12 @@ impl IdempotencyStore for DynamoStore {
 
     async fn complete(&self, key: &str, token: &str, upload: &IdempotentUpload) -> Result<bool, StorageError> {
         let json = serde_json::to_string(upload).expect("an upload always serializes");
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.idem_table)
-            .key("key", s(key))
-            .update_expression("SET #u = :u")
-            .condition_expression("#t = :t AND attribute_not_exists(#u)")
-            .expression_attribute_names("#u", "upload")
-            .expression_attribute_names("#t", "token")
-            .expression_attribute_values(":u", s(json))
-            .expression_attribute_values(":t", s(token))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) if is_code(&e, "ConditionalCheckFailedException") => Ok(false),
-            Err(e) => Err(classify("recording an idempotent upload", e)),
-        }
+        self.set_while_held(key, token, "upload", s(json), "recording an idempotent upload").await
     }
 
     async fn renew(&self, key: &str, token: &str, lease_until: DateTime<Utc>) -> Result<bool, StorageError> {
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.idem_table)
-            .key("key", s(key))
-            .update_expression("SET #l = :l")
-            .condition_expression("#t = :t AND attribute_not_exists(#u)")
-            .expression_attribute_names("#l", "lease_until")
-            .expression_attribute_names("#u", "upload")
-            .expression_attribute_names("#t", "token")
-            .expression_attribute_values(":l", n(lease_until.timestamp_millis()))
-            .expression_attribute_values(":t", s(token))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(e) if is_code(&e, "ConditionalCheckFailedException") => Ok(false),
-            Err(e) => Err(classify("renewing an idempotency key's claim", e)),
-        }
+        let until = n(lease_until.timestamp_millis());
+        self.set_while_held(key, token, "lease_until", until, "renewing an idempotency key's claim").await
     }
 
     async fn release(&self, key: &str, token: &str) -> Result<(), StorageError> {
@@ -149,5 +115,38 @@ impl IdempotencyStore for DynamoStore {
 
     async fn check(&self) -> Result<(), StorageError> {
         self.describe(&self.idem_table).await
+    }
+}
+
+impl DynamoStore {
+    /// Sets one attribute of a claim, only while `token` holds it and its upload is not
+    /// recorded yet; false when it is not so held.
+    async fn set_while_held(
+        &self,
+        key: &str,
+        token: &str,
+        name: &str,
+        value: AttributeValue,
+        what: &str,
+    ) -> Result<bool, StorageError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.idem_table)
+            .key("key", s(key))
+            .update_expression("SET #a = :a")
+            .condition_expression("#t = :t AND attribute_not_exists(#u)")
+            .expression_attribute_names("#a", name)
+            .expression_attribute_names("#u", "upload")
+            .expression_attribute_names("#t", "token")
+            .expression_attribute_values(":a", value)
+            .expression_attribute_values(":t", s(token))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if is_code(&e, "ConditionalCheckFailedException") => Ok(false),
+            Err(e) => Err(classify(what, e)),
+        }
     }
 }
