@@ -381,29 +381,45 @@ async fn upload_all(
     count: u64,
     opts: &Options,
 ) -> Vec<Sent> {
+    offer(first..first + count, opts.rate, opts.concurrency, |n| {
+        let (http, base, key, body) = (http.clone(), base.to_owned(), key.to_owned(), csv_file(run, n, opts.rows));
+        async move { upload(&http, &base, &key, body).await }
+    })
+    .await
+}
+
+/// Runs `start(n)` for each `n`, `concurrency` at a time, or at `rate` a second whatever the
+/// answers (open loop: bounded only so a stalled server cannot use up the client's memory);
+/// the outcomes, in the order they finished.
+async fn offer<T, F>(
+    items: std::ops::Range<u64>,
+    rate: Option<f64>,
+    concurrency: usize,
+    mut start: impl FnMut(u64) -> F,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(if rate.is_some() { 4096 } else { concurrency.max(1) }));
+    let (first, began) = (items.start, tokio::time::Instant::now());
     let mut tasks = tokio::task::JoinSet::new();
-    let limit = Arc::new(Semaphore::new(match opts.rate {
-        // open loop: bounded only so a stalled gateway cannot use up the client's memory
-        Some(_) => 4096,
-        None => opts.concurrency.max(1),
-    }));
-    let start = tokio::time::Instant::now();
-    for n in first..first + count {
-        if let Some(rate) = opts.rate {
-            tokio::time::sleep_until(start + Duration::from_secs_f64((n - first) as f64 / rate)).await;
+    for n in items {
+        if let Some(rate) = rate {
+            tokio::time::sleep_until(began + Duration::from_secs_f64((n - first) as f64 / rate)).await;
         }
         let permit = limit.clone().acquire_owned().await.expect("never closed");
-        let (http, base, key, body) = (http.clone(), base.to_owned(), key.to_owned(), csv_file(run, n, opts.rows));
+        let work = start(n);
         tasks.spawn(async move {
-            let sent = upload(&http, &base, &key, body).await;
+            let out = work.await;
             drop(permit);
-            sent
+            out
         });
     }
-    let mut out = Vec::with_capacity(count as usize);
-    while let Some(sent) = tasks.join_next().await {
-        if let Ok(sent) = sent {
-            out.push(sent);
+    let mut out = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(done) = done {
+            out.push(done);
         }
     }
     out
@@ -709,26 +725,18 @@ pub async fn broker_ceiling(
         let finished = Arc::new(Mutex::new(Finished::default()));
         let listener = listen(&broker, finished.clone()).await?;
         let publisher = broker.publisher().await?;
-        let limit = Arc::new(Semaphore::new(if rate.is_some() { 4096 } else { concurrency.max(1) }));
         let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut ids = Vec::with_capacity(files as usize);
-        for n in 0..files {
-            if let Some(rate) = rate {
-                tokio::time::sleep_until((started + Duration::from_secs_f64(n as f64 / rate)).into()).await;
-            }
-            let permit = limit.clone().acquire_owned().await.expect("never closed");
+        // like an upload: the next file goes once the publish is confirmed
+        let ids: Vec<String> = offer(0..files, rate, concurrency, |_| {
             let file_id = FileId::new();
-            ids.push(file_id.to_string());
             let msg = StageMessage::uploaded(file_id, names.object_key(&file_id)).outgoing(&names);
             let publisher = publisher.clone();
-            // like an upload: the permit is given back once the publish is confirmed
-            tasks.spawn(async move {
+            async move {
                 publish(&publisher, &msg).await;
-                drop(permit);
-            });
-        }
-        while tasks.join_next().await.is_some() {}
+                file_id.to_string()
+            }
+        })
+        .await;
         await_all(&finished, &ids, Duration::from_secs(30)).await;
         let seconds = started.elapsed().as_secs_f64();
         listener.abort();
