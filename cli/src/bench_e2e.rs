@@ -35,10 +35,10 @@ pub struct Options {
     #[arg(long)]
     pub namespace: Option<String>,
     /// Files to upload (after the warm-up).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     pub files: u64,
     /// Rows a file.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub rows: u64,
     /// Uploads in flight (closed loop), unless --rate is given.
     #[arg(long, default_value_t = 32)]

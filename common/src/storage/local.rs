@@ -72,6 +72,11 @@ impl LocalObjectStore {
 /// of this size cost little memory, and 100-row files are about 9 KB.
 const WHOLE_MAX: usize = 256 * 1024;
 
+/// A fresh temporary file name in `dir` (hidden, so a listing of objects never shows it).
+fn temporary_beside(dir: &Path) -> PathBuf {
+    dir.join(format!(".{}.part", uuid::Uuid::new_v4()))
+}
+
 /// Sets its flag when the put that owns it is dropped (its client gone) before the write
 /// finished.
 #[derive(Default)]
@@ -98,7 +103,7 @@ fn write_whole(
     use std::io::Write;
     let dir = path.parent().expect("a key has a parent directory");
     std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create", dir, e))?;
-    let tmp = dir.join(format!(".{}.part", uuid::Uuid::new_v4()));
+    let tmp = temporary_beside(dir);
     let guard = RemoveOnDrop(Some(tmp.clone()));
     let mut file = std::fs::File::create(&tmp).map_err(|e| unavailable("cannot create", &tmp, e))?;
     let mut size = 0u64;
@@ -142,7 +147,7 @@ impl LocalObjectStore {
     ) -> Result<u64, StorageError> {
         let dir = path.parent().expect("a key has a parent directory");
         tokio::fs::create_dir_all(dir).await.map_err(|e| unavailable("cannot create", dir, e))?;
-        let tmp = dir.join(format!(".{}.part", uuid::Uuid::new_v4()));
+        let tmp = temporary_beside(dir);
         // a put dropped half-way (its client gone) removes its temporary file too
         let guard = RemoveOnDrop(Some(tmp.clone()));
         let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| unavailable("cannot create", &tmp, e))?;
