@@ -71,6 +71,9 @@ pub struct Settings {
     pub delivery_limit: u32,
     /// Rows per write batch in the transformer.
     pub batch_size: usize,
+    /// Gateway: uploads of at most this many bytes (UTF-8) travel inside their stage messages
+    /// too, so the validator and transformer need not read the object back; 0: never.
+    pub inline_max_bytes: usize,
     /// DynamoDB: conditional writes (TransactWriteItems of up to 50 rows) of one batch in
     /// flight at once, so a provisioned table can be filled at its capacity.
     pub dynamodb_write_concurrency: usize,
@@ -129,6 +132,9 @@ pub struct Settings {
     pub stuck_after_ms: u64,
 }
 
+/// The most `TXPIPE_INLINE_MAX_BYTES` may be.
+const MAX_INLINE_BYTES: usize = 1024 * 1024;
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -145,6 +151,7 @@ impl Default for Settings {
             retry_factor: 2.0,
             delivery_limit: 5,
             batch_size: 2000,
+            inline_max_bytes: 16 * 1024,
             dynamodb_write_concurrency: 4,
             on_conflict: crate::status::OnConflict::Reject,
             allow_upload_on_conflict: false,
@@ -225,6 +232,12 @@ impl Settings {
         }
         if self.delivery_limit == 0 {
             return bad("TXPIPE_DELIVERY_LIMIT", "must be at least 1");
+        }
+        if self.inline_max_bytes > MAX_INLINE_BYTES {
+            return bad(
+                "TXPIPE_INLINE_MAX_BYTES",
+                "must be at most 1048576 (a broker message is no place for a large file)",
+            );
         }
         if self.batch_size == 0 || self.batch_size > 10_000 {
             return bad("TXPIPE_BATCH_SIZE", "must be between 1 and 10000");

@@ -17,11 +17,41 @@ pub struct FileUploaded {
     pub file_id: FileId,
     /// Key of the CSV object in the bucket.
     pub object_key: String,
-    /// When the event was first produced.
     /// The API key that uploaded the file (so a dead-lettered copy names its tenant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uploaded_by: Option<String>,
+    /// When the event was first produced.
     pub at: DateTime<Utc>,
+    /// The file itself, when it is small (see [`Content`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
+}
+
+/// A small file's bytes, carried in its stage messages (up to `TXPIPE_INLINE_MAX_BYTES`) so
+/// the validator and the transformer need not read the object again: with S3, two GetObject
+/// calls a file fewer. The object is stored all the same (it is the record of the upload, and
+/// what a replay or `txpipe retry` reads); a stage uses the carried copy only when its size
+/// and SHA-256 are the status record's. Text only: a file that is not UTF-8 is not carried.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Content(pub String);
+
+impl Content {
+    /// `bytes` as carried content, if they are UTF-8.
+    pub fn of(bytes: Vec<u8>) -> Option<Self> {
+        String::from_utf8(bytes).ok().map(Self)
+    }
+
+    /// The bytes, if they are the file `record` describes (its size and SHA-256).
+    pub fn of_file(&self, record: &StatusRecord) -> Option<bytes::Bytes> {
+        let bytes = self.0.as_bytes();
+        let same_size = record.size_bytes == bytes.len() as u64;
+        let same_digest = record
+            .sha256
+            .as_deref()
+            .is_some_and(|d| d.eq_ignore_ascii_case(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))));
+        (same_size && same_digest).then(|| bytes::Bytes::copy_from_slice(bytes))
+    }
 }
 
 /// `file.validated`: every row passed.
@@ -35,6 +65,9 @@ pub struct FileValidated {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uploaded_by: Option<String>,
     pub at: DateTime<Utc>,
+    /// The file itself, passed on from `file.uploaded` (see [`Content`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
 }
 
 /// `file.rejected`: the file was refused for its contents.
@@ -98,7 +131,7 @@ impl StageMessage {
 
     /// A new `file.uploaded` for an object the gateway stored.
     pub fn uploaded(file_id: FileId, object_key: String) -> Self {
-        Self::Uploaded(FileUploaded { file_id, object_key, at: Utc::now(), uploaded_by: None })
+        Self::Uploaded(FileUploaded { file_id, object_key, at: Utc::now(), uploaded_by: None, content: None })
     }
 
     /// The message on `key` about the file `record` describes (what a stage publishes when it
@@ -108,9 +141,11 @@ impl StageMessage {
         let uploaded_by = record.uploaded_by.clone();
         let row_count = record.row_count.unwrap_or(0);
         match key {
-            RoutingKey::FileUploaded => Self::Uploaded(FileUploaded { file_id, object_key, at, uploaded_by }),
+            RoutingKey::FileUploaded => {
+                Self::Uploaded(FileUploaded { file_id, object_key, at, uploaded_by, content: None })
+            }
             RoutingKey::FileValidated => {
-                Self::Validated(FileValidated { file_id, object_key, row_count, at, uploaded_by })
+                Self::Validated(FileValidated { file_id, object_key, row_count, at, uploaded_by, content: None })
             }
             RoutingKey::FileRejected => Self::Rejected(FileRejected {
                 file_id,
@@ -140,6 +175,32 @@ impl StageMessage {
             _ => return None,
         };
         Some(Self::from_record(key, record))
+    }
+
+    /// The bytes of the file `record` describes, if this message carries them (and they are
+    /// that file's: same size and SHA-256).
+    pub fn carried(&self, record: &StatusRecord) -> Option<bytes::Bytes> {
+        self.content().and_then(|c| c.of_file(record))
+    }
+
+    /// The file's bytes, if this message carries them.
+    pub fn content(&self) -> Option<&Content> {
+        match self {
+            Self::Uploaded(m) => m.content.as_ref(),
+            Self::Validated(m) => m.content.as_ref(),
+            Self::Rejected(_) | Self::Processed(_) => None,
+        }
+    }
+
+    /// This message carrying `content` (only `file.uploaded` and `file.validated` carry it:
+    /// the stages after them do not read the file).
+    pub fn with_content(mut self, content: Option<Content>) -> Self {
+        match &mut self {
+            Self::Uploaded(m) => m.content = content,
+            Self::Validated(m) => m.content = content,
+            Self::Rejected(_) | Self::Processed(_) => {}
+        }
+        self
     }
 
     pub fn routing_key(&self) -> RoutingKey {
@@ -325,5 +386,27 @@ mod tests {
         assert_eq!(key(&r), Some(RoutingKey::FileProcessed));
         r.status = FileStatus::Completed;
         assert_eq!(key(&r), None);
+    }
+
+    #[test]
+    fn a_carried_copy_counts_only_when_it_is_the_recorded_file() {
+        let csv = "transaction_id,amount\nt1,1\n";
+        let mut r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), csv.len() as u64, Utc::now());
+        let msg = StageMessage::from_record(RoutingKey::FileUploaded, &r).with_content(Content::of(csv.into()));
+        let parsed = StageMessage::parse("file.uploaded", &msg.to_body()).unwrap();
+        assert_eq!(parsed.content().map(|c| c.0.as_str()), Some(csv), "carried in the JSON body");
+        assert_eq!(parsed.carried(&r), None, "a record without a digest trusts no copy");
+        r.sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(csv.as_bytes())).to_uppercase());
+        assert_eq!(parsed.carried(&r).as_deref(), Some(csv.as_bytes()));
+        r.size_bytes += 1;
+        assert_eq!(parsed.carried(&r), None, "another size");
+        r.size_bytes -= 1;
+        r.sha256 = Some(hex::encode([0u8; 32]));
+        assert_eq!(parsed.carried(&r), None, "another digest");
+        assert!(Content::of(vec![0xff, 0xfe]).is_none(), "only UTF-8 is carried");
+        let processed = StageMessage::from_record(RoutingKey::FileProcessed, &r).with_content(Content::of(csv.into()));
+        assert!(processed.content().is_none() && !String::from_utf8(processed.to_body()).unwrap().contains("content"));
+        let plain = StageMessage::from_record(RoutingKey::FileValidated, &r);
+        assert!(!String::from_utf8(plain.to_body()).unwrap().contains("content"), "absent, not null");
     }
 }

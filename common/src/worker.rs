@@ -553,7 +553,7 @@ impl Loop {
             };
             return match self.spec.admit(msg.routing_key(), &record) {
                 Admission::Refuse(why) => Err(Failure::DeadLetter(why)),
-                _ => self.settle_step(file_id, self.handler.work(msg, &record).await?).await,
+                _ => self.settle_step(msg, self.handler.work(msg, &record).await?).await,
             };
         }
         if !self.spec.holds_file {
@@ -571,7 +571,7 @@ impl Loop {
             };
             if record.status == self.spec.from {
                 let _shared = self.solo.clone().read_owned().await;
-                return self.settle_step(file_id, self.handler.work(msg, &record).await?).await;
+                return self.settle_step(msg, self.handler.work(msg, &record).await?).await;
             }
         }
         let (record, _guard) = match self.claim(file_id, attempt_id, resumed).await? {
@@ -601,15 +601,16 @@ impl Loop {
             step = self.handler.work(msg, &record) => step?,
             never = self.heartbeat(file_id, attempt_id) => match never {},
         };
-        self.settle_step(file_id, step).await
+        self.settle_step(msg, step).await
     }
 
-    /// Records how the stage's work ended and says what to publish.
-    async fn settle_step(&self, file_id: crate::FileId, step: Step) -> Result<Outcome, Failure> {
+    /// Records how the stage's work on `msg`'s file ended and says what to publish.
+    async fn settle_step(&self, msg: &StageMessage, step: Step) -> Result<Outcome, Failure> {
         match step {
             Step::Stay => Ok(Outcome::Publish(Vec::new())),
             Step::Advance(to, update) => {
-                Ok(Outcome::Publish(self.announcing(&self.advance(file_id, to, update).await?)))
+                let record = self.advance(msg.file_id(), to, update).await?;
+                Ok(Outcome::Publish(self.announcing(&record, msg)))
             }
         }
     }
@@ -682,7 +683,7 @@ impl Loop {
             return Ok(Outcome::Duplicate(format!("another attempt failed file {file_id}")));
         }
         match self.spec.admit(msg.routing_key(), &record) {
-            Admission::PassOn => Ok(Outcome::Publish(self.announcing(&record))),
+            Admission::PassOn => Ok(Outcome::Publish(self.announcing(&record, msg))),
             Admission::Refuse(why) => Err(Failure::DeadLetter(why)),
             _ => Err(Failure::Retry(format!(
                 "the status of file {file_id} changed while claiming it ({})",
@@ -747,11 +748,12 @@ impl Loop {
         }
     }
 
-    /// The message this stage publishes about where the file now stands, if any.
-    fn announcing(&self, record: &StatusRecord) -> Vec<Outgoing> {
+    /// The message this stage publishes about where the file now stands, if any; it carries
+    /// on the file's bytes if `msg` (the message being handled) carried them.
+    fn announcing(&self, record: &StatusRecord, msg: &StageMessage) -> Vec<Outgoing> {
         StageMessage::announcing(record)
             .filter(|m| self.spec.publishes.contains(&m.routing_key()))
-            .map(|m| m.outgoing(&self.deps.names))
+            .map(|m| m.with_content(msg.content().cloned()).outgoing(&self.deps.names))
             .into_iter()
             .collect()
     }

@@ -37,7 +37,7 @@ use tokio::sync::OwnedSemaphorePermit as Slot;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use txpipe_common::auth::Caller;
-use txpipe_common::messages::StageMessage;
+use txpipe_common::messages::{Content, StageMessage};
 use txpipe_common::metrics::{InternalEvent, UploadFinished, UploadStored};
 use txpipe_common::stage::RoutingKey;
 use txpipe_common::status::{FileStatus, Mode, OnConflict, StatusRecord, UploadOptions};
@@ -437,6 +437,8 @@ impl ObjectStore for Discard {
 struct Received {
     size: u64,
     sha256: String,
+    /// The bytes, if the file is small enough to travel in its messages.
+    content: Option<Content>,
     slot: Slot,
 }
 
@@ -455,7 +457,8 @@ async fn accept(
 ) -> Result<(UploadAccepted, Option<Slot>), GatewayError> {
     let file_id = FileId::new();
     let key = deps.names.object_key(&file_id);
-    let Received { size, sha256, slot } = receive(&deps, &deps.storage.objects, &slots, &key, &headers, body).await?;
+    let Received { size, sha256, content, slot } =
+        receive(&deps, &deps.storage.objects, &slots, &key, &headers, body).await?;
     // committing holds no slot, unless the answer will wait (then the wait counts as in flight)
     let slot = keep_slot.then_some(slot);
     // from here on the upload completes even if the client goes: this task is not cancelled
@@ -465,7 +468,7 @@ async fn accept(
     txpipe_common::trace::set_attribute("file_id", &file_id.to_string());
     let work = crate::error::with_request_id(
         crate::error::request_id(),
-        commit(deps.clone(), Stored { file_id, key, size, sha256 }, owner, options, held),
+        commit(deps.clone(), Stored { file_id, key, size, sha256, content }, owner, options, held),
     );
     let commit = match txpipe_common::trace::current() {
         Some(trace) => tokio::spawn(trace.scope_in(span, "upload", work)),
@@ -506,7 +509,7 @@ async fn receive(
     let cut = Arc::new(std::sync::Mutex::new(Cut::None));
     let stream = limited(body.into_data_stream().map_err(std::io::Error::other), wire_limit, Some(idle), cut.clone());
     // the file's SHA-256, taken as its bytes go by (a form's: its file part's)
-    let digest = Digest::default();
+    let digest = Digest::new(deps.settings.inline_max_bytes);
     let stored = match kind {
         BodyKind::Raw => objects.put(key, digest.of(stream)).await,
         BodyKind::Form(boundary) => {
@@ -557,7 +560,8 @@ async fn receive(
         let _ = objects.delete(key).await;
         return Err(GatewayError::EmptyBody);
     }
-    Ok(Received { size, sha256: digest.hex(), slot })
+    let (sha256, content) = digest.finish();
+    Ok(Received { size, sha256, content, slot })
 }
 
 /// `chunks` as a stream that fails once it passes `limit` bytes or goes `idle` (if given)
@@ -607,25 +611,51 @@ struct Stored {
     size: u64,
     /// Lower-case hex SHA-256 of the file's bytes.
     sha256: String,
+    /// The bytes, for the messages, if the file is small.
+    content: Option<Content>,
 }
 
-/// A SHA-256 fed by the chunks of a stream as they pass.
-#[derive(Clone, Default)]
-struct Digest(Arc<std::sync::Mutex<sha2::Sha256>>);
+/// A SHA-256 fed by the chunks of a stream as they pass, and a copy of the bytes while they
+/// fit in `keep` (a small file travels in its messages: [`txpipe_common::messages::Content`]).
+#[derive(Clone)]
+struct Digest(Arc<std::sync::Mutex<Tapped>>);
+
+struct Tapped {
+    hasher: sha2::Sha256,
+    /// The bytes so far; dropped (None) once they pass `keep`.
+    copy: Option<Vec<u8>>,
+    keep: usize,
+}
 
 impl Digest {
+    fn new(keep: usize) -> Self {
+        let copy = (keep > 0).then(Vec::new);
+        Self(Arc::new(std::sync::Mutex::new(Tapped { hasher: sha2::Sha256::default(), copy, keep })))
+    }
+
     fn of(&self, stream: ByteStream) -> ByteStream {
-        let digest = self.0.clone();
+        let tapped = self.0.clone();
         stream
             .inspect_ok(move |chunk| {
-                sha2::Digest::update(&mut *digest.lock().unwrap_or_else(|p| p.into_inner()), chunk);
+                let mut t = tapped.lock().unwrap_or_else(|p| p.into_inner());
+                sha2::Digest::update(&mut t.hasher, chunk);
+                let keep = t.keep;
+                if let Some(copy) = &mut t.copy {
+                    if copy.len() + chunk.len() <= keep {
+                        copy.extend_from_slice(chunk);
+                    } else {
+                        t.copy = None;
+                    }
+                }
             })
             .boxed()
     }
 
-    fn hex(&self) -> String {
-        let hasher = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        hex::encode(sha2::Digest::finalize(hasher))
+    /// The digest in lower-case hex, and the bytes if they fit.
+    fn finish(&self) -> (String, Option<Content>) {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let hex = hex::encode(sha2::Digest::finalize(t.hasher.clone()));
+        (hex, t.copy.take().and_then(Content::of))
     }
 }
 
@@ -638,7 +668,7 @@ async fn commit(
     options: UploadOptions,
     held: Option<crate::idempotency::Held>,
 ) -> Result<UploadAccepted, GatewayError> {
-    let Stored { file_id, key, size, sha256 } = stored;
+    let Stored { file_id, key, size, sha256, content } = stored;
     let objects = &deps.storage.objects;
     // recorded as not yet announced: no worker starts on it until the broker has confirmed
     let mut record = StatusRecord::uploaded(file_id, key.clone(), size, chrono::Utc::now());
@@ -650,7 +680,7 @@ async fn commit(
         let _ = objects.delete(&key).await;
         return Err(GatewayError::from_storage("recording the upload", e));
     }
-    let event = StageMessage::from_record(RoutingKey::FileUploaded, &record);
+    let event = StageMessage::from_record(RoutingKey::FileUploaded, &record).with_content(content);
     let announced = match announce(&deps, &event).await {
         // withdrawn meanwhile (the record is gone): the upload is refused like any other
         Ok(()) => deps

@@ -127,6 +127,15 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
     store.mark_announced(pending.file_id).await.unwrap();
     assert!(store.get(pending.file_id).await.unwrap().unwrap().announced);
     assert!(!store.withdraw(pending.file_id).await.unwrap(), "announced: kept");
+    // a change after the mark (a claim) lands, and the file stays announced
+    let claimed = store
+        .update(pending.file_id, Arc::new(|r| r.advance(FileStatus::Validating, StatusUpdate::default(), Utc::now())))
+        .await;
+    assert!(matches!(claimed.unwrap(), Advance::Moved(r) if r.announced));
+    store.mark_announced(pending.file_id).await.unwrap();
+    let now = store.get(pending.file_id).await.unwrap().unwrap();
+    assert!(now.announced && now.status == FileStatus::Validating, "{now:?}");
+    assert!(!store.withdraw(pending.file_id).await.unwrap(), "claimed: kept");
     let mut withdrawn = record(t);
     withdrawn.announced = false;
     store.create(&withdrawn).await.unwrap();

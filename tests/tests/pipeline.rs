@@ -409,3 +409,96 @@ async fn the_clients_trace_follows_the_file_to_its_notification() {
     assert!(untraced.headers()["traceparent"].to_str().unwrap().starts_with("00-"));
     fleet.shutdown().await;
 }
+
+/// A queue of the test's own bound to the pipeline exchange, which gets a copy of every stage
+/// message: (its channel, its name).
+async fn tap_stage_messages(fleet: &TestFleet) -> (lapin::Channel, String) {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let ch = fleet.channel().await;
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let exchange = fleet.names.pipeline_exchange();
+    ch.queue_bind(
+        q.name().clone(),
+        exchange.as_str().into(),
+        "file.*".into(),
+        QueueBindOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    (ch, q.name().to_string())
+}
+
+/// The next copy on `key` from the tap (copies on other keys are skipped).
+async fn next_stage_message(ch: &lapin::Channel, queue: &str, key: RoutingKey) -> StageMessage {
+    let deadline = tokio::time::Instant::now() + txpipe_tests::WAIT;
+    loop {
+        let got = ch.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true }).await.unwrap();
+        if let Some(m) = got {
+            if m.delivery.routing_key.as_str() == key.as_str() {
+                return StageMessage::parse(key.as_str(), &m.delivery.data).unwrap();
+            }
+            continue;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {key} message");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_small_file_travels_in_its_messages_and_a_large_one_does_not() {
+    let fleet = TestFleet::spawn_with(|s| s.inline_max_bytes = 4096).await;
+    let (ch, queue) = tap_stage_messages(&fleet).await;
+    let small = valid_csv("inl", 5);
+    let id = fleet.upload(small.clone()).await.file_id;
+    for key in [RoutingKey::FileUploaded, RoutingKey::FileValidated] {
+        let m = next_stage_message(&ch, &queue, key).await;
+        assert_eq!(m.file_id(), id);
+        assert_eq!(m.content().map(|c| c.0.as_str()), Some(small.as_str()), "{key} carries the file");
+    }
+    fleet.wait_for_status(id, &[FileStatus::Completed]).await;
+    let m = next_stage_message(&ch, &queue, RoutingKey::FileProcessed).await;
+    assert!(m.content().is_none(), "file.processed does not carry it: nobody reads the file after the transformer");
+    // over the limit: a claim check only, the object is read
+    let large = valid_csv("big", 200);
+    assert!(large.len() > 4096);
+    let id = fleet.upload(large).await.file_id;
+    let m = next_stage_message(&ch, &queue, RoutingKey::FileUploaded).await;
+    assert_eq!(m.file_id(), id);
+    assert!(m.content().is_none());
+    let done = fleet.wait_for_status(id, &[FileStatus::Completed]).await;
+    assert_eq!(done.records_processed, Some(200));
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_carried_copy_that_is_not_the_stored_file_is_ignored() {
+    let fleet = TestFleet::spawn().await;
+    // a file recorded and stored as the gateway would, announced by a message whose carried
+    // copy is other bytes: the stages read the stored file
+    let stored = valid_csv("real", 3);
+    let id = FileId::new();
+    let key = fleet.names.object_key(&id);
+    let stream = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(stored.clone()))]);
+    fleet.deps.storage.objects.put(&key, Box::pin(stream)).await.unwrap();
+    let mut rec = txpipe_common::status::StatusRecord::uploaded(id, key, stored.len() as u64, chrono::Utc::now());
+    rec.sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(stored.as_bytes())));
+    fleet.deps.storage.statuses.create(&rec).await.unwrap();
+    let forged = valid_csv("fake", 3);
+    assert_eq!(forged.len(), stored.len(), "same size: only the digest tells them apart");
+    let msg = StageMessage::from_record(RoutingKey::FileUploaded, &rec)
+        .with_content(txpipe_common::messages::Content::of(forged.into_bytes()));
+    fleet.publish_raw("file.uploaded", &msg.to_body()).await;
+    let done = fleet.wait_for_status(id, &[FileStatus::Completed]).await;
+    assert_eq!(done.records_processed, Some(3));
+    let ids: Vec<String> = fleet.transactions(id, 10).await.into_iter().map(|t| t.transaction_id).collect();
+    assert_eq!(ids, ["real-000000", "real-000001", "real-000002"]);
+    fleet.shutdown().await;
+}

@@ -18,6 +18,7 @@ use crate::status::{FileStatus, StatusRecord, StatusUpdate};
 use async_trait::async_trait;
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, KeysAndAttributes, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
 };
@@ -42,6 +43,10 @@ const TRANSACT_ATTEMPTS: usize = 8;
 pub const UNANNOUNCED_INDEX: &str = "unannounced-index";
 pub const UNANNOUNCED_KEY: &str = "unannounced";
 pub const UNANNOUNCED_VALUE: &str = "1";
+/// The attribute the gateway's mark adds to a status item, leaving its `record` and version
+/// as they are (see `mark_announced`): the record reads as announced while it is there. The
+/// next write of the item (a claim, which announces it) replaces the whole item.
+pub const ANNOUNCED_MARK: &str = "announced";
 pub const UNANNOUNCED_SINCE: &str = "unannounced_since";
 /// The sparse index of files in a working status, for the stuck-file sweep: only such items
 /// carry [`WORKING_KEY`] (the status) and [`WORKING_SINCE`] (their last sign of life), so the
@@ -502,9 +507,16 @@ impl DynamoStore {
 
     /// A status item's record and version.
     fn status_of(item: &HashMap<String, AttributeValue>) -> Result<(StatusRecord, u64), StorageError> {
-        let record = serde_json::from_str(get_s(item, "record")?)
+        Ok((Self::record_of(item)?, get_n(item, "version").unwrap_or(0)))
+    }
+
+    /// A status item's record; announced also if the gateway's mark is on the item
+    /// ([`ANNOUNCED_MARK`]).
+    fn record_of(item: &HashMap<String, AttributeValue>) -> Result<StatusRecord, StorageError> {
+        let mut record: StatusRecord = serde_json::from_str(get_s(item, "record")?)
             .map_err(|e| StorageError::corrupt("status record").with_source(e))?;
-        Ok((record, get_n(item, "version").unwrap_or(0)))
+        record.announced |= item.contains_key(ANNOUNCED_MARK);
+        Ok(record)
     }
 
     fn status_item(record: &StatusRecord, version: u64) -> HashMap<String, AttributeValue> {
@@ -705,8 +717,7 @@ impl DynamoStore {
                     .await
                     .map_err(|e| classify("reading statuses", e))?;
                 for item in got.responses.and_then(|mut r| r.remove(&self.status_table)).unwrap_or_default() {
-                    let record: StatusRecord = serde_json::from_str(get_s(&item, "record")?)
-                        .map_err(|e| StorageError::corrupt("status record").with_source(e))?;
+                    let record = Self::record_of(&item)?;
                     out.insert(record.file_id.to_string(), record);
                 }
                 pending = got.unprocessed_keys.and_then(|mut u| u.remove(&self.status_table));
@@ -773,10 +784,68 @@ impl StatusStore for DynamoStore {
     async fn mark_announced(&self, file_id: FileId) -> Result<(), StorageError> {
         // a file once announced stays announced: if this process saw the mark made (a validator
         // in it claimed the file first), there is nothing to write or read
-        if self.known().get(file_id).is_some_and(|(r, _)| r.announced) {
+        let Some((record, version)) = self.known().get(file_id) else {
+            return self.modify(file_id, |r| !std::mem::replace(&mut r.announced, true)).await.map(|_| ());
+        };
+        if record.announced {
             return Ok(());
         }
-        self.modify(file_id, |r| !std::mem::replace(&mut r.announced, true)).await.map(|_| ())
+        // The mark races the validator's claim, which marks too. So that neither has to try
+        // again, the mark leaves the record and its version alone: it adds the
+        // [`ANNOUNCED_MARK`] attribute and the listing indexes' keys and drops the unannounced
+        // index's, on the condition that the item is still the version this gateway recorded.
+        // A claim on that version then still lands (and writes the item whole, announced); a
+        // mark after the claim finds another version: refused, with the item, announced.
+        let mut update = String::from("SET #m = :t, #lk = :lv, #lsk = :lsk REMOVE #uk, #us");
+        let mut ask = self
+            .client
+            .update_item()
+            .table_name(&self.status_table)
+            .key("file_id", s(file_id.to_string()))
+            .condition_expression("#v = :v")
+            .expression_attribute_names("#v", "version")
+            .expression_attribute_names("#m", ANNOUNCED_MARK)
+            .expression_attribute_names("#lk", LISTED_KEY)
+            .expression_attribute_names("#lsk", LISTING_KEY)
+            .expression_attribute_names("#uk", UNANNOUNCED_KEY)
+            .expression_attribute_names("#us", UNANNOUNCED_SINCE)
+            .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
+            .expression_attribute_values(":t", AttributeValue::Bool(true))
+            .expression_attribute_values(":lv", s(LISTED_VALUE))
+            .expression_attribute_values(":lsk", s(listing_key(&record)))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        if let Some(owner) = &record.uploaded_by {
+            update = update.replacen(" REMOVE", ", #ow = :ow REMOVE", 1);
+            ask = ask.expression_attribute_names("#ow", OWNER_KEY).expression_attribute_values(":ow", s(owner));
+        }
+        match ask.update_expression(update).send().await {
+            Ok(_) => {
+                let mut marked = record;
+                marked.announced = true;
+                self.known().put(&marked, version);
+                Ok(())
+            }
+            Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
+                let now = match e.into_service_error() {
+                    UpdateItemError::ConditionalCheckFailedException(c) => c.item,
+                    _ => None,
+                };
+                let Some(item) = now else {
+                    self.known().forget(file_id);
+                    return Err(StorageError::not_found(format!("file {file_id}")));
+                };
+                let (r, v) = Self::status_of(&item)?;
+                self.known().put(&r, v);
+                // changed since it was recorded: by a claim, which announced it, or else (by
+                // nothing this gateway knows of) marked the usual way
+                if r.announced {
+                    Ok(())
+                } else {
+                    self.modify(file_id, |r| !std::mem::replace(&mut r.announced, true)).await.map(|_| ())
+                }
+            }
+            Err(e) => Err(classify("marking an upload announced", e)),
+        }
     }
 
     async fn withdraw(&self, file_id: FileId) -> Result<bool, StorageError> {
@@ -790,8 +859,10 @@ impl StatusStore for DynamoStore {
                 .delete_item()
                 .table_name(&self.status_table)
                 .key("file_id", s(file_id.to_string()))
-                .condition_expression("#v = :v")
+                // the mark leaves the version as it is: check for it too
+                .condition_expression("#v = :v AND attribute_not_exists(#m)")
                 .expression_attribute_names("#v", "version")
+                .expression_attribute_names("#m", ANNOUNCED_MARK)
                 .expression_attribute_values(":v", AttributeValue::N(version))
                 .send()
                 .await;

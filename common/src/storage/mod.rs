@@ -487,6 +487,20 @@ pub(crate) fn decode_cursor(cursor: &str) -> Result<String, StorageError> {
     String::from_utf8(bytes).map_err(|_| StorageError::invalid_cursor())
 }
 
+/// A file's bytes as a blocking reader: `carried`, the copy its message brought (see
+/// [`crate::messages::Content`]), if any, else the object `key` ([`open_blocking`]).
+pub fn open_file_blocking(
+    objects: &Arc<dyn ObjectStore>,
+    key: &str,
+    carried: Option<&bytes::Bytes>,
+    handle: &tokio::runtime::Handle,
+) -> io::Result<Box<dyn io::Read + Send>> {
+    Ok(match carried {
+        Some(bytes) => Box::new(io::Cursor::new(bytes.clone())),
+        None => Box::new(open_blocking(objects, key, handle)?),
+    })
+}
+
 /// Opens `key` as a blocking reader, for CSV parsing on the blocking pool. Call it from a
 /// `spawn_blocking` task, passing the runtime's handle. A storage failure comes back as an
 /// `io::Error` carrying the [`StorageError`] (see [`StorageError::in_io`]), so its class

@@ -1,4 +1,5 @@
-//! The transformer: consumes `file.validated`, streams the object again and stores every row
+//! The transformer: consumes `file.validated`, reads the file (the copy a small file's message
+//! carries, else the stored object, streamed) and stores every row
 //! as the file's version of its transaction by the ledger rules (`txpipe_common::ledger`):
 //! conditional writes in batches, so no other file's row is overwritten unseen. The loop in
 //! `txpipe_common::worker` then records `processed` and publishes `file.processed`; a file
@@ -7,6 +8,7 @@
 //! validator refused are skipped and conflicting rows are refused one by one.
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use rustc_hash::FxHashSet;
 use tokio::sync::mpsc;
 use txpipe_common::csv_schema::{id_hash, ErrorLog, ScanError, Scanner};
@@ -15,13 +17,17 @@ use txpipe_common::messages::StageMessage;
 use txpipe_common::metrics::{InternalEvent, RowsStored};
 use txpipe_common::stage::Stage;
 use txpipe_common::status::{FileStatus, Mode, StatusRecord, StatusUpdate};
-use txpipe_common::storage::{open_blocking, Transaction};
+use txpipe_common::storage::{open_file_blocking, Transaction};
 use txpipe_common::worker::{Failure, Handler, Step};
 use txpipe_common::{Deps, FileId};
 
 /// Times a file starts over after yielding to an older upload before the attempt is given up
 /// (as a transient failure, retried later).
 const MAX_RESTARTS: usize = 20;
+
+/// Carried files up to this size are read on the task that received them (a few hundred rows
+/// at most); larger ones on the blocking pool.
+const READ_IN_PLACE_BYTES: usize = 64 * 1024;
 
 /// The transformer stage.
 pub struct Transformer {
@@ -40,9 +46,10 @@ impl Transformer {
         Self { deps }
     }
 
-    /// One pass over the file: streams the object on the blocking pool, sending batches of
-    /// rows to this task, which stores them through the ledger.
-    async fn store_rows(&self, record: &StatusRecord) -> Result<Pass, Failure> {
+    /// One pass over the file: reads its rows in batches and stores them through the ledger.
+    /// A small carried file is read right here (less work than a hop to the blocking pool);
+    /// anything else streams on the blocking pool, sending batches to this task.
+    async fn store_rows(&self, record: &StatusRecord, carried: Option<Bytes>) -> Result<Pass, Failure> {
         let partial = record.options.mode == Mode::Partial;
         let storage = &self.deps.storage;
         let mut ledger = Ledger::new(
@@ -53,17 +60,36 @@ impl Transformer {
             !partial,
             self.deps.settings.max_reported_errors,
         );
-        let (tx, mut rx) = mpsc::channel::<Vec<Row>>(2);
-        let reader = self.read_rows(record.file_id, &record.object_key, partial, tx);
+        let (file_id, batch_size) = (record.file_id, self.deps.settings.batch_size);
         let mut stop = None;
-        while let Some(batch) = rx.recv().await {
-            if let Err(e) = ledger.store(batch).await {
-                stop = Some(e);
-                break;
+        let read = match carried {
+            Some(bytes) if bytes.len() <= READ_IN_PLACE_BYTES => {
+                let mut batches = Vec::new();
+                let read = scan_rows(&bytes[..], file_id, partial, batch_size, |b| {
+                    batches.push(b);
+                    true
+                });
+                for batch in batches {
+                    if let Err(e) = ledger.store(batch).await {
+                        stop = Some(e);
+                        break;
+                    }
+                }
+                read
             }
-        }
-        drop(rx);
-        let read = reader.await.map_err(|e| Failure::Retry(format!("reading task failed: {e}")))?;
+            carried => {
+                let (tx, mut rx) = mpsc::channel::<Vec<Row>>(2);
+                let reader = self.read_rows(file_id, &record.object_key, carried, partial, tx);
+                while let Some(batch) = rx.recv().await {
+                    if let Err(e) = ledger.store(batch).await {
+                        stop = Some(e);
+                        break;
+                    }
+                }
+                drop(rx);
+                reader.await.map_err(|e| Failure::Retry(format!("reading task failed: {e}")))?
+            }
+        };
         match stop {
             Some(LedgerError::Storage(e)) => return Err(Failure::storage("writing transactions", &e)),
             Some(LedgerError::Yield { holder, transaction_id }) => return Ok(Pass::Yield(holder, transaction_id)),
@@ -79,10 +105,12 @@ impl Transformer {
         }
     }
 
+    /// Streams the file on the blocking pool, sending its batches of rows on `tx`.
     fn read_rows(
         &self,
         file_id: FileId,
         key: &str,
+        carried: Option<Bytes>,
         partial: bool,
         tx: mpsc::Sender<Vec<Row>>,
     ) -> tokio::task::JoinHandle<Result<(), ReadError>> {
@@ -91,59 +119,18 @@ impl Transformer {
         let batch_size = self.deps.settings.batch_size;
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || -> Result<(), ReadError> {
-            let source = open_blocking(&objects, &key, &handle).map_err(ReadError::Io)?;
-            let mut scanner = match Scanner::new(source) {
-                Ok(s) => s,
-                Err(ScanError::Io(e)) => return Err(ReadError::Io(e)),
-                Err(ScanError::Header(errors)) => {
-                    return Err(ReadError::Invalid(format!("the header no longer passes: {}", errors[0].message)))
-                }
-            };
-            let now = chrono::Utc::now();
-            // partial mode: the later rows with an id already seen are the duplicates the
-            // validator refused (it marks every occurrence after the first)
-            let mut seen: FxHashSet<u64> = FxHashSet::default();
-            let mut batch = Vec::with_capacity(batch_size);
-            while scanner.advance().map_err(ReadError::Io)? {
-                let mut log = ErrorLog::new(1);
-                let parsed = scanner.parse(&mut log);
-                if partial {
-                    let first = scanner.raw_id().map(|id| seen.insert(id_hash(id))).unwrap_or(true);
-                    if parsed.is_none() || !first {
-                        continue;
-                    }
-                }
-                let Some(row) = parsed else {
-                    let (errors, _) = log.into_parts();
-                    return Err(ReadError::Invalid(format!(
-                        "row {} no longer passes: {}",
-                        scanner.row(),
-                        errors[0].message
-                    )));
-                };
-                batch.push(Row { row: scanner.row(), tx: Transaction::from_row(&row, file_id, now) });
-                if batch.len() == batch_size
-                    && tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))).is_err()
-                {
-                    return Ok(()); // the writer stopped; its error is the one to report
-                }
-            }
-            if let Some(e) = scanner.too_long() {
-                return Err(ReadError::Invalid(format!("row {} no longer passes: {}", e.row, e.message)));
-            }
-            if !batch.is_empty() {
-                let _ = tx.blocking_send(batch);
-            }
-            Ok(())
+            let source = open_file_blocking(&objects, &key, carried.as_ref(), &handle).map_err(ReadError::Io)?;
+            // false: the writer stopped; its error is the one to report
+            scan_rows(source, file_id, partial, batch_size, |batch| tx.blocking_send(batch).is_ok())
         })
     }
 
     /// Stores the file's rows, starting over each time it yields to an older upload that is
     /// storing one of the same transactions (after releasing every row it wrote).
-    async fn store_all(&self, record: &StatusRecord) -> Result<Ledger, Failure> {
+    async fn store_all(&self, record: &StatusRecord, carried: Option<Bytes>) -> Result<Ledger, Failure> {
         let storage = &self.deps.storage;
         for _ in 0..MAX_RESTARTS {
-            let (holder, transaction_id) = match self.store_rows(record).await? {
+            let (holder, transaction_id) = match self.store_rows(record, carried.clone()).await? {
                 Pass::Done(ledger) => return Ok(ledger),
                 Pass::Yield(holder, transaction_id) => (holder, transaction_id),
             };
@@ -163,6 +150,56 @@ impl Transformer {
         }
         Err(Failure::Retry("kept yielding to other uploads of the same transactions".into()))
     }
+}
+
+/// Reads the file's rows from `source` in batches of `batch_size`, handing each to `emit`
+/// (which says false to stop early: the writer stopped, and its error is the one to report).
+/// In partial mode the rows the validator refused are skipped; in all-or-nothing mode a row
+/// that no longer passes means the file changed after validation.
+fn scan_rows(
+    source: impl std::io::Read,
+    file_id: FileId,
+    partial: bool,
+    batch_size: usize,
+    mut emit: impl FnMut(Vec<Row>) -> bool,
+) -> Result<(), ReadError> {
+    let mut scanner = match Scanner::new(source) {
+        Ok(s) => s,
+        Err(ScanError::Io(e)) => return Err(ReadError::Io(e)),
+        Err(ScanError::Header(errors)) => {
+            return Err(ReadError::Invalid(format!("the header no longer passes: {}", errors[0].message)))
+        }
+    };
+    let now = chrono::Utc::now();
+    // partial mode: the later rows with an id already seen are the duplicates the
+    // validator refused (it marks every occurrence after the first)
+    let mut seen: FxHashSet<u64> = FxHashSet::default();
+    let mut batch = Vec::with_capacity(batch_size);
+    while scanner.advance().map_err(ReadError::Io)? {
+        let mut log = ErrorLog::new(1);
+        let parsed = scanner.parse(&mut log);
+        if partial {
+            let first = scanner.raw_id().map(|id| seen.insert(id_hash(id))).unwrap_or(true);
+            if parsed.is_none() || !first {
+                continue;
+            }
+        }
+        let Some(row) = parsed else {
+            let (errors, _) = log.into_parts();
+            return Err(ReadError::Invalid(format!("row {} no longer passes: {}", scanner.row(), errors[0].message)));
+        };
+        batch.push(Row { row: scanner.row(), tx: Transaction::from_row(&row, file_id, now) });
+        if batch.len() == batch_size && !emit(std::mem::replace(&mut batch, Vec::with_capacity(batch_size))) {
+            return Ok(());
+        }
+    }
+    if let Some(e) = scanner.too_long() {
+        return Err(ReadError::Invalid(format!("row {} no longer passes: {}", e.row, e.message)));
+    }
+    if !batch.is_empty() {
+        emit(batch);
+    }
+    Ok(())
 }
 
 /// How one pass over the file ended.
@@ -213,9 +250,9 @@ impl Handler for Transformer {
         Stage::Transformer
     }
 
-    async fn work(&self, _msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
+    async fn work(&self, msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
         let file_id = record.file_id;
-        let ledger = self.store_all(record).await?;
+        let ledger = self.store_all(record, msg.carried(record)).await?;
         let tally = ledger.tally();
         if ledger.refused() {
             // refused: none of its rows may stay
