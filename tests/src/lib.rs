@@ -324,8 +324,9 @@ impl TestFleet {
         self.admin.channel().await.expect("channel")
     }
 
-    /// Binds a fresh exclusive queue to the notifications exchange (all routing keys).
-    pub async fn tap_notifications(&self) -> NotificationTap {
+    /// A fresh exclusive queue bound to `exchange` with `pattern`, consumed without acks: a
+    /// copy of every message that passes (the queue goes with the channel).
+    pub async fn tap(&self, exchange: &str, pattern: &str) -> (lapin::Channel, lapin::Consumer) {
         let ch = self.channel().await;
         let q = ch
             .queue_declare(
@@ -337,8 +338,8 @@ impl TestFleet {
             .unwrap();
         ch.queue_bind(
             q.name().clone(),
-            self.names.notifications_exchange().as_str().into(),
-            "#".into(),
+            exchange.into(),
+            pattern.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -353,6 +354,12 @@ impl TestFleet {
             )
             .await
             .unwrap();
+        (ch, consumer)
+    }
+
+    /// Binds a fresh exclusive queue to the notifications exchange (all routing keys).
+    pub async fn tap_notifications(&self) -> NotificationTap {
+        let (ch, consumer) = self.tap(&self.names.notifications_exchange(), "#").await;
         NotificationTap { _ch: ch, consumer }
     }
 

@@ -410,67 +410,37 @@ async fn the_clients_trace_follows_the_file_to_its_notification() {
     fleet.shutdown().await;
 }
 
-/// A queue of the test's own bound to the pipeline exchange, which gets a copy of every stage
-/// message: (its channel, its name).
-async fn tap_stage_messages(fleet: &TestFleet) -> (lapin::Channel, String) {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-    let ch = fleet.channel().await;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let exchange = fleet.names.pipeline_exchange();
-    ch.queue_bind(
-        q.name().clone(),
-        exchange.as_str().into(),
-        "file.*".into(),
-        QueueBindOptions::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    (ch, q.name().to_string())
-}
-
-/// The next copy on `key` from the tap (copies on other keys are skipped).
-async fn next_stage_message(ch: &lapin::Channel, queue: &str, key: RoutingKey) -> StageMessage {
-    let deadline = tokio::time::Instant::now() + txpipe_tests::WAIT;
+/// The next copy on `key` from a tap on the pipeline exchange (copies on other keys are skipped).
+async fn next_stage_message(tap: &mut lapin::Consumer, key: RoutingKey) -> StageMessage {
+    use futures::StreamExt;
     loop {
-        let got = ch.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true }).await.unwrap();
-        if let Some(m) = got {
-            if m.delivery.routing_key.as_str() == key.as_str() {
-                return StageMessage::parse(key.as_str(), &m.delivery.data).unwrap();
-            }
-            continue;
+        let next = tokio::time::timeout(txpipe_tests::WAIT, tap.next()).await;
+        let d = next.unwrap_or_else(|_| panic!("no {key} message")).expect("the tap is open").unwrap();
+        if d.routing_key.as_str() == key.as_str() {
+            return StageMessage::parse(key.as_str(), &d.data).unwrap();
         }
-        assert!(tokio::time::Instant::now() < deadline, "no {key} message");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 #[tokio::test]
 async fn a_small_file_travels_in_its_messages_and_a_large_one_does_not() {
     let fleet = TestFleet::spawn_with(|s| s.inline_max_bytes = 4096).await;
-    let (ch, queue) = tap_stage_messages(&fleet).await;
+    let (_ch, mut tap) = fleet.tap(&fleet.names.pipeline_exchange(), "file.*").await;
     let small = valid_csv("inl", 5);
     let id = fleet.upload(small.clone()).await.file_id;
     for key in [RoutingKey::FileUploaded, RoutingKey::FileValidated] {
-        let m = next_stage_message(&ch, &queue, key).await;
+        let m = next_stage_message(&mut tap, key).await;
         assert_eq!(m.file_id(), id);
         assert_eq!(m.content().map(|c| c.0.as_str()), Some(small.as_str()), "{key} carries the file");
     }
     fleet.wait_for_status(id, &[FileStatus::Completed]).await;
-    let m = next_stage_message(&ch, &queue, RoutingKey::FileProcessed).await;
+    let m = next_stage_message(&mut tap, RoutingKey::FileProcessed).await;
     assert!(m.content().is_none(), "file.processed does not carry it: nobody reads the file after the transformer");
     // over the limit: a claim check only, the object is read
     let large = valid_csv("big", 200);
     assert!(large.len() > 4096);
     let id = fleet.upload(large).await.file_id;
-    let m = next_stage_message(&ch, &queue, RoutingKey::FileUploaded).await;
+    let m = next_stage_message(&mut tap, RoutingKey::FileUploaded).await;
     assert_eq!(m.file_id(), id);
     assert!(m.content().is_none());
     let done = fleet.wait_for_status(id, &[FileStatus::Completed]).await;
