@@ -2,7 +2,11 @@
 //! and the embedded object store, one file per object under a directory (the "bucket").
 //!
 //! An object is written to a temporary file, synced and renamed into place, so a reader never
-//! sees half an object and a failed upload leaves nothing behind.
+//! sees half an object and a failed upload leaves nothing behind; then its directory is synced
+//! too, so the rename itself is on disk before the put returns (an fsync of the file does not
+//! cover the name it gets later). Directory syncs are shared ([`DirSyncs`]): one fsync of a
+//! directory covers every rename made into it before the fsync began, so uploads finishing
+//! together wait for one.
 
 use super::{ByteStream, ObjectReader, ObjectStore, StorageError};
 use crate::config::Settings;
@@ -44,6 +48,7 @@ impl LocalLayout {
 
 pub struct LocalObjectStore {
     root: PathBuf,
+    syncs: std::sync::Arc<DirSyncs>,
 }
 
 fn unavailable(what: &str, path: &Path, e: std::io::Error) -> StorageError {
@@ -54,7 +59,7 @@ impl LocalObjectStore {
     /// Uses (and creates) the directory `root`.
     pub fn open(root: PathBuf) -> Result<Self, StorageError> {
         std::fs::create_dir_all(&root).map_err(|e| unavailable("cannot create the object directory", &root, e))?;
-        Ok(Self { root })
+        Ok(Self { root, syncs: Default::default() })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
@@ -94,15 +99,16 @@ impl Drop for DroppedFlag {
 }
 
 /// Writes a whole object: a temporary file beside it, synced, renamed into place (unless the
-/// put was dropped meanwhile: then the temporary file goes).
+/// put was dropped meanwhile: then the temporary file goes), the rename synced.
 fn write_whole(
     path: &Path,
     chunks: &[bytes::Bytes],
     dropped: &std::sync::atomic::AtomicBool,
+    syncs: &DirSyncs,
 ) -> Result<u64, StorageError> {
     use std::io::Write;
     let dir = path.parent().expect("a key has a parent directory");
-    std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create", dir, e))?;
+    syncs.ensure_dir(dir)?;
     let tmp = temporary_beside(dir);
     let guard = RemoveOnDrop(Some(tmp.clone()));
     let mut file = std::fs::File::create(&tmp).map_err(|e| unavailable("cannot create", &tmp, e))?;
@@ -117,7 +123,76 @@ fn write_whole(
     }
     std::fs::rename(&tmp, path).map_err(|e| unavailable("cannot rename into", path, e))?;
     guard.keep();
+    syncs.sync(dir).map_err(|e| unavailable("cannot sync the directory", dir, e))?;
     Ok(size)
+}
+
+/// Shared fsyncs of directories (a group commit for renames). A caller that renamed a file
+/// into a directory takes a ticket, then waits until a sync that began after its ticket has
+/// finished, or runs one itself if none is running: so while one fsync runs, the renames made
+/// meanwhile all wait for the next, one fsync for all of them. Blocking: call it on the
+/// blocking pool.
+#[derive(Default)]
+pub(crate) struct DirSyncs {
+    dirs: std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Arc<DirSync>>>,
+}
+
+#[derive(Default)]
+struct DirSync {
+    state: std::sync::Mutex<SyncState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Tickets handed out (each after a rename).
+    taken: u64,
+    /// Every ticket up to this one is on disk.
+    synced: u64,
+    running: bool,
+}
+
+impl DirSyncs {
+    /// Makes `dir` if it is missing, and makes its own name durable then (syncing its parent).
+    fn ensure_dir(&self, dir: &Path) -> Result<(), StorageError> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir).map_err(|e| unavailable("cannot create", dir, e))?;
+        match dir.parent() {
+            Some(parent) => self.sync(parent).map_err(|e| unavailable("cannot sync the directory", parent, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Returns once every rename made into `dir` before the call is on disk.
+    pub(crate) fn sync(&self, dir: &Path) -> std::io::Result<()> {
+        let one = {
+            let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            dirs.entry(dir.to_owned()).or_default().clone()
+        };
+        let mut state = one.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.taken += 1;
+        let ticket = state.taken;
+        while state.synced < ticket {
+            if state.running {
+                state = one.done.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // every ticket taken so far was taken after its rename: this sync covers them all
+            let upto = state.taken;
+            state.running = true;
+            drop(state);
+            let synced = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            state = one.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.running = false;
+            one.done.notify_all();
+            // on failure the waiting callers try a sync of their own; this one reports it
+            synced?;
+            state.synced = state.synced.max(upto);
+        }
+        Ok(())
+    }
 }
 
 /// Removes a temporary file when dropped, unless it was kept (renamed into place).
@@ -146,7 +221,10 @@ impl LocalObjectStore {
         mut body: ByteStream,
     ) -> Result<u64, StorageError> {
         let dir = path.parent().expect("a key has a parent directory");
-        tokio::fs::create_dir_all(dir).await.map_err(|e| unavailable("cannot create", dir, e))?;
+        let (syncs, made) = (self.syncs.clone(), dir.to_owned());
+        tokio::task::spawn_blocking(move || syncs.ensure_dir(&made))
+            .await
+            .map_err(|e| StorageError::unavailable("directory task failed").with_source(e))??;
         let tmp = temporary_beside(dir);
         // a put dropped half-way (its client gone) removes its temporary file too
         let guard = RemoveOnDrop(Some(tmp.clone()));
@@ -164,6 +242,12 @@ impl LocalObjectStore {
         file.sync_all().await.map_err(|e| unavailable("cannot sync", &tmp, e))?;
         tokio::fs::rename(&tmp, path).await.map_err(|e| unavailable("cannot rename into", path, e))?;
         guard.keep();
+        let (syncs, dir) = (self.syncs.clone(), dir.to_owned());
+        tokio::task::spawn_blocking(move || {
+            syncs.sync(&dir).map_err(|e| unavailable("cannot sync the directory", &dir, e))
+        })
+        .await
+        .map_err(|e| StorageError::unavailable("directory sync task failed").with_source(e))??;
         Ok(size)
     }
 }
@@ -186,8 +270,8 @@ impl ObjectStore for LocalObjectStore {
                 None => {
                     // the client may go away meanwhile: the write then removes its file
                     let mut dropped = DroppedFlag::default();
-                    let flag = dropped.flag.clone();
-                    let written = tokio::task::spawn_blocking(move || write_whole(&path, &head, &flag)).await;
+                    let (flag, syncs) = (dropped.flag.clone(), self.syncs.clone());
+                    let written = tokio::task::spawn_blocking(move || write_whole(&path, &head, &flag, &syncs)).await;
                     dropped.done = true;
                     return written
                         .map_err(|e| StorageError::unavailable("object write task failed").with_source(e))?;
@@ -224,5 +308,49 @@ impl ObjectStore for LocalObjectStore {
         } else {
             Err(StorageError::misconfigured(format!("{} is not a directory", self.root.display())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_renames_share_directory_syncs_and_all_return_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncs = std::sync::Arc::new(DirSyncs::default());
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let (syncs, root) = (syncs.clone(), dir.path().to_owned());
+                std::thread::spawn(move || {
+                    let tmp = temporary_beside(&root);
+                    std::fs::write(&tmp, b"x").unwrap();
+                    std::fs::rename(&tmp, root.join(format!("{i}.csv"))).unwrap();
+                    syncs.sync(&root)
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        let one = syncs.dirs.lock().unwrap()[dir.path()].clone();
+        let state = one.state.lock().unwrap();
+        assert_eq!((state.taken, state.synced, state.running), (16, 16, false));
+        assert!(syncs.sync(&dir.path().join("missing")).is_err(), "a failed sync is reported, not waited on forever");
+    }
+
+    #[tokio::test]
+    async fn a_put_makes_its_directory_and_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalObjectStore::open(dir.path().join("bucket")).unwrap();
+        for body in [vec![bytes::Bytes::from_static(b"a,b\n")], vec![bytes::Bytes::from(vec![b'x'; WHOLE_MAX + 10])]] {
+            let size: usize = body.iter().map(|b| b.len()).sum();
+            let stream = futures::stream::iter(body.into_iter().map(Ok)).boxed();
+            assert_eq!(store.put("uploads/a.csv", stream).await.unwrap(), size as u64);
+            let read = std::fs::read(dir.path().join("bucket/uploads/a.csv")).unwrap();
+            assert_eq!(read.len(), size);
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("bucket/uploads")).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left beside it");
     }
 }
