@@ -123,7 +123,11 @@ fn write_whole(
     }
     std::fs::rename(&tmp, path).map_err(|e| unavailable("cannot rename into", path, e))?;
     guard.keep();
-    syncs.sync(dir).map_err(|e| unavailable("cannot sync the directory", dir, e))?;
+    if let Err(e) = syncs.sync(dir) {
+        // the put fails, so nothing may stay behind (no record will ever name it)
+        let _ = std::fs::remove_file(path);
+        return Err(unavailable("cannot sync the directory", dir, e));
+    }
     Ok(size)
 }
 
@@ -243,12 +247,17 @@ impl LocalObjectStore {
         tokio::fs::rename(&tmp, path).await.map_err(|e| unavailable("cannot rename into", path, e))?;
         guard.keep();
         let (syncs, dir) = (self.syncs.clone(), dir.to_owned());
-        tokio::task::spawn_blocking(move || {
+        let synced = tokio::task::spawn_blocking(move || {
             syncs.sync(&dir).map_err(|e| unavailable("cannot sync the directory", &dir, e))
         })
         .await
-        .map_err(|e| StorageError::unavailable("directory sync task failed").with_source(e))??;
-        Ok(size)
+        .map_err(|e| StorageError::unavailable("directory sync task failed").with_source(e))
+        .and_then(|r| r);
+        if synced.is_err() {
+            // as above: a failed put leaves nothing behind
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        synced.map(|()| size)
     }
 }
 
