@@ -397,6 +397,9 @@ mod tests {
         let err = with_env(&[("TXPIPE_MAX_REPORTED_ERRORS", &(cap + 1).to_string())]).unwrap_err();
         assert!(err.contains("TXPIPE_MAX_REPORTED_ERRORS") && err.contains(&format!("at most {cap}")), "{err}");
         assert_eq!(with_env(&[("TXPIPE_MAX_REPORTED_ERRORS", &cap.to_string())]).unwrap().max_reported_errors, cap);
+        let err = with_env(&[("TXPIPE_INLINE_MAX_BYTES", "1048577")]).unwrap_err();
+        assert!(err.contains("TXPIPE_INLINE_MAX_BYTES"), "{err}");
+        assert_eq!(with_env(&[("TXPIPE_INLINE_MAX_BYTES", "0")]).unwrap().inline_max_bytes, 0, "0: never");
         let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
         assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
     }
