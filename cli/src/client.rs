@@ -103,17 +103,7 @@ fn refused_line(status: u16, body: &Value) -> String {
 
 /// An error and its causes on one line (reqwest's own message alone says little).
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    one_line(&out)
+    one_line(&txpipe_common::error::Chain(e).to_string())
 }
 
 /// Text made safe for one line of a terminal: control characters escaped, at most 500 chars.

@@ -173,7 +173,10 @@ impl DirSyncs {
     pub(crate) fn sync(&self, dir: &Path) -> std::io::Result<()> {
         let one = {
             let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-            dirs.entry(dir.to_owned()).or_default().clone()
+            match dirs.get(dir) {
+                Some(one) => one.clone(),
+                None => dirs.entry(dir.to_owned()).or_default().clone(),
+            }
         };
         let mut state = one.state.lock().unwrap_or_else(|p| p.into_inner());
         state.taken += 1;
