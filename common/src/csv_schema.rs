@@ -19,9 +19,9 @@ use chrono::{DateTime, FixedOffset};
 use rust_decimal::Decimal;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The columns every file must have.
 pub const REQUIRED_COLUMNS: [&str; 6] = ["transaction_id", "amount", "currency", "timestamp", "merchant", "status"];
@@ -139,7 +139,7 @@ struct Columns {
 }
 
 impl Columns {
-    fn from_header(header: &csv::ByteRecord) -> Result<Self, Vec<RowError>> {
+    fn from_header(header: &Record) -> Result<Self, Vec<RowError>> {
         let mut index = [usize::MAX; 6];
         let mut errors = Vec::new();
         let mut names = Vec::with_capacity(header.len());
@@ -312,9 +312,9 @@ fn rfc3339_common_shape(s: &[u8]) -> bool {
 
 /// A streaming reader of one CSV file: the header first, then one record at a time.
 pub struct Scanner<R: Read> {
-    reader: csv::Reader<Bounded<R>>,
+    reader: Records<R>,
     columns: Columns,
-    record: csv::ByteRecord,
+    record: Record,
     row: u64,
     /// Where the last whole record ended, in bytes: the reader refuses to run far past it.
     boundary: Arc<AtomicU64>,
@@ -380,10 +380,120 @@ pub enum ScanError {
     Header(Vec<RowError>),
 }
 
-fn csv_io(e: csv::Error) -> io::Error {
-    match e.into_kind() {
-        csv::ErrorKind::Io(e) => e,
-        other => io::Error::other(format!("{other:?}")),
+/// csv-core parsers with the csv crate's defaults (comma, double quotes, CRLF, LF or CR ends a
+/// record) built earlier and reset for reuse. Building one computes its DFA, which takes about
+/// as long as parsing a 100-row file, and `csv::Reader` builds one per reader: per file, twice
+/// (validator and transformer). (A clone is no shortcut: csv-core 0.1's `Clone` copies only
+/// part of the DFA.)
+static PARSERS: Mutex<Vec<csv_core::Reader>> = Mutex::new(Vec::new());
+
+/// Parsers kept for reuse: about the files read at once.
+const KEPT_PARSERS: usize = 64;
+
+fn take_parser() -> csv_core::Reader {
+    let kept = PARSERS.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    kept.map_or_else(
+        || csv_core::ReaderBuilder::new().build(),
+        |mut parser| {
+            parser.reset();
+            parser
+        },
+    )
+}
+
+/// One CSV record as csv-core leaves it: the fields' bytes end to end (unquoted), and where
+/// each field ends.
+#[derive(Default)]
+struct Record {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    fields: usize,
+}
+
+impl Record {
+    fn len(&self) -> usize {
+        self.fields
+    }
+
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        let end = *self.ends[..self.fields].get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.bytes[start..end])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.fields).filter_map(|i| self.get(i))
+    }
+
+    /// The bytes of all the fields, without separators or quotes.
+    fn fields_bytes(&self) -> usize {
+        self.fields.checked_sub(1).map_or(0, |last| self.ends[last])
+    }
+}
+
+/// Records off a buffered source, the way `csv::Reader::read_byte_record` reads them (flexible
+/// lengths, no header handling), on a parser from [`PARSERS`] that goes back there after.
+struct Records<R: Read> {
+    core: csv_core::Reader,
+    source: io::BufReader<Bounded<R>>,
+    /// Bytes of the source consumed: where the last record read ended.
+    consumed: u64,
+    done: bool,
+}
+
+impl<R: Read> Records<R> {
+    fn new(source: Bounded<R>) -> Self {
+        Self {
+            core: take_parser(),
+            source: io::BufReader::with_capacity(READ_BUFFER, source),
+            consumed: 0,
+            done: false,
+        }
+    }
+
+    /// Reads the next record into `record`; false at the end of the source.
+    fn read(&mut self, record: &mut Record) -> io::Result<bool> {
+        use csv_core::ReadRecordResult as Got;
+        if self.done {
+            return Ok(false);
+        }
+        if record.bytes.is_empty() {
+            record.bytes.resize(256, 0);
+            record.ends.resize(16, 0);
+        }
+        let (mut out, mut end) = (0, 0);
+        loop {
+            let input = self.source.fill_buf().inspect_err(|_| self.done = true)?;
+            let (result, nin, nout, nend) =
+                self.core.read_record(input, &mut record.bytes[out..], &mut record.ends[end..]);
+            self.source.consume(nin);
+            self.consumed += nin as u64;
+            out += nout;
+            end += nend;
+            match result {
+                // the Bounded source keeps a record (and so these buffers) within its limit
+                Got::InputEmpty => {}
+                Got::OutputFull => record.bytes.resize(record.bytes.len() * 2, 0),
+                Got::OutputEndsFull => record.ends.resize(record.ends.len() * 2, 0),
+                Got::Record => {
+                    record.fields = end;
+                    return Ok(true);
+                }
+                Got::End => {
+                    self.done = true;
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+impl<R: Read> Drop for Records<R> {
+    fn drop(&mut self) {
+        let mut kept = PARSERS.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < KEPT_PARSERS {
+            kept.push(std::mem::take(&mut self.core));
+        }
     }
 }
 
@@ -392,17 +502,13 @@ impl<R: Read> Scanner<R> {
     pub fn new(source: R) -> Result<Self, ScanError> {
         let boundary = Arc::new(AtomicU64::new(0));
         let bounded = Bounded { inner: source, read: 0, boundary: boundary.clone() };
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .buffer_capacity(READ_BUFFER)
-            .from_reader(bounded);
-        let mut header = csv::ByteRecord::new();
-        let more = match reader.read_byte_record(&mut header).map_err(csv_io) {
+        let mut reader = Records::new(bounded);
+        let mut header = Record::default();
+        let more = match reader.read(&mut header) {
             Err(e) if is_too_long(&e) => return Err(ScanError::Header(vec![too_long_error(0)])),
             other => other?,
         };
-        boundary.store(reader.position().byte(), Ordering::Relaxed);
+        boundary.store(reader.consumed, Ordering::Relaxed);
         if !more {
             return Err(ScanError::Header(vec![RowError::new(
                 0,
@@ -411,13 +517,13 @@ impl<R: Read> Scanner<R> {
             )]));
         }
         let columns = Columns::from_header(&header).map_err(ScanError::Header)?;
-        Ok(Self { reader, columns, record: csv::ByteRecord::new(), row: 0, boundary, too_long: None })
+        Ok(Self { reader, columns, record: header, row: 0, boundary, too_long: None })
     }
 
     /// Moves to the next data row; false at the end of the file, or at a row too long to
     /// read (see [`Scanner::too_long`]).
     pub fn advance(&mut self) -> io::Result<bool> {
-        let more = match self.reader.read_byte_record(&mut self.record).map_err(csv_io) {
+        let more = match self.reader.read(&mut self.record) {
             Err(e) if is_too_long(&e) => {
                 self.too_long = Some(too_long_error(self.row + 1));
                 return Ok(false);
@@ -426,7 +532,7 @@ impl<R: Read> Scanner<R> {
         };
         if more {
             self.row += 1;
-            self.boundary.store(self.reader.position().byte(), Ordering::Relaxed);
+            self.boundary.store(self.reader.consumed, Ordering::Relaxed);
         }
         Ok(more)
     }
@@ -472,7 +578,7 @@ impl<R: Read> Scanner<R> {
     /// within its size limit, valid UTF-8, of its type), so nothing passes here that `parse`
     /// would refuse.
     fn passes_quickly(&self) -> bool {
-        if self.ragged() || self.record.as_slice().len() + self.record.len().saturating_sub(1) > MAX_ROW_BYTES {
+        if self.ragged() || self.record.fields_bytes() + self.record.len().saturating_sub(1) > MAX_ROW_BYTES {
             return false;
         }
         let text = |c: usize, limit: usize| {
@@ -504,7 +610,7 @@ impl<R: Read> Scanner<R> {
         }
         let before = log.total();
         // the fields' bytes (unquoted) and the commas between them
-        let size = self.record.as_slice().len() + self.record.len().saturating_sub(1);
+        let size = self.record.fields_bytes() + self.record.len().saturating_sub(1);
         if size > MAX_ROW_BYTES {
             log.push(RowError::new(
                 row,

@@ -627,3 +627,36 @@ fn duplicates_among_many_rows_are_all_found_and_counted_as_rejected() {
     let both = (1..=20_000u64).filter(|r| r % 97 == 0 && r % 1000 == 0).count() as u64;
     assert_eq!(r.rejected_rows, want.len() as u64 + invalid - both);
 }
+
+#[test]
+fn a_reused_parser_reads_as_a_new_one_and_as_the_csv_crate() {
+    let body = format!(
+        "\u{FEFF}{HEADER}t1,1,USD,2024-01-15T10:30:00Z,\"Acme, \"\"Inc.\"\"\",completed\r\n\n\
+         t2,2,EUR,2024-01-15T10:30:00Z,\"two\nlines\",pending\rt3,3,GBP,2024-01-15T10:30:00Z,short,failed"
+    );
+    // csv's own reader, the contract: the same records, field for field
+    let mut expected = Vec::new();
+    let mut csv = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(body.as_bytes());
+    for r in csv.byte_records() {
+        expected.push(r.unwrap().iter().map(<[u8]>::to_vec).collect::<Vec<_>>());
+    }
+    for round in 0..3 {
+        // a scanner stopped inside an open quote (the row too long) gives its parser back
+        // mid-record
+        let open = format!("{HEADER}t1,\"{}", "x".repeat(MAX_RECORD_BYTES as usize + READ_BUFFER + 4096));
+        let mut left = Scanner::new(open.as_bytes()).unwrap();
+        assert!(!left.advance().unwrap());
+        assert!(left.too_long().is_some());
+        drop(left);
+        let mut records = Records::new(Bounded { inner: body.as_bytes(), read: 0, boundary: Default::default() });
+        let (mut record, mut got) = (Record::default(), Vec::new());
+        while records.read(&mut record).unwrap() {
+            got.push(record.iter().map(<[u8]>::to_vec).collect::<Vec<_>>());
+        }
+        assert_eq!(got, expected, "round {round}");
+        assert_eq!(records.consumed, body.len() as u64);
+    }
+    let r = check_str(&body);
+    assert!(r.is_valid(), "{:?}", messages(&r));
+    assert_eq!(r.row_count, 3);
+}
