@@ -83,8 +83,8 @@ impl SqliteStore {
             conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
             // each write runs in a savepoint of its own (group_commit.rs), whose undo pages go
             // to a statement journal; past 64 KiB SQLite moves that journal to a temporary file
-            // (created, written, deleted: a few a second under load). In memory instead: a
-            // batch's journal is bounded by the pages the batch changes.
+            // (created, written, deleted: a few a second under load). In memory instead: the
+            // journal holds only the pages one write changes, emptied when its savepoint ends.
             conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
             conn.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS {st} (
