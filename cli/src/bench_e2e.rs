@@ -4,7 +4,8 @@
 //! files/s, rows/s and the latency percentiles of the upload (its 202) and of upload →
 //! `file.completed`. In the same run it measures the broker's own ceiling for the same
 //! message pattern (four confirmed publishes and three acked consumes a file, on quorum queues
-//! declared exactly as the pipeline's), so the figure is read as a ratio on a shared machine.
+//! declared exactly as the pipeline's, the messages the pipeline's own: a small file travels
+//! in two of them), so the figure is read as a ratio on a shared machine.
 
 use crate::bench::peak_rss;
 use anyhow::{bail, Context};
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use txpipe_common::amqp::{Broker, Publisher};
-use txpipe_common::messages::{Outgoing, StageMessage};
+use txpipe_common::messages::{Content, FileValidated, Outgoing, StageMessage};
 use txpipe_common::stage::{RoutingKey, Stage};
 use txpipe_common::{FileId, Settings};
 
@@ -171,7 +172,7 @@ impl Report {
         }
         if let Some(c) = self.broker_ceiling_files_per_second {
             println!(
-                "broker ceiling (4 confirmed publishes + 3 acked consumes a file, same in-flight): {c:.1} files/s"
+                "broker ceiling (4 confirmed publishes + 3 acked consumes a file, same messages, same in-flight): {c:.1} files/s"
             );
         }
         if let Some(r) = self.ratio_to_broker {
@@ -484,7 +485,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
     let mut report = result?;
     if !opts.no_ceiling {
-        let ceiling = broker_ceiling(&settings, opts.files, opts.concurrency, opts.rate).await?;
+        let ceiling = broker_ceiling(&settings, opts.files, opts.rows, opts.concurrency, opts.rate).await?;
         report.broker_ceiling_files_per_second = Some(ceiling);
         report.ratio_to_broker = Some(report.files_per_second / ceiling);
     }
@@ -682,10 +683,14 @@ async fn storage_calls(http: &reqwest::Client, base: &str, key: &str) -> BTreeMa
 /// `file.uploaded` (confirmed; C at a time, as uploads) and listens for the notifications; three stand-in stages each
 /// consume their queue (prefetch as the workers'), publish the next message (confirmed) and
 /// ack, the last one to the notifications exchange. The queues are the pipeline's own,
-/// declared by txpipe on a namespace of the run's, removed afterwards. Returns files/s.
+/// declared by txpipe on a namespace of the run's, removed afterwards. The messages are the
+/// pipeline's own too: a file of `rows` rows small enough to travel in its messages
+/// (`TXPIPE_INLINE_MAX_BYTES`) travels in `file.uploaded` and `file.validated` here as well,
+/// since the broker then carries it twice a file. Returns files/s.
 pub async fn broker_ceiling(
     settings: &Settings,
     files: u64,
+    rows: u64,
     concurrency: usize,
     rate: Option<f64>,
 ) -> anyhow::Result<f64> {
@@ -714,7 +719,7 @@ pub async fn broker_ceiling(
                 while let Some(Ok(delivery)) = consumer.next().await {
                     let (publisher, names) = (publisher.clone(), names.clone());
                     tokio::spawn(async move {
-                        let next = next_message(stage, &names, &delivery.data);
+                        let next = next_message(stage, &names, &delivery.data, rows);
                         if publish(&publisher, &next).await {
                             let _ = delivery.ack(BasicAckOptions::default()).await;
                         }
@@ -727,9 +732,9 @@ pub async fn broker_ceiling(
         let publisher = broker.publisher().await?;
         let started = Instant::now();
         // like an upload: the next file goes once the publish is confirmed
-        let ids: Vec<String> = offer(0..files, rate, concurrency, |_| {
+        let ids: Vec<String> = offer(0..files, rate, concurrency, |n| {
             let file_id = FileId::new();
-            let msg = StageMessage::uploaded(file_id, names.object_key(&file_id)).outgoing(&names);
+            let msg = ceiling_upload(&names, file_id, csv_file("ceiling", n, rows), settings.inline_max_bytes);
             let publisher = publisher.clone();
             async move {
                 publish(&publisher, &msg).await;
@@ -756,8 +761,29 @@ pub async fn broker_ceiling(
     result
 }
 
-/// What a stand-in stage publishes for a message it consumed.
-fn next_message(stage: Stage, names: &txpipe_common::Names, body: &[u8]) -> Outgoing {
+/// The ceiling's `file.uploaded` for a file of `csv`: carrying the file when the gateway
+/// would (`inline_max_bytes`, `TXPIPE_INLINE_MAX_BYTES`).
+fn ceiling_upload(names: &txpipe_common::Names, file_id: FileId, csv: String, inline_max_bytes: usize) -> Outgoing {
+    let carried = (csv.len() <= inline_max_bytes).then(|| Content(csv));
+    StageMessage::uploaded(file_id, names.object_key(&file_id)).with_content(carried).outgoing(names)
+}
+
+/// What a stand-in stage publishes for a message it consumed: the validator's passes the
+/// file on when it came with the message, as the validator does.
+fn next_message(stage: Stage, names: &txpipe_common::Names, body: &[u8], rows: u64) -> Outgoing {
+    if stage == Stage::Validator {
+        if let Ok(StageMessage::Uploaded(m)) = StageMessage::parse(RoutingKey::FileUploaded.as_str(), body) {
+            let validated = FileValidated {
+                file_id: m.file_id,
+                object_key: m.object_key,
+                row_count: rows,
+                uploaded_by: m.uploaded_by,
+                at: chrono::Utc::now(),
+                content: m.content,
+            };
+            return StageMessage::Validated(validated).outgoing(names);
+        }
+    }
     let file_id = txpipe_common::messages::file_id_of(body).map(|f| f.to_string()).unwrap_or_default();
     let (exchange, key) = match stage {
         Stage::Validator => (names.pipeline_exchange(), RoutingKey::FileValidated.as_str()),
@@ -769,8 +795,8 @@ fn next_message(stage: Stage, names: &txpipe_common::Names, body: &[u8]) -> Outg
         "file_id": file_id,
         "object_key": format!("uploads/{file_id}.csv"),
         "status": "completed",
-        "records_processed": 100,
-        "row_count": 100,
+        "records_processed": rows,
+        "row_count": rows,
         "error_count": 0,
         "at": chrono::Utc::now(),
     });
@@ -791,5 +817,43 @@ async fn publish(publisher: &Publisher, msg: &Outgoing) -> bool {
             eprintln!("broker ceiling: publish failed: {e}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> txpipe_common::Names {
+        txpipe_common::Names::new("bench-test").unwrap()
+    }
+
+    #[test]
+    fn the_ceilings_messages_carry_the_file_as_the_pipelines_do() {
+        let (names, file_id, csv) = (names(), FileId::new(), csv_file("t", 1, 100));
+        let upload = ceiling_upload(&names, file_id, csv.clone(), 16 * 1024);
+        let parsed = StageMessage::parse(&upload.routing_key, &upload.body).unwrap();
+        assert_eq!(parsed.content().map(|c| c.0.as_str()), Some(csv.as_str()), "a 100-row file travels");
+
+        // the stand-in validator passes it on in file.validated, as the validator does
+        let validated = next_message(Stage::Validator, &names, &upload.body, 100);
+        assert_eq!(validated.routing_key, RoutingKey::FileValidated.as_str());
+        match StageMessage::parse(&validated.routing_key, &validated.body).unwrap() {
+            StageMessage::Validated(m) => {
+                assert_eq!((m.file_id, m.row_count), (file_id, 100));
+                assert_eq!(m.content.map(|c| c.0), Some(csv.clone()));
+            }
+            other => panic!("not file.validated: {other:?}"),
+        }
+        // and the transformer's file.processed does not
+        let processed = next_message(Stage::Transformer, &names, &validated.body, 100);
+        assert_eq!(processed.routing_key, RoutingKey::FileProcessed.as_str());
+        assert!(StageMessage::parse(&processed.routing_key, &processed.body).unwrap().content().is_none());
+
+        // a file over TXPIPE_INLINE_MAX_BYTES (0: never) travels as a claim check only
+        let upload = ceiling_upload(&names, file_id, csv, 0);
+        assert!(StageMessage::parse(&upload.routing_key, &upload.body).unwrap().content().is_none());
+        let validated = next_message(Stage::Validator, &names, &upload.body, 100);
+        assert!(StageMessage::parse(&validated.routing_key, &validated.body).unwrap().content().is_none());
     }
 }

@@ -327,3 +327,25 @@ async fn a_closed_stdout_ends_the_output_without_a_panic() {
     assert_exit(&o, 1, "validate into a closed pipe: the verdict, not a panic");
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
 }
+
+/// `txpipe bench e2e` as the benchmarks page runs it, small: its own `txpipe up` on a fresh
+/// namespace (removed afterwards), every file through to `file.completed`, and in the same run
+/// the broker's ceiling for the same messages, as a ratio.
+#[tokio::test]
+async fn bench_e2e_runs_the_pipeline_and_the_broker_ceiling_and_reports_both() {
+    let o = txpipe(
+        &["bench", "e2e", "--files", "6", "--rows", "20", "--concurrency", "3", "--warmup", "1", "--json"],
+        None,
+    )
+    .await;
+    assert_exit(&o, 0, "bench e2e");
+    let report: Value = serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    assert_eq!((report["files"].as_u64(), report["completed"].as_u64()), (Some(6), Some(6)), "{report}");
+    assert_eq!((report["failed"].as_u64(), report["missing"].as_u64()), (Some(0), Some(0)), "{report}");
+    let (files_per_second, ceiling) =
+        (report["files_per_second"].as_f64().unwrap(), report["broker_ceiling_files_per_second"].as_f64().unwrap());
+    assert!(files_per_second > 0.0 && ceiling > 0.0, "{report}");
+    let ratio = report["ratio_to_broker"].as_f64().unwrap();
+    assert!((ratio - files_per_second / ceiling).abs() < 1e-9, "{report}");
+    assert!(report["completed_ms"]["p50"].as_f64().is_some(), "{report}");
+}
