@@ -764,7 +764,7 @@ pub async fn broker_ceiling(
 /// The ceiling's `file.uploaded` for a file of `csv`: carrying the file when the gateway
 /// would (`inline_max_bytes`, `TXPIPE_INLINE_MAX_BYTES`).
 fn ceiling_upload(names: &txpipe_common::Names, file_id: FileId, csv: String, inline_max_bytes: usize) -> Outgoing {
-    let carried = (csv.len() <= inline_max_bytes).then(|| Content(csv));
+    let carried = (csv.len() <= inline_max_bytes).then_some(Content(csv));
     StageMessage::uploaded(file_id, names.object_key(&file_id)).with_content(carried).outgoing(names)
 }
 
