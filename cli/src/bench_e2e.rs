@@ -780,6 +780,7 @@ fn next_message(stage: Stage, names: &txpipe_common::Names, body: &[u8], rows: u
                 uploaded_by: m.uploaded_by,
                 at: chrono::Utc::now(),
                 content: m.content,
+                stored: None,
             };
             return StageMessage::Validated(validated).outgoing(names);
         }

@@ -7,7 +7,7 @@
 use crate::file_id::FileId;
 use crate::names::Names;
 use crate::stage::{NotificationKey, RoutingKey};
-use crate::status::{FileStatus, StatusRecord};
+use crate::status::{FileStatus, StatusRecord, StoredRecord};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,9 @@ pub struct FileUploaded {
     /// The file itself, when it is small (see [`Content`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<Content>,
+    /// The file's status record as the gateway stored it (see [`StoredRecord`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<StoredRecord>,
 }
 
 /// A small file's bytes, carried in its stage messages (up to `TXPIPE_INLINE_MAX_BYTES`) so
@@ -68,6 +71,9 @@ pub struct FileValidated {
     /// The file itself, passed on from `file.uploaded` (see [`Content`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<Content>,
+    /// The file's status record as the validator stored it (see [`StoredRecord`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<StoredRecord>,
 }
 
 /// `file.rejected`: the file was refused for its contents.
@@ -131,7 +137,14 @@ impl StageMessage {
 
     /// A new `file.uploaded` for an object the gateway stored.
     pub fn uploaded(file_id: FileId, object_key: String) -> Self {
-        Self::Uploaded(FileUploaded { file_id, object_key, at: Utc::now(), uploaded_by: None, content: None })
+        Self::Uploaded(FileUploaded {
+            file_id,
+            object_key,
+            at: Utc::now(),
+            uploaded_by: None,
+            content: None,
+            stored: None,
+        })
     }
 
     /// The message on `key` about the file `record` describes (what a stage publishes when it
@@ -142,11 +155,17 @@ impl StageMessage {
         let row_count = record.row_count.unwrap_or(0);
         match key {
             RoutingKey::FileUploaded => {
-                Self::Uploaded(FileUploaded { file_id, object_key, at, uploaded_by, content: None })
+                Self::Uploaded(FileUploaded { file_id, object_key, at, uploaded_by, content: None, stored: None })
             }
-            RoutingKey::FileValidated => {
-                Self::Validated(FileValidated { file_id, object_key, row_count, at, uploaded_by, content: None })
-            }
+            RoutingKey::FileValidated => Self::Validated(FileValidated {
+                file_id,
+                object_key,
+                row_count,
+                at,
+                uploaded_by,
+                content: None,
+                stored: None,
+            }),
             RoutingKey::FileRejected => Self::Rejected(FileRejected {
                 file_id,
                 object_key,
@@ -198,6 +217,27 @@ impl StageMessage {
         match &mut self {
             Self::Uploaded(m) => m.content = content,
             Self::Validated(m) => m.content = content,
+            Self::Rejected(_) | Self::Processed(_) => {}
+        }
+        self
+    }
+
+    /// The status record this message carries, if any (see [`StoredRecord`]).
+    pub fn stored(&self) -> Option<&StoredRecord> {
+        match self {
+            Self::Uploaded(m) => m.stored.as_ref(),
+            Self::Validated(m) => m.stored.as_ref(),
+            Self::Rejected(_) | Self::Processed(_) => None,
+        }
+    }
+
+    /// This message carrying `stored` (only `file.uploaded` and `file.validated`: the stages
+    /// that consume them claim the file; the notifier reads its record, since it announces
+    /// before it writes).
+    pub fn with_stored(mut self, stored: Option<StoredRecord>) -> Self {
+        match &mut self {
+            Self::Uploaded(m) => m.stored = stored,
+            Self::Validated(m) => m.stored = stored,
             Self::Rejected(_) | Self::Processed(_) => {}
         }
         self
@@ -408,5 +448,23 @@ mod tests {
         assert!(processed.content().is_none() && !String::from_utf8(processed.to_body()).unwrap().contains("content"));
         let plain = StageMessage::from_record(RoutingKey::FileValidated, &r);
         assert!(!String::from_utf8(plain.to_body()).unwrap().contains("content"), "absent, not null");
+    }
+
+    #[test]
+    fn a_stored_record_travels_in_the_messages_of_the_claiming_stages_only() {
+        let r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 3, Utc::now());
+        let stored = StoredRecord { version: 4, json: serde_json::to_string(&r).unwrap() };
+        for key in [RoutingKey::FileUploaded, RoutingKey::FileValidated] {
+            let msg = StageMessage::from_record(key, &r).with_stored(Some(stored.clone()));
+            let parsed = StageMessage::parse(key.as_str(), &msg.to_body()).unwrap();
+            assert_eq!(parsed.stored(), Some(&stored), "{key:?}: the JSON exactly, and its version");
+            // a message from before the field (or from txpipe retry) has none
+            let plain = StageMessage::from_record(key, &r).to_body();
+            assert!(!String::from_utf8(plain.clone()).unwrap().contains("stored"), "absent, not null");
+            assert_eq!(StageMessage::parse(key.as_str(), &plain).unwrap().stored(), None);
+        }
+        // the notifier reads its record (it announces before it writes): nothing carried to it
+        let processed = StageMessage::from_record(RoutingKey::FileProcessed, &r).with_stored(Some(stored));
+        assert!(processed.stored().is_none() && !String::from_utf8(processed.to_body()).unwrap().contains("stored"));
     }
 }

@@ -182,6 +182,18 @@ pub struct HistoryEntry {
     pub reason: Option<String>,
 }
 
+/// A file's status record as the process that published a message about it last stored it:
+/// its version and its JSON, exactly as stored. A stage message carries it (DynamoDB only) so
+/// a worker in another process can make its conditional claim on it without reading the
+/// record first. It is trusted for nothing: a change made on it is conditional on the stored
+/// item being exactly this version and this JSON, so a stale or forged copy only costs a
+/// refused write, which answers with the item as it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub version: u64,
+    pub json: String,
+}
+
 /// Everything kept about one file in the processing-status table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusRecord {

@@ -547,6 +547,10 @@ impl Loop {
     /// `file.rejected`) moves nothing: it only reads the record.
     async fn attempt(&self, msg: &StageMessage, attempt_id: &str, resumed: bool) -> Result<Outcome, Failure> {
         let (stage, file_id) = (self.stage(), msg.file_id());
+        if let Some(stored) = msg.stored() {
+            // the record as its publisher stored it: the claim's base, checked by its condition
+            self.deps.storage.statuses.hint(file_id, stored.clone());
+        }
         if self.spec.observes.is_some_and(|(key, _)| key == msg.routing_key()) {
             let Some(record) = self.handler.record(&self.deps, msg).await? else {
                 return Ok(Outcome::Publish(Vec::new()));
@@ -749,11 +753,13 @@ impl Loop {
     }
 
     /// The message this stage publishes about where the file now stands, if any; it carries
-    /// on the file's bytes if `msg` (the message being handled) carried them.
+    /// on the file's bytes if `msg` (the message being handled) carried them, and the record
+    /// as this process stored it, if the store has a use for that (the next stage's claim).
     fn announcing(&self, record: &StatusRecord, msg: &StageMessage) -> Vec<Outgoing> {
+        let stored = self.deps.storage.statuses.stored(record.file_id);
         StageMessage::announcing(record)
             .filter(|m| self.spec.publishes.contains(&m.routing_key()))
-            .map(|m| m.with_content(msg.content().cloned()).outgoing(&self.deps.names))
+            .map(|m| m.with_content(msg.content().cloned()).with_stored(stored).outgoing(&self.deps.names))
             .into_iter()
             .collect()
     }

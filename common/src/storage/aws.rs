@@ -14,7 +14,7 @@ use crate::csv_schema::TxStatus;
 use crate::file_id::FileId;
 use crate::metrics::{InternalEvent, StorageCall};
 use crate::names::Names;
-use crate::status::{FileStatus, StatusRecord, StatusUpdate};
+use crate::status::{FileStatus, StatusRecord, StatusUpdate, StoredRecord};
 use async_trait::async_trait;
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
@@ -354,30 +354,42 @@ pub struct DynamoStore {
     /// its next conditional write, so a status change is one request instead of a read and a
     /// write. Never trusted for more: a stale entry only fails the write's condition, whose
     /// answer carries the item as it is (`ReturnValuesOnConditionCheckFailure`).
-    known: std::sync::Mutex<KnownStatuses>,
+    known: std::sync::Mutex<Recent<(StatusRecord, u64)>>,
+    /// Records that messages carried ([`StoredRecord`]) for files this process does not know:
+    /// the base of its next change to each (taken by it), checked by that change's condition.
+    carried: std::sync::Mutex<Recent<StoredRecord>>,
     /// Conditional writes of a batch in flight at once (each a TransactWriteItems of up to
     /// [`super::MAX_WRITE`] versions): `TXPIPE_DYNAMODB_WRITE_CONCURRENCY`.
     write_concurrency: usize,
 }
 
-/// A bounded map of file id → (record, version), oldest entries dropped first.
-#[derive(Default)]
-struct KnownStatuses {
-    by_id: HashMap<FileId, (StatusRecord, u64)>,
+/// A bounded map by file id, oldest entries dropped first.
+struct Recent<V> {
+    by_id: HashMap<FileId, V>,
     order: std::collections::VecDeque<FileId>,
 }
 
-impl KnownStatuses {
+impl<V> Default for Recent<V> {
+    fn default() -> Self {
+        Self { by_id: HashMap::new(), order: Default::default() }
+    }
+}
+
+impl<V: Clone> Recent<V> {
     /// Files in flight at once in one process are far fewer than this.
     const CAPACITY: usize = 4096;
 
-    fn get(&self, file_id: FileId) -> Option<(StatusRecord, u64)> {
+    fn get(&self, file_id: FileId) -> Option<V> {
         self.by_id.get(&file_id).cloned()
     }
 
-    fn put(&mut self, record: &StatusRecord, version: u64) {
-        if self.by_id.insert(record.file_id, (record.clone(), version)).is_none() {
-            self.order.push_back(record.file_id);
+    fn contains(&self, file_id: FileId) -> bool {
+        self.by_id.contains_key(&file_id)
+    }
+
+    fn put(&mut self, file_id: FileId, value: V) {
+        if self.by_id.insert(file_id, value).is_none() {
+            self.order.push_back(file_id);
             while self.order.len() > Self::CAPACITY {
                 if let Some(old) = self.order.pop_front() {
                     self.by_id.remove(&old);
@@ -386,9 +398,15 @@ impl KnownStatuses {
         }
     }
 
-    fn forget(&mut self, file_id: FileId) {
+    fn forget(&mut self, file_id: FileId) -> Option<V> {
         // its place in `order` goes when it reaches the front
-        self.by_id.remove(&file_id);
+        self.by_id.remove(&file_id)
+    }
+}
+
+impl Recent<(StatusRecord, u64)> {
+    fn remember(&mut self, record: &StatusRecord, version: u64) {
+        self.put(record.file_id, (record.clone(), version));
     }
 }
 
@@ -474,6 +492,7 @@ impl DynamoStore {
             keys_table: names.api_keys_table(),
             idem_table: names.idempotency_table(),
             known: Default::default(),
+            carried: Default::default(),
             write_concurrency: write_concurrency.max(1),
         }
     }
@@ -482,8 +501,19 @@ impl DynamoStore {
         &self.client
     }
 
-    fn known(&self) -> std::sync::MutexGuard<'_, KnownStatuses> {
+    fn known(&self) -> std::sync::MutexGuard<'_, Recent<(StatusRecord, u64)>> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn carried(&self) -> std::sync::MutexGuard<'_, Recent<StoredRecord>> {
+        self.carried.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record a message carried for `file_id`, taken: the base of one change.
+    fn take_carried(&self, file_id: FileId) -> Option<(StatusRecord, u64, String)> {
+        let stored = self.carried().forget(file_id)?;
+        let record: StatusRecord = serde_json::from_str(&stored.json).ok()?;
+        (record.file_id == file_id).then_some((record, stored.version, stored.json))
     }
 
     async fn read_status(&self, file_id: FileId) -> Result<Option<(StatusRecord, String)>, StorageError> {
@@ -501,7 +531,7 @@ impl DynamoStore {
             return Ok(None);
         };
         let (record, version) = Self::status_of(&item)?;
-        self.known().put(&record, version);
+        self.known().remember(&record, version);
         Ok(Some((record, version.to_string())))
     }
 
@@ -635,13 +665,19 @@ impl DynamoStore {
         change: impl Fn(&mut StatusRecord) -> bool,
     ) -> Result<Advance, StorageError> {
         let not_found = || StorageError::not_found(format!("file {file_id}"));
-        let mut base = self.known().get(file_id).map(|(r, v)| (r, v, true));
+        // the base: the record as this process last saw it, else as a message carried it (its
+        // exact JSON then joins the condition), else as read; neither of the first two is
+        // trusted for a refusal or a not-found: those are only concluded on a read record
+        let mut base = match self.known().get(file_id) {
+            Some((r, v)) => Some((r, v, true, None)),
+            None => self.take_carried(file_id).map(|(r, v, json)| (r, v, true, Some(json))),
+        };
         for _ in 0..STATUS_CAS_ATTEMPTS {
-            let (mut record, version, remembered) = match base.take() {
+            let (mut record, version, remembered, carried) = match base.take() {
                 Some(b) => b,
                 None => {
                     let (r, v) = self.read_status(file_id).await?.ok_or_else(not_found)?;
-                    (r, v.parse().unwrap_or(0), false)
+                    (r, v.parse().unwrap_or(0), false, None)
                 }
             };
             if !change(&mut record) {
@@ -650,21 +686,28 @@ impl DynamoStore {
                 }
                 return Ok(Advance::Refused(record));
             }
+            // a whole-item put of a record left unannounced would drop the gateway's separate
+            // mark: not made on a carried record (only the validator's claim is, and it announces)
+            if carried.is_some() && !record.announced {
+                continue;
+            }
             let next = version + 1;
-            let result = self
+            let mut put = self
                 .client
                 .put_item()
                 .table_name(&self.status_table)
                 .set_item(Some(Self::status_item(&record, next)))
-                .condition_expression("#v = :v")
+                .condition_expression(if carried.is_some() { "#v = :v AND #r = :r" } else { "#v = :v" })
                 .expression_attribute_names("#v", "version")
                 .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-                .send()
-                .await;
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+            if let Some(json) = carried {
+                put = put.expression_attribute_names("#r", "record").expression_attribute_values(":r", s(json));
+            }
+            let result = put.send().await;
             match result {
                 Ok(_) => {
-                    self.known().put(&record, next);
+                    self.known().remember(&record, next);
                     return Ok(Advance::Moved(record));
                 }
                 Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -676,8 +719,8 @@ impl DynamoStore {
                     match now {
                         Some(item) => {
                             let (r, v) = Self::status_of(&item)?;
-                            self.known().put(&r, v);
-                            base = Some((r, v, false));
+                            self.known().remember(&r, v);
+                            base = Some((r, v, false, None));
                         }
                         None => {
                             self.known().forget(file_id);
@@ -757,7 +800,7 @@ impl StatusStore for DynamoStore {
             .await
         {
             Ok(_) => {
-                self.known().put(record, 1);
+                self.known().remember(record, 1);
                 Ok(())
             }
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -822,7 +865,7 @@ impl StatusStore for DynamoStore {
             Ok(_) => {
                 let mut marked = record;
                 marked.announced = true;
-                self.known().put(&marked, version);
+                self.known().remember(&marked, version);
                 Ok(())
             }
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -835,7 +878,7 @@ impl StatusStore for DynamoStore {
                     return Err(StorageError::not_found(format!("file {file_id}")));
                 };
                 let (r, v) = Self::status_of(&item)?;
-                self.known().put(&r, v);
+                self.known().remember(&r, v);
                 // changed since it was recorded: by a claim, which announced it, or else (by
                 // nothing this gateway knows of) marked the usual way
                 if r.announced {
@@ -907,6 +950,19 @@ impl StatusStore for DynamoStore {
 
     fn remembered(&self, file_id: FileId) -> Option<StatusRecord> {
         self.known().get(file_id).map(|(r, _)| r)
+    }
+
+    fn stored(&self, file_id: FileId) -> Option<StoredRecord> {
+        let (record, version) = self.known().get(file_id)?;
+        let json = serde_json::to_string(&record).ok()?;
+        Some(StoredRecord { version, json })
+    }
+
+    fn hint(&self, file_id: FileId, stored: StoredRecord) {
+        // a record this process knows is the better base (one it wrote or read itself)
+        if !self.known().contains(file_id) {
+            self.carried().put(file_id, stored);
+        }
     }
 
     async fn stalled(

@@ -18,7 +18,7 @@ pub mod sqlite;
 use crate::config::{Settings, StorageKind};
 use crate::csv_schema::{Row, TxStatus};
 use crate::file_id::FileId;
-use crate::status::{FileStatus, StatusRecord, StatusUpdate, UploadOptions};
+use crate::status::{FileStatus, StatusRecord, StatusUpdate, StoredRecord, UploadOptions};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
@@ -108,6 +108,15 @@ pub trait StatusStore: Send + Sync + 'static {
     fn remembered(&self, _file_id: FileId) -> Option<StatusRecord> {
         None
     }
+    /// The record this process last wrote, as a message may carry it to a worker in another
+    /// process (see [`StoredRecord`]), if the store has a use for that (DynamoDB: the base of
+    /// a conditional change without a read). None by default.
+    fn stored(&self, _file_id: FileId) -> Option<StoredRecord> {
+        None
+    }
+    /// A record a message carried: the base of this process's next change to the file, which
+    /// the change's own condition checks. Ignored by default.
+    fn hint(&self, _file_id: FileId, _stored: StoredRecord) {}
     async fn check(&self) -> Result<(), StorageError>;
 }
 
