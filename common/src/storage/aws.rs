@@ -367,18 +367,25 @@ pub struct DynamoStore {
 struct Recent<V> {
     by_id: HashMap<FileId, V>,
     order: std::collections::VecDeque<FileId>,
+    capacity: usize,
 }
 
-impl<V> Default for Recent<V> {
-    fn default() -> Self {
-        Self { by_id: HashMap::new(), order: Default::default() }
+impl<V> Recent<V> {
+    fn with_capacity(capacity: usize) -> Self {
+        Self { by_id: HashMap::new(), order: Default::default(), capacity }
     }
 }
 
-impl<V: Clone> Recent<V> {
-    /// Files in flight at once in one process are far fewer than this.
-    const CAPACITY: usize = 4096;
+/// Files in flight at once in one process are far fewer than this.
+const KNOWN_RECORDS: usize = 4096;
+/// Carried records kept until their claim: a worker holds at most its prefetch of messages
+/// (the records' size is bounded too, [`CARRIED_JSON_MAX`]), so a flood of messages from a
+/// hostile publisher cannot grow this past a few MB.
+const CARRIED_RECORDS: usize = 512;
+/// A carried record larger than this is not kept (the claim reads the record instead).
+const CARRIED_JSON_MAX: usize = 16 * 1024;
 
+impl<V: Clone> Recent<V> {
     fn get(&self, file_id: FileId) -> Option<V> {
         self.by_id.get(&file_id).cloned()
     }
@@ -390,7 +397,7 @@ impl<V: Clone> Recent<V> {
     fn put(&mut self, file_id: FileId, value: V) {
         if self.by_id.insert(file_id, value).is_none() {
             self.order.push_back(file_id);
-            while self.order.len() > Self::CAPACITY {
+            while self.order.len() > self.capacity {
                 if let Some(old) = self.order.pop_front() {
                     self.by_id.remove(&old);
                 }
@@ -491,8 +498,8 @@ impl DynamoStore {
             versions_table: names.transaction_versions_table(),
             keys_table: names.api_keys_table(),
             idem_table: names.idempotency_table(),
-            known: Default::default(),
-            carried: Default::default(),
+            known: std::sync::Mutex::new(Recent::with_capacity(KNOWN_RECORDS)),
+            carried: std::sync::Mutex::new(Recent::with_capacity(CARRIED_RECORDS)),
             write_concurrency: write_concurrency.max(1),
         }
     }
@@ -960,7 +967,7 @@ impl StatusStore for DynamoStore {
 
     fn hint(&self, file_id: FileId, stored: StoredRecord) {
         // a record this process knows is the better base (one it wrote or read itself)
-        if !self.known().contains(file_id) {
+        if stored.json.len() <= CARRIED_JSON_MAX && !self.known().contains(file_id) {
             self.carried().put(file_id, stored);
         }
     }
