@@ -202,43 +202,48 @@ impl StageMessage {
         self.content().and_then(|c| c.of_file(record))
     }
 
-    /// The file's bytes, if this message carries them.
-    pub fn content(&self) -> Option<&Content> {
+    /// What only the messages of the claiming stages (`file.uploaded`, `file.validated`)
+    /// carry: the file's bytes and its stored record. The stages after them do not read the
+    /// file, and the notifier reads its record (it announces before it writes).
+    fn riders(&self) -> Option<(&Option<Content>, &Option<StoredRecord>)> {
         match self {
-            Self::Uploaded(m) => m.content.as_ref(),
-            Self::Validated(m) => m.content.as_ref(),
+            Self::Uploaded(m) => Some((&m.content, &m.stored)),
+            Self::Validated(m) => Some((&m.content, &m.stored)),
             Self::Rejected(_) | Self::Processed(_) => None,
         }
     }
 
-    /// This message carrying `content` (only `file.uploaded` and `file.validated` carry it:
-    /// the stages after them do not read the file).
+    fn riders_mut(&mut self) -> Option<(&mut Option<Content>, &mut Option<StoredRecord>)> {
+        match self {
+            Self::Uploaded(m) => Some((&mut m.content, &mut m.stored)),
+            Self::Validated(m) => Some((&mut m.content, &mut m.stored)),
+            Self::Rejected(_) | Self::Processed(_) => None,
+        }
+    }
+
+    /// The file's bytes, if this message carries them.
+    pub fn content(&self) -> Option<&Content> {
+        self.riders().and_then(|(content, _)| content.as_ref())
+    }
+
+    /// This message carrying `content`, if it is one that carries the file.
     pub fn with_content(mut self, content: Option<Content>) -> Self {
-        match &mut self {
-            Self::Uploaded(m) => m.content = content,
-            Self::Validated(m) => m.content = content,
-            Self::Rejected(_) | Self::Processed(_) => {}
+        if let Some((slot, _)) = self.riders_mut() {
+            *slot = content;
         }
         self
     }
 
     /// The status record this message carries, if any (see [`StoredRecord`]).
     pub fn stored(&self) -> Option<&StoredRecord> {
-        match self {
-            Self::Uploaded(m) => m.stored.as_ref(),
-            Self::Validated(m) => m.stored.as_ref(),
-            Self::Rejected(_) | Self::Processed(_) => None,
-        }
+        self.riders().and_then(|(_, stored)| stored.as_ref())
     }
 
-    /// This message carrying `stored` (only `file.uploaded` and `file.validated`: the stages
-    /// that consume them claim the file; the notifier reads its record, since it announces
-    /// before it writes).
-    pub fn with_stored(mut self, stored: Option<StoredRecord>) -> Self {
-        match &mut self {
-            Self::Uploaded(m) => m.stored = stored,
-            Self::Validated(m) => m.stored = stored,
-            Self::Rejected(_) | Self::Processed(_) => {}
+    /// This message carrying the record `stored` gives, if it is one that carries it (only
+    /// then is `stored` called: it serializes the record).
+    pub fn with_stored(mut self, stored: impl FnOnce() -> Option<StoredRecord>) -> Self {
+        if let Some((_, slot)) = self.riders_mut() {
+            *slot = stored();
         }
         self
     }
@@ -455,7 +460,7 @@ mod tests {
         let r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 3, Utc::now());
         let stored = StoredRecord { version: 4, json: serde_json::to_string(&r).unwrap() };
         for key in [RoutingKey::FileUploaded, RoutingKey::FileValidated] {
-            let msg = StageMessage::from_record(key, &r).with_stored(Some(stored.clone()));
+            let msg = StageMessage::from_record(key, &r).with_stored(|| Some(stored.clone()));
             let parsed = StageMessage::parse(key.as_str(), &msg.to_body()).unwrap();
             assert_eq!(parsed.stored(), Some(&stored), "{key:?}: the JSON exactly, and its version");
             // a message from before the field (or from txpipe retry) has none
@@ -464,7 +469,7 @@ mod tests {
             assert_eq!(StageMessage::parse(key.as_str(), &plain).unwrap().stored(), None);
         }
         // the notifier reads its record (it announces before it writes): nothing carried to it
-        let processed = StageMessage::from_record(RoutingKey::FileProcessed, &r).with_stored(Some(stored));
+        let processed = StageMessage::from_record(RoutingKey::FileProcessed, &r).with_stored(|| Some(stored));
         assert!(processed.stored().is_none() && !String::from_utf8(processed.to_body()).unwrap().contains("stored"));
     }
 }

@@ -756,7 +756,7 @@ impl Loop {
     /// on the file's bytes if `msg` (the message being handled) carried them, and the record
     /// as this process stored it, if the store has a use for that (the next stage's claim).
     fn announcing(&self, record: &StatusRecord, msg: &StageMessage) -> Vec<Outgoing> {
-        let stored = self.deps.storage.statuses.stored(record.file_id);
+        let stored = || self.deps.storage.statuses.stored(record.file_id);
         StageMessage::announcing(record)
             .filter(|m| self.spec.publishes.contains(&m.routing_key()))
             .map(|m| m.with_content(msg.content().cloned()).with_stored(stored).outgoing(&self.deps.names))

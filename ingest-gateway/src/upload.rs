@@ -681,7 +681,7 @@ async fn commit(
         return Err(GatewayError::from_storage("recording the upload", e));
     }
     // the record as stored, for the validator's claim (see StoredRecord): no read before it
-    let stored = deps.storage.statuses.stored(record.file_id);
+    let stored = || deps.storage.statuses.stored(record.file_id);
     let event = StageMessage::from_record(RoutingKey::FileUploaded, &record).with_content(content).with_stored(stored);
     let announced = match announce(&deps, &event).await {
         // withdrawn meanwhile (the record is gone): the upload is refused like any other

@@ -363,6 +363,17 @@ pub struct DynamoStore {
     write_concurrency: usize,
 }
 
+/// Where the record a status change starts from came from.
+enum Base {
+    /// Read from the table (or returned by a refused write): a refusal on it is final.
+    Read,
+    /// What this process last read or wrote: a write on it is conditional on its version.
+    Remembered,
+    /// What a message carried ([`StoredRecord`]), with its JSON: a write on it is conditional
+    /// on its version and on that exact JSON.
+    Carried(String),
+}
+
 /// A bounded map by file id, oldest entries dropped first.
 struct Recent<V> {
     by_id: HashMap<FileId, V>,
@@ -672,21 +683,21 @@ impl DynamoStore {
         change: impl Fn(&mut StatusRecord) -> bool,
     ) -> Result<Advance, StorageError> {
         let not_found = || StorageError::not_found(format!("file {file_id}"));
-        // the base: the record as this process last saw it, else as a message carried it (its
-        // exact JSON then joins the condition), else as read; neither of the first two is
-        // trusted for a refusal or a not-found: those are only concluded on a read record
+        // the base: the record as this process last saw it, else as a message carried it, else
+        // as read; a refusal or a not-found is only concluded on a record read
         let mut base = match self.known().get(file_id) {
-            Some((r, v)) => Some((r, v, true, None)),
-            None => self.take_carried(file_id).map(|(r, v, json)| (r, v, true, Some(json))),
+            Some((r, v)) => Some((r, v, Base::Remembered)),
+            None => self.take_carried(file_id).map(|(r, v, json)| (r, v, Base::Carried(json))),
         };
         for _ in 0..STATUS_CAS_ATTEMPTS {
-            let (mut record, version, remembered, carried) = match base.take() {
+            let (mut record, version, seen) = match base.take() {
                 Some(b) => b,
                 None => {
                     let (r, v) = self.read_status(file_id).await?.ok_or_else(not_found)?;
-                    (r, v.parse().unwrap_or(0), false, None)
+                    (r, v.parse().unwrap_or(0), Base::Read)
                 }
             };
+            let remembered = !matches!(seen, Base::Read);
             if !change(&mut record) {
                 if remembered {
                     continue;
@@ -695,7 +706,7 @@ impl DynamoStore {
             }
             // a whole-item put of a record left unannounced would drop the gateway's separate
             // mark: not made on a carried record (only the validator's claim is, and it announces)
-            if carried.is_some() && !record.announced {
+            if matches!(seen, Base::Carried(_)) && !record.announced {
                 continue;
             }
             let next = version + 1;
@@ -704,11 +715,12 @@ impl DynamoStore {
                 .put_item()
                 .table_name(&self.status_table)
                 .set_item(Some(Self::status_item(&record, next)))
-                .condition_expression(if carried.is_some() { "#v = :v AND #r = :r" } else { "#v = :v" })
+                .condition_expression(if matches!(seen, Base::Carried(_)) { "#v = :v AND #r = :r" } else { "#v = :v" })
                 .expression_attribute_names("#v", "version")
                 .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-            if let Some(json) = carried {
+            if let Base::Carried(json) = seen {
+                // the copy is checked whole: its exact JSON joins the version in the condition
                 put = put.expression_attribute_names("#r", "record").expression_attribute_values(":r", s(json));
             }
             let result = put.send().await;
@@ -727,7 +739,7 @@ impl DynamoStore {
                         Some(item) => {
                             let (r, v) = Self::status_of(&item)?;
                             self.known().remember(&r, v);
-                            base = Some((r, v, false, None));
+                            base = Some((r, v, Base::Read));
                         }
                         None => {
                             self.known().forget(file_id);
