@@ -197,3 +197,47 @@ async fn wrong_credentials_are_a_clear_startup_error() {
     let err = txpipe_cli::provision::provision(&settings, Some(&sdk)).await.unwrap_err().to_string();
     assert!(err.contains("check the AWS credentials"), "provision says so too: {err}");
 }
+
+/// A carried record is client input: a version at the top of its range, JSON that is not a
+/// record, or another file's record, never panic the worker; each is a refused base or none.
+#[tokio::test]
+async fn a_malformed_carried_record_is_only_a_refused_base() {
+    use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate, StoredRecord};
+    use txpipe_common::storage::{Advance, Storage};
+    use txpipe_common::FileId;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = txpipe_tests::test_settings(dir.path());
+    settings.storage = txpipe_common::config::StorageKind::Aws;
+    let (sdk, gateway) = txpipe_tests::aws::provisioned(&settings).await;
+    let file_id = FileId::new();
+    let mut record = StatusRecord::uploaded(file_id, format!("uploads/{file_id}.csv"), 10, chrono::Utc::now());
+    record.announced = false;
+    gateway.statuses.create(&record).await.unwrap();
+    let real = gateway.statuses.stored(file_id).unwrap();
+    let other = StatusRecord::uploaded(FileId::new(), "uploads/other.csv".into(), 1, chrono::Utc::now());
+    let hostile = [
+        StoredRecord { version: u64::MAX, json: real.json.clone() },
+        StoredRecord { version: 1, json: "{\"not\": \"a record\"".into() },
+        StoredRecord { version: 1, json: serde_json::to_string(&other).unwrap() },
+        StoredRecord { version: 1, json: "x".repeat(1024 * 1024) },
+    ];
+    let mut status = FileStatus::Uploaded;
+    for (i, stored) in hostile.into_iter().enumerate() {
+        let worker = Storage::aws(&sdk, &settings);
+        worker.statuses.hint(file_id, stored);
+        // each a step forward (and announced, so a carried base would be used)
+        let to = [FileStatus::Validating, FileStatus::Validated, FileStatus::Processing, FileStatus::Processed][i];
+        let step: txpipe_common::storage::Change = std::sync::Arc::new(move |r: &mut StatusRecord| {
+            r.announced = true;
+            r.advance(to, StatusUpdate::default(), chrono::Utc::now())
+        });
+        match worker.statuses.update(file_id, step).await.unwrap() {
+            Advance::Moved(r) => status = r.status,
+            refused => panic!("hostile copy {i}: the change is made on the real record: {refused:?}"),
+        }
+        assert_eq!(status, to, "hostile copy {i}");
+    }
+    let now = gateway.statuses.get(file_id).await.unwrap().unwrap();
+    assert_eq!((now.status, now.file_id), (FileStatus::Processed, file_id));
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}

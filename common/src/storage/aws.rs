@@ -709,7 +709,9 @@ impl DynamoStore {
             if matches!(seen, Base::Carried(_)) && !record.announced {
                 continue;
             }
-            let next = version + 1;
+            // saturating: a version is only ever compared, and a carried one is client input (a
+            // forged u64::MAX must not overflow; its write is refused like any forged copy)
+            let next = version.saturating_add(1);
             let mut put = self
                 .client
                 .put_item()
