@@ -165,6 +165,50 @@ pub async fn status_store(store: Arc<dyn StatusStore>) {
     status_store_attempts(&store, t).await;
 }
 
+/// Two processes on the same tables (`a` and `b`: two stores opened on one database or one
+/// table): what one remembers of a record never hides the other's change, and a record one
+/// remembers is the record as stored.
+pub async fn status_store_two_processes(a: Arc<dyn StatusStore>, b: Arc<dyn StatusStore>) {
+    let t = Utc::now();
+    let r = record(t);
+    let id = r.file_id;
+    a.create(&r).await.unwrap();
+    assert!(matches!(
+        a.advance(id, FileStatus::Validating, StatusUpdate::default(), t).await.unwrap(),
+        Advance::Moved(_)
+    ));
+    if let Some(seen) = a.remembered(id) {
+        assert_eq!(Some(seen), b.get(id).await.unwrap(), "remembered as stored");
+    }
+    // b moves the file on behind a's back; a's next change starts from b's record
+    let update = StatusUpdate { row_count: Some(3), ..Default::default() };
+    assert!(matches!(b.advance(id, FileStatus::Validated, update, t).await.unwrap(), Advance::Moved(_)));
+    match a.advance(id, FileStatus::Validating, StatusUpdate::default(), t).await.unwrap() {
+        Advance::Refused(r) => assert_eq!((r.status, r.row_count), (FileStatus::Validated, Some(3))),
+        other => panic!("a must see b's move: {other:?}"),
+    }
+    let bump = |n: u64| -> txpipe_common::storage::Change {
+        Arc::new(move |r: &mut StatusRecord| {
+            r.size_bytes += n;
+            true
+        })
+    };
+    a.update(id, bump(1)).await.unwrap();
+    b.update(id, bump(10)).await.unwrap();
+    a.update(id, bump(100)).await.unwrap();
+    let now = b.get(id).await.unwrap().unwrap();
+    assert_eq!(now.size_bytes, r.size_bytes + 111, "no change lost between the two");
+    if let Some(seen) = a.remembered(id) {
+        assert_eq!(seen, now);
+    }
+    // withdrawn in one, unknown to the other's next change
+    let mut pending = record(t);
+    pending.announced = false;
+    a.create(&pending).await.unwrap();
+    assert!(b.withdraw(pending.file_id).await.unwrap());
+    assert_eq!(kind_of(a.update(pending.file_id, bump(1)).await), StorageErrorKind::NotFound);
+}
+
 /// What the attempt rules and the stuck-file sweep need: an atomic change of a record that no
 /// concurrent change is lost to, and the query of files in a working status with no sign of life.
 async fn status_store_attempts(store: &Arc<dyn StatusStore>, t: DateTime<Utc>) {

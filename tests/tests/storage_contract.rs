@@ -24,6 +24,16 @@ async fn sqlite_status_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn sqlite_status_store_shared_by_two_processes_meets_the_contract() {
+    // two stores on one database file: two processes of a split deployment on one host
+    let dir = tempfile::tempdir().unwrap();
+    let settings = txpipe_tests::test_settings(dir.path());
+    let a = Storage::open(&settings).await.unwrap();
+    let b = Storage::open(&settings).await.unwrap();
+    contract::status_store_two_processes(a.statuses, b.statuses).await;
+}
+
+#[tokio::test]
 async fn sqlite_status_listing_meets_the_contract() {
     let (_dir, s) = local().await;
     contract::status_listing(s.statuses).await;
@@ -131,6 +141,14 @@ async fn s3_with_server_side_encryption_meets_the_contract() {
 async fn dynamodb_status_store_meets_the_contract() {
     let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
     contract::status_store(s.statuses).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
+async fn dynamodb_status_store_shared_by_two_processes_meets_the_contract() {
+    let (_dir, settings, sdk, a) = on_moto(|_| {}).await;
+    let b = Storage::aws(&sdk, &settings);
+    contract::status_store_two_processes(a.statuses, b.statuses).await;
     txpipe_tests::aws::teardown(&settings, &sdk).await;
 }
 

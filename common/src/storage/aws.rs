@@ -4,6 +4,7 @@
 //! settings (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, profiles, roles...).
 
 use super::listing::{cursor_after, listing_key};
+use super::recent::Recent;
 use super::{
     decode_cursor, encode_cursor, stale, Advance, ByteStream, Change, FilePage, FileQuery, ObjectReader, ObjectStore,
     StatusStore, StorageError, StorageErrorKind, Transaction, TransactionPage, TransactionStore, VersionRef,
@@ -374,53 +375,12 @@ enum Base {
     Carried(String),
 }
 
-/// A bounded map by file id, oldest entries dropped first.
-struct Recent<V> {
-    by_id: HashMap<FileId, V>,
-    order: std::collections::VecDeque<FileId>,
-    capacity: usize,
-}
-
-impl<V> Recent<V> {
-    fn with_capacity(capacity: usize) -> Self {
-        Self { by_id: HashMap::new(), order: Default::default(), capacity }
-    }
-}
-
-/// Files in flight at once in one process are far fewer than this.
-const KNOWN_RECORDS: usize = 4096;
 /// Carried records kept until their claim: a worker holds at most its prefetch of messages
 /// (the records' size is bounded too, [`CARRIED_JSON_MAX`]), so a flood of messages from a
 /// hostile publisher cannot grow this past a few MB.
 const CARRIED_RECORDS: usize = 512;
 /// A carried record larger than this is not kept (the claim reads the record instead).
 const CARRIED_JSON_MAX: usize = 16 * 1024;
-
-impl<V: Clone> Recent<V> {
-    fn get(&self, file_id: FileId) -> Option<V> {
-        self.by_id.get(&file_id).cloned()
-    }
-
-    fn contains(&self, file_id: FileId) -> bool {
-        self.by_id.contains_key(&file_id)
-    }
-
-    fn put(&mut self, file_id: FileId, value: V) {
-        if self.by_id.insert(file_id, value).is_none() {
-            self.order.push_back(file_id);
-            while self.order.len() > self.capacity {
-                if let Some(old) = self.order.pop_front() {
-                    self.by_id.remove(&old);
-                }
-            }
-        }
-    }
-
-    fn forget(&mut self, file_id: FileId) -> Option<V> {
-        // its place in `order` goes when it reaches the front
-        self.by_id.remove(&file_id)
-    }
-}
 
 impl Recent<(StatusRecord, u64)> {
     fn remember(&mut self, record: &StatusRecord, version: u64) {
@@ -509,7 +469,7 @@ impl DynamoStore {
             versions_table: names.transaction_versions_table(),
             keys_table: names.api_keys_table(),
             idem_table: names.idempotency_table(),
-            known: std::sync::Mutex::new(Recent::with_capacity(KNOWN_RECORDS)),
+            known: std::sync::Mutex::new(Recent::with_capacity(super::recent::KNOWN_RECORDS)),
             carried: std::sync::Mutex::new(Recent::with_capacity(CARRIED_RECORDS)),
             write_concurrency: write_concurrency.max(1),
         }

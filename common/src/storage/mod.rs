@@ -13,6 +13,7 @@ mod group_commit;
 pub mod listing;
 pub mod local;
 pub mod provision;
+mod recent;
 pub mod sqlite;
 
 use crate::config::{Settings, StorageKind};

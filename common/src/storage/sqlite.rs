@@ -7,6 +7,7 @@
 
 use super::group_commit::Writer;
 use super::listing::{cursor_after, listing_key};
+use super::recent::{Recent, KNOWN_RECORDS};
 use super::{
     decode_cursor, encode_cursor, Advance, ApiKeyRecord, ApiKeyStore, Change, Claim, FilePage, FileQuery,
     IdempotencyStore, IdempotentUpload, NewClaim, QuotaUse, StatusStore, StorageError, Transaction, TransactionPage,
@@ -34,6 +35,19 @@ pub struct SqliteStore {
     keys_table: String,
     usage_table: String,
     idem_table: String,
+    /// The status records this process last wrote or read in a write, with their JSON as
+    /// stored: a change whose row still holds that exact JSON starts from the remembered
+    /// record instead of parsing it again on the writer thread (the comparison is made inside
+    /// the write's transaction, so another process's change is never missed), and the
+    /// notifier moves a file this process just moved without reading it
+    /// ([`StatusStore::remembered`]).
+    known: Arc<Mutex<Recent<Known>>>,
+}
+
+/// A status record as this process last saw it stored.
+struct Known {
+    json: String,
+    record: StatusRecord,
 }
 
 fn db_err(e: rusqlite::Error) -> StorageError {
@@ -150,7 +164,12 @@ impl SqliteStore {
             keys_table,
             usage_table,
             idem_table,
+            known: Arc::new(Mutex::new(Recent::with_capacity(KNOWN_RECORDS))),
         })
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Recent<Known>> {
+        self.known.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `f` in the writer's next transaction (see [`super::group_commit`]): the answer
@@ -198,16 +217,19 @@ impl StatusStore for SqliteStore {
         let (id, status, at, json) =
             (record.file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), to_json(record));
         let (owner, key) = (record.uploaded_by.clone(), listing_key(record));
-        self.write(move |c| {
-            match c.prepare_cached(&sql).and_then(|mut st| st.execute(params![id, status, at, json, owner, key])) {
-                Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    Err(StorageError::already_exists(format!("file {id}")))
+        let json = self
+            .write(move |c| {
+                match c.prepare_cached(&sql).and_then(|mut st| st.execute(params![id, status, at, json, owner, key])) {
+                    Ok(_) => Ok(json),
+                    Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                        Err(StorageError::already_exists(format!("file {id}")))
+                    }
+                    Err(e) => Err(db_err(e)),
                 }
-                Err(e) => Err(db_err(e)),
-            }
-        })
-        .await
+            })
+            .await?;
+        self.known().put(record.file_id, Known { json, record: record.clone() });
+        Ok(())
     }
 
     async fn get(&self, file_id: FileId) -> Result<Option<StatusRecord>, StorageError> {
@@ -238,6 +260,7 @@ impl StatusStore for SqliteStore {
     async fn withdraw(&self, file_id: FileId) -> Result<bool, StorageError> {
         let select = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
         let delete = format!("DELETE FROM {} WHERE file_id = ?1", self.status_table);
+        self.known().forget(file_id);
         self.write(move |c| {
             let tx = c; // inside the writer's transaction
             let json: Option<String> =
@@ -333,6 +356,10 @@ impl StatusStore for SqliteStore {
             Ok(FilePage { items, next_cursor })
         })
         .await
+    }
+
+    fn remembered(&self, file_id: FileId) -> Option<StatusRecord> {
+        self.known().peek(file_id).map(|k| k.record.clone())
     }
 
     async fn check(&self) -> Result<(), StorageError> {
@@ -634,30 +661,55 @@ impl SqliteStore {
         let select = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
         let write =
             format!("UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1", self.status_table);
-        self.write(move |c| {
-            // the writer's transaction is IMMEDIATE (the write lock taken up front): read, check
-            // and write are atomic across processes
-            let json: Option<String> = c
-                .prepare_cached(&select)
-                .and_then(|mut st| st.query_row(params![file_id.to_string()], |r| r.get(0)).optional())
-                .map_err(db_err)?;
-            let mut record = from_json(&json.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?)?;
-            if !change(&mut record) {
-                return Ok(Advance::Refused(record));
+        let known = self.known.clone();
+        let written = self
+            .write(move |c| {
+                // the writer's transaction is IMMEDIATE (the write lock taken up front): read,
+                // check and write are atomic across processes
+                let json: Option<String> = c
+                    .prepare_cached(&select)
+                    .and_then(|mut st| st.query_row(params![file_id.to_string()], |r| r.get(0)).optional())
+                    .map_err(db_err)?;
+                let json = json.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?;
+                // the row as this process last saw it: no need to parse it again
+                let seen = known
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .peek(file_id)
+                    .filter(|k| k.json == json)
+                    .map(|k| k.record.clone());
+                let mut record = match seen {
+                    Some(record) => record,
+                    None => from_json(&json)?,
+                };
+                if !change(&mut record) {
+                    return Ok((Advance::Refused(record.clone()), Known { json, record }));
+                }
+                let json = to_json(&record);
+                c.prepare_cached(&write)
+                    .and_then(|mut st| {
+                        st.execute(params![
+                            file_id.to_string(),
+                            record.status.as_str(),
+                            record.updated_at.to_rfc3339(),
+                            json
+                        ])
+                    })
+                    .map_err(db_err)?;
+                Ok((Advance::Moved(record.clone()), Known { json, record }))
+            })
+            .await;
+        match written {
+            // remembered once committed: an entry always describes a stored row
+            Ok((advance, seen)) => {
+                self.known().put(file_id, seen);
+                Ok(advance)
             }
-            c.prepare_cached(&write)
-                .and_then(|mut st| {
-                    st.execute(params![
-                        file_id.to_string(),
-                        record.status.as_str(),
-                        record.updated_at.to_rfc3339(),
-                        to_json(&record)
-                    ])
-                })
-                .map_err(db_err)?;
-            Ok(Advance::Moved(record))
-        })
-        .await
+            Err(e) => {
+                self.known().forget(file_id);
+                Err(e)
+            }
+        }
     }
 
     /// Drops every table of the namespace (`txpipe teardown` for local storage).
