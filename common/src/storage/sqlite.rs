@@ -791,22 +791,32 @@ impl ApiKeyStore for SqliteStore {
 
     async fn consume(&self, name: &str, day: NaiveDate, limit: u64) -> Result<QuotaUse, StorageError> {
         let ut = &self.usage_table;
-        // earlier days are of no use any more: keep the table to a row or two per key
-        let forget = format!("DELETE FROM {ut} WHERE name = ?1 AND day < ?2");
-        let start = format!("INSERT INTO {ut} (name, day, count) VALUES (?1, ?2, 0) ON CONFLICT DO NOTHING");
-        // the conditional counter: counts only while under the limit, in one statement
+        // the conditional counter: counts only while under the limit, in one statement (the
+        // only one an upload needs once the key has a row for the day)
         let count =
             format!("UPDATE {ut} SET count = count + 1 WHERE name = ?1 AND day = ?2 AND count < ?3 RETURNING count");
+        let start = format!("INSERT INTO {ut} (name, day, count) VALUES (?1, ?2, 0) ON CONFLICT DO NOTHING");
+        // earlier days are of no use any more: keep the table to a row or two per key
+        let forget = format!("DELETE FROM {ut} WHERE name = ?1 AND day < ?2");
         let (name, day, limit) = (name.to_owned(), day.to_string(), i64::try_from(limit).unwrap_or(i64::MAX));
         self.write(move |c| {
             let tx = c; // inside the writer's transaction
-            tx.prepare_cached(&forget).and_then(|mut st| st.execute(params![name, day])).map_err(db_err)?;
-            tx.prepare_cached(&start).and_then(|mut st| st.execute(params![name, day])).map_err(db_err)?;
-            let counted: Option<i64> = tx
-                .prepare_cached(&count)
-                .and_then(|mut st| st.query_row(params![name, day, limit], |r| r.get(0)).optional())
-                .map_err(db_err)?;
-            Ok(match counted {
+            let counted = || -> Result<Option<i64>, StorageError> {
+                tx.prepare_cached(&count)
+                    .and_then(|mut st| st.query_row(params![name, day, limit], |r| r.get(0)).optional())
+                    .map_err(db_err)
+            };
+            let mut n = counted()?;
+            if n.is_none() {
+                // no row for the day yet (else it is at the limit): the day's first upload
+                let started =
+                    tx.prepare_cached(&start).and_then(|mut st| st.execute(params![name, day])).map_err(db_err)?;
+                if started == 1 {
+                    tx.prepare_cached(&forget).and_then(|mut st| st.execute(params![name, day])).map_err(db_err)?;
+                    n = counted()?;
+                }
+            }
+            Ok(match n {
                 Some(n) => QuotaUse::Counted(n.max(0) as u64),
                 None => QuotaUse::Exhausted,
             })
