@@ -378,9 +378,10 @@ const TX_VALUE_DEFS: &str = "amount TEXT NOT NULL, currency TEXT NOT NULL, times
 const TX_COLUMNS: &str = "transaction_id, file_id, amount, currency, timestamp, timestamp_epoch, merchant, status, \
                           processed_at, version, replaces_file, replaces_version";
 
-/// One version's column values, formatted once and bound by reference (no box per value).
-struct TxValues<'a> {
-    t: &'a Transaction,
+/// One version's column values, formatted once (on the caller's thread, before the write
+/// reaches the writer) and bound by reference (no box per value).
+struct TxValues {
+    t: Transaction,
     file_id: String,
     amount: String,
     timestamp: String,
@@ -388,21 +389,21 @@ struct TxValues<'a> {
     replaces_file: Option<String>,
 }
 
-impl<'a> TxValues<'a> {
-    fn of(t: &'a Transaction) -> Self {
+impl TxValues {
+    fn of(t: Transaction) -> Self {
         Self {
-            t,
             file_id: t.file_id.to_string(),
             amount: t.amount.to_string(),
             timestamp: t.timestamp.to_rfc3339(),
             processed_at: t.processed_at.to_rfc3339(),
             replaces_file: t.replaces.map(|v| v.file_id.to_string()),
+            t,
         }
     }
 
     /// In [`TX_COLUMNS`] order, as `?1` to `?12`.
     fn execute(&self, stmt: &mut rusqlite::CachedStatement<'_>) -> rusqlite::Result<usize> {
-        let t = self.t;
+        let t = &self.t;
         stmt.execute(params![
             t.transaction_id,
             self.file_id,
@@ -497,7 +498,7 @@ impl SqliteStore {
             "INSERT OR REPLACE INTO {table} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
         );
         let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
-        TxValues::of(r).execute(&mut stmt).map_err(db_err)?;
+        TxValues::of(r.clone()).execute(&mut stmt).map_err(db_err)?;
         Ok(())
     }
 }
@@ -517,7 +518,9 @@ impl TransactionStore for SqliteStore {
     }
 
     async fn write(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError> {
-        let (versions, tt, vt) = (versions.to_vec(), self.tx_table.clone(), self.versions_table.clone());
+        let (tt, vt) = (self.tx_table.clone(), self.versions_table.clone());
+        // formatted here, so the writer thread (every caller's writes in one line) only binds
+        let versions: Vec<TxValues> = versions.iter().cloned().map(TxValues::of).collect();
         // the condition is in the write itself (a new transaction: insert unless the id exists;
         // a next version: update only the version it replaces, which its `replaces_*` columns,
         // ?11 and ?12, name), so the usual case costs one
@@ -536,31 +539,36 @@ impl TransactionStore for SqliteStore {
             "INSERT OR REPLACE INTO {vt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
         );
         self.write(move |c| {
-            c.execute_batch("SAVEPOINT ledger").map_err(db_err)?;
+            let statement = |sql: &str| c.prepare_cached(sql).map_err(db_err);
+            statement("SAVEPOINT ledger")?.execute([]).map_err(db_err)?;
             let written = (|| -> Result<Vec<&Transaction>, StorageError> {
                 let mut refused = Vec::new();
+                // looked up in the statement cache once a call, not twice a row
+                let (mut insert, mut kept) = (statement(&new)?, statement(&keep)?);
                 for v in &versions {
                     if !refused.is_empty() {
                         // refused already: the rest are only checked
-                        if !v.expects(Self::select_current(c, &tt, &v.transaction_id)?.as_ref()) {
-                            refused.push(v);
+                        if !v.t.expects(Self::select_current(c, &tt, &v.t.transaction_id)?.as_ref()) {
+                            refused.push(&v.t);
                         }
                         continue;
                     }
-                    let values = TxValues::of(v);
-                    let sql = if v.replaces.is_none() { &new } else { &next };
-                    let changed = values.execute(&mut c.prepare_cached(sql).map_err(db_err)?).map_err(db_err)?;
+                    let changed = match v.t.replaces {
+                        None => v.execute(&mut insert),
+                        Some(_) => v.execute(&mut statement(&next)?),
+                    }
+                    .map_err(db_err)?;
                     if changed == 1 {
-                        values.execute(&mut c.prepare_cached(&keep).map_err(db_err)?).map_err(db_err)?;
+                        v.execute(&mut kept).map_err(db_err)?;
                     } else {
-                        refused.push(v);
+                        refused.push(&v.t);
                     }
                 }
                 Ok(refused)
             })();
             let refused = match written {
                 Ok(r) if r.is_empty() => {
-                    c.execute_batch("RELEASE ledger").map_err(db_err)?;
+                    statement("RELEASE ledger")?.execute([]).map_err(db_err)?;
                     return Ok(WriteOutcome::Written);
                 }
                 Ok(r) => r,
