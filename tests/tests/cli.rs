@@ -345,6 +345,11 @@ async fn bench_e2e_runs_the_pipeline_and_the_broker_ceiling_and_reports_both() {
     let (files_per_second, ceiling) =
         (report["files_per_second"].as_f64().unwrap(), report["broker_ceiling_files_per_second"].as_f64().unwrap());
     assert!(files_per_second > 0.0 && ceiling > 0.0, "{report}");
+    // the ceiling is the median of its rounds
+    let mut rounds: Vec<f64> =
+        report["broker_ceiling_rounds"].as_array().unwrap().iter().map(|r| r.as_f64().unwrap()).collect();
+    rounds.sort_by(f64::total_cmp);
+    assert_eq!((rounds.len(), rounds[1]), (3, ceiling), "{report}");
     let ratio = report["ratio_to_broker"].as_f64().unwrap();
     assert!((ratio - files_per_second / ceiling).abs() < 1e-9, "{report}");
     assert!(report["completed_ms"]["p50"].as_f64().is_some(), "{report}");

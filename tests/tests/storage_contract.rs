@@ -11,6 +11,16 @@ async fn local() -> (tempfile::TempDir, Storage) {
     (dir, storage)
 }
 
+/// Two independent opens of the same data directory, as two processes of a split deployment on
+/// one host would have.
+async fn two_opens() -> (tempfile::TempDir, Storage, Storage) {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = txpipe_tests::test_settings(dir.path());
+    let a = Storage::open(&settings).await.unwrap();
+    let b = Storage::open(&settings).await.unwrap();
+    (dir, a, b)
+}
+
 #[tokio::test]
 async fn local_object_store_meets_the_contract() {
     let (_dir, s) = local().await;
@@ -25,11 +35,7 @@ async fn sqlite_status_store_meets_the_contract() {
 
 #[tokio::test]
 async fn sqlite_status_store_shared_by_two_processes_meets_the_contract() {
-    // two stores on one database file: two processes of a split deployment on one host
-    let dir = tempfile::tempdir().unwrap();
-    let settings = txpipe_tests::test_settings(dir.path());
-    let a = Storage::open(&settings).await.unwrap();
-    let b = Storage::open(&settings).await.unwrap();
+    let (_dir, a, b) = two_opens().await;
     contract::status_store_two_processes(a.statuses, b.statuses).await;
 }
 
@@ -90,11 +96,7 @@ async fn sqlite_idempotency_store_meets_the_contract() {
 
 #[tokio::test]
 async fn two_processes_worth_of_connections_share_one_database() {
-    // two independent opens of the same file, as two worker processes would have
-    let dir = tempfile::tempdir().unwrap();
-    let settings = txpipe_tests::test_settings(dir.path());
-    let a = Storage::open(&settings).await.unwrap();
-    let b = Storage::open(&settings).await.unwrap();
+    let (_dir, a, b) = two_opens().await;
     let id = txpipe_common::FileId::new();
     let rec = txpipe_common::status::StatusRecord::uploaded(id, "k".into(), 1, chrono::Utc::now());
     a.statuses.create(&rec).await.unwrap();
