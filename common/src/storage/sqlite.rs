@@ -7,7 +7,7 @@
 
 use super::group_commit::Writer;
 use super::listing::{cursor_after, listing_key};
-use super::recent::{Recent, KNOWN_RECORDS};
+use super::recent::Recent;
 use super::{
     decode_cursor, encode_cursor, Advance, ApiKeyRecord, ApiKeyStore, Change, Claim, FilePage, FileQuery,
     IdempotencyStore, IdempotentUpload, NewClaim, QuotaUse, StatusStore, StorageError, Transaction, TransactionPage,
@@ -48,6 +48,25 @@ pub struct SqliteStore {
 struct Known {
     json: String,
     record: StatusRecord,
+}
+
+/// Records remembered (each kept twice, as JSON and parsed: about 2.5 KB for a file without
+/// errors): the few files in flight between two stages, not a second copy of the table.
+const REMEMBERED_RECORDS: usize = 1024;
+/// A record larger than this (one carrying a list of row errors) is parsed when it is next
+/// changed rather than kept: the memory it would hold is worth more than the parse.
+const REMEMBERED_JSON_MAX: usize = 4 * 1024;
+
+impl SqliteStore {
+    /// Remembers `seen` as the stored state of its file, if it is small enough to keep.
+    fn remember(&self, file_id: FileId, seen: Known) {
+        let mut known = self.known();
+        if seen.json.len() <= REMEMBERED_JSON_MAX {
+            known.put(file_id, seen);
+        } else {
+            known.forget(file_id);
+        }
+    }
 }
 
 fn db_err(e: rusqlite::Error) -> StorageError {
@@ -164,7 +183,7 @@ impl SqliteStore {
             keys_table,
             usage_table,
             idem_table,
-            known: Arc::new(Mutex::new(Recent::with_capacity(KNOWN_RECORDS))),
+            known: Arc::new(Mutex::new(Recent::with_capacity(REMEMBERED_RECORDS))),
         })
     }
 
@@ -228,7 +247,7 @@ impl StatusStore for SqliteStore {
                 }
             })
             .await?;
-        self.known().put(record.file_id, Known { json, record: record.clone() });
+        self.remember(record.file_id, Known { json, record: record.clone() });
         Ok(())
     }
 
@@ -710,7 +729,7 @@ impl SqliteStore {
         match written {
             // remembered once committed: an entry always describes a stored row
             Ok((advance, seen)) => {
-                self.known().put(file_id, seen);
+                self.remember(file_id, seen);
                 Ok(advance)
             }
             Err(e) => {
