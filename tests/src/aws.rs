@@ -53,6 +53,16 @@ pub async fn provisioned(settings: &Settings) -> (aws_config::SdkConfig, Storage
     provisioned_at(settings, endpoint()).await
 }
 
+/// A namespace of its own for one test on moto: a temporary data directory, settings for S3
+/// and DynamoDB there, provisioned. [`teardown`] removes the bucket and tables again.
+pub async fn fresh() -> (tempfile::TempDir, Settings, aws_config::SdkConfig, Storage) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = crate::test_settings(dir.path());
+    settings.storage = txpipe_common::config::StorageKind::Aws;
+    let (sdk, storage) = provisioned(&settings).await;
+    (dir, settings, sdk, storage)
+}
+
 /// The same, through a given endpoint.
 pub async fn provisioned_at(settings: &Settings, endpoint: &str) -> (aws_config::SdkConfig, Storage) {
     let sdk = sdk_config_at(settings, endpoint).await;

@@ -536,3 +536,22 @@ pub fn ghost(key: RoutingKey) -> StageMessage {
     let record = StatusRecord::uploaded(FileId::new(), "uploads/ghost.csv".into(), 1, chrono::Utc::now());
     StageMessage::from_record(key, &record)
 }
+
+/// A file's record as the gateway at `base` answers `GET /files/{id}`.
+pub async fn http_status(http: &reqwest::Client, base: &str, id: &str) -> Value {
+    http.get(format!("{base}/files/{id}")).send().await.unwrap().json().await.unwrap()
+}
+
+/// Waits (polling the gateway at `base`) until the file is in one of `any`, for at most
+/// `within`; returns its record.
+pub async fn wait_http_status(http: &reqwest::Client, base: &str, id: &str, any: &[&str], within: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let v = http_status(http, base, id).await;
+        if any.iter().any(|s| v["status"] == *s) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "file {id} never reached any of {any:?}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -31,10 +31,7 @@ fn change(f: impl Fn(&mut StatusRecord) -> bool + Send + Sync + 'static) -> Chan
 
 #[tokio::test]
 async fn a_claim_on_a_carried_record_needs_no_read_and_a_forged_one_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = txpipe_tests::test_settings(dir.path());
-    settings.storage = txpipe_common::config::StorageKind::Aws;
-    let (sdk, gateway) = txpipe_tests::aws::provisioned(&settings).await;
+    let (_dir, settings, sdk, gateway) = txpipe_tests::aws::fresh().await;
 
     // the gateway records an upload and carries the record in its file.uploaded
     let file_id = FileId::new();

@@ -125,10 +125,7 @@ async fn a_status_with_the_most_errors_allowed_is_stored_whole() {
 #[tokio::test]
 async fn dynamodb_refusing_an_item_is_a_permanent_failure() {
     use txpipe_common::storage::{StorageClass, Transaction};
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = txpipe_tests::test_settings(dir.path());
-    settings.storage = txpipe_common::config::StorageKind::Aws;
-    let (sdk, storage) = txpipe_tests::aws::provisioned(&settings).await;
+    let (_dir, settings, sdk, storage) = txpipe_tests::aws::fresh().await;
     let ts = chrono::DateTime::parse_from_rfc3339("2024-01-15T10:30:00Z").unwrap();
     let tx = |id: String, merchant: String| Transaction {
         transaction_id: id,

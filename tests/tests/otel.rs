@@ -86,16 +86,7 @@ async fn one_trace_per_file_covers_all_four_services() {
     assert!(r.headers()["traceparent"].to_str().unwrap().ends_with("-00"), "the answer keeps the flag");
     let unsampled_id = r.json::<serde_json::Value>().await.unwrap()["file_id"].as_str().unwrap().to_owned();
     for id in [&file_id, &fresh_id, &unsampled_id] {
-        let deadline = tokio::time::Instant::now() + txpipe_tests::WAIT;
-        loop {
-            let v: serde_json::Value =
-                http.get(format!("{base}/files/{id}")).send().await.unwrap().json().await.unwrap();
-            if v["status"] == "completed" {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "the file never completed: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        txpipe_tests::wait_http_status(&http, &base, id, &["completed"], txpipe_tests::WAIT).await;
     }
 
     // SIGTERM: each service sends the spans it still holds before it exits

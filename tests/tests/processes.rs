@@ -124,30 +124,11 @@ async fn upload(http: &reqwest::Client, base: &str, body: String) -> String {
 }
 
 async fn status(http: &reqwest::Client, base: &str, id: &str) -> serde_json::Value {
-    http.get(format!("{base}/files/{id}")).send().await.unwrap().json().await.unwrap()
+    txpipe_tests::http_status(http, base, id).await
 }
 
 async fn wait_status(http: &reqwest::Client, base: &str, id: &str, want: &str, within: Duration) -> serde_json::Value {
-    wait_status_any(http, base, id, &[want], within).await
-}
-
-/// Waits until the file is in one of `any`; returns its record.
-async fn wait_status_any(
-    http: &reqwest::Client,
-    base: &str,
-    id: &str,
-    any: &[&str],
-    within: Duration,
-) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let v = status(http, base, id).await;
-        if any.iter().any(|s| v["status"] == *s) {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "file {id} never reached any of {any:?}: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    txpipe_tests::wait_http_status(http, base, id, &[want], within).await
 }
 
 /// Rows stored for a file, counted through the API (and checked to be distinct).
@@ -209,9 +190,14 @@ async fn killing_the_transformer_mid_file_again_and_again_loses_nothing_and_writ
         // wait until the big file is being written, then kill -9 the transformer and start another
         // (a restarted transformer can finish it between two looks: then there is nothing left
         // to interrupt)
-        let now =
-            wait_status_any(&http, &base, &big, &["processing", "processed", "completed"], Duration::from_secs(60))
-                .await;
+        let now = txpipe_tests::wait_http_status(
+            &http,
+            &base,
+            &big,
+            &["processing", "processed", "completed"],
+            Duration::from_secs(60),
+        )
+        .await;
         if now["status"] != "processing" {
             break;
         }

@@ -57,10 +57,7 @@ fn get_items(c: &HashMap<String, f64>) -> f64 {
 
 #[tokio::test]
 async fn split_services_on_aws_claim_on_carried_records_and_only_the_notifier_reads() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = txpipe_tests::test_settings(dir.path());
-    settings.storage = txpipe_common::config::StorageKind::Aws;
-    let (sdk, storage) = txpipe_tests::aws::provisioned(&settings).await;
+    let (dir, settings, sdk, storage) = txpipe_tests::aws::fresh().await;
     let (_, key) =
         txpipe_common::auth::create_key(storage.keys.as_ref(), "split", true, txpipe_tests::UNLIMITED).await.unwrap();
     let http = txpipe_tests::client_with_key(key.expose());
@@ -100,16 +97,7 @@ async fn split_services_on_aws_claim_on_carried_records_and_only_the_notifier_re
         ids.push(r.json::<serde_json::Value>().await.unwrap()["file_id"].as_str().unwrap().to_owned());
     }
     for id in &ids {
-        let deadline = tokio::time::Instant::now() + txpipe_tests::WAIT;
-        loop {
-            let v: serde_json::Value =
-                http.get(format!("{base}/files/{id}")).send().await.unwrap().json().await.unwrap();
-            if v["status"] == "completed" {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "file {id} stuck: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        txpipe_tests::wait_http_status(&http, &base, id, &["completed"], txpipe_tests::WAIT).await;
     }
 
     let mut reads = HashMap::new();

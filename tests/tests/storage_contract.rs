@@ -225,10 +225,7 @@ async fn a_malformed_carried_record_is_only_a_refused_base() {
     use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate, StoredRecord};
     use txpipe_common::storage::{Advance, Storage};
     use txpipe_common::FileId;
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = txpipe_tests::test_settings(dir.path());
-    settings.storage = txpipe_common::config::StorageKind::Aws;
-    let (sdk, gateway) = txpipe_tests::aws::provisioned(&settings).await;
+    let (_dir, settings, sdk, gateway) = txpipe_tests::aws::fresh().await;
     let file_id = FileId::new();
     let mut record = StatusRecord::uploaded(file_id, format!("uploads/{file_id}.csv"), 10, chrono::Utc::now());
     record.announced = false;
