@@ -63,6 +63,27 @@ pub async fn fresh() -> (tempfile::TempDir, Settings, aws_config::SdkConfig, Sto
     (dir, settings, sdk, storage)
 }
 
+/// An upload as the gateway records it before the broker confirms it (unannounced, by
+/// `owner`), created in `store`: the record, and the copy of it the store has a message carry
+/// (`file.uploaded`'s `stored`).
+pub async fn recorded_upload(
+    store: &dyn txpipe_common::storage::StatusStore,
+    owner: Option<&str>,
+) -> (txpipe_common::status::StatusRecord, txpipe_common::status::StoredRecord) {
+    let file_id = txpipe_common::FileId::new();
+    let mut record = txpipe_common::status::StatusRecord::uploaded(
+        file_id,
+        format!("uploads/{file_id}.csv"),
+        10,
+        chrono::Utc::now(),
+    );
+    record.announced = false;
+    record.uploaded_by = owner.map(str::to_owned);
+    store.create(&record).await.unwrap();
+    let stored = store.stored(file_id).expect("DynamoDB keeps what it wrote");
+    (record, stored)
+}
+
 /// The same, through a given endpoint.
 pub async fn provisioned_at(settings: &Settings, endpoint: &str) -> (aws_config::SdkConfig, Storage) {
     let sdk = sdk_config_at(settings, endpoint).await;

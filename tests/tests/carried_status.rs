@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate, StoredRecord};
 use txpipe_common::storage::{Advance, Change, Storage};
-use txpipe_common::FileId;
 
 /// This process's DynamoDB calls of `operation` so far.
 fn calls(operation: &str) -> f64 {
@@ -34,12 +33,8 @@ async fn a_claim_on_a_carried_record_needs_no_read_and_a_forged_one_changes_noth
     let (_dir, settings, sdk, gateway) = txpipe_tests::aws::fresh().await;
 
     // the gateway records an upload and carries the record in its file.uploaded
-    let file_id = FileId::new();
-    let mut record = StatusRecord::uploaded(file_id, format!("uploads/{file_id}.csv"), 10, chrono::Utc::now());
-    record.announced = false;
-    record.uploaded_by = Some("alice".into());
-    gateway.statuses.create(&record).await.unwrap();
-    let carried = gateway.statuses.stored(file_id).expect("DynamoDB keeps what it wrote");
+    let (record, carried) = txpipe_tests::aws::recorded_upload(gateway.statuses.as_ref(), Some("alice")).await;
+    let file_id = record.file_id;
     assert_eq!(carried.version, 1);
 
     // a validator in another process claims it on the carried record: one write, no read

@@ -226,11 +226,8 @@ async fn a_malformed_carried_record_is_only_a_refused_base() {
     use txpipe_common::storage::{Advance, Storage};
     use txpipe_common::FileId;
     let (_dir, settings, sdk, gateway) = txpipe_tests::aws::fresh().await;
-    let file_id = FileId::new();
-    let mut record = StatusRecord::uploaded(file_id, format!("uploads/{file_id}.csv"), 10, chrono::Utc::now());
-    record.announced = false;
-    gateway.statuses.create(&record).await.unwrap();
-    let real = gateway.statuses.stored(file_id).unwrap();
+    let (record, real) = txpipe_tests::aws::recorded_upload(gateway.statuses.as_ref(), None).await;
+    let file_id = record.file_id;
     let other = StatusRecord::uploaded(FileId::new(), "uploads/other.csv".into(), 1, chrono::Utc::now());
     let hostile = [
         StoredRecord { version: u64::MAX, json: real.json.clone() },
