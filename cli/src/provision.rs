@@ -32,7 +32,9 @@ pub async fn provision(
             txpipe_common::storage::Storage::open(settings).await?;
             let layout = LocalLayout::of(settings);
             vec![format!(
-                "local storage ready: objects in {}, tables {}, {}, {} and {} in {}",
+                "local storage ready: objects in table {} (up to {} KiB) and under {} (larger), tables {}, {}, {} and {} in {}",
+                names.bucket(),
+                txpipe_common::storage::local::IN_DATABASE_MAX / 1024,
                 layout.objects_dir().display(),
                 names.status_table(),
                 names.transactions_table(),
@@ -76,7 +78,8 @@ pub async fn teardown(
             let _ = std::fs::remove_dir_all(&dir);
             vec![
                 format!(
-                    "dropped tables {}, {}, {} and {}",
+                    "dropped tables {}, {}, {}, {} and {}",
+                    names.bucket(),
                     names.status_table(),
                     names.transactions_table(),
                     names.api_keys_table(),

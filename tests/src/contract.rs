@@ -42,9 +42,16 @@ pub async fn object_store(store: Arc<dyn ObjectStore>) {
     assert_eq!(size, 8);
     assert_eq!(read_all(&store, &key).await, b"a,b\n1,2\n");
 
-    // overwrite replaces
+    // overwrite replaces, whatever the sizes (the local store keeps small and large objects
+    // in different places: the newest put is what a read finds)
     store.put(&key, stream(vec![Ok(b"x")])).await.unwrap();
     assert_eq!(read_all(&store, &key).await, b"x");
+    let larger = vec![b'l'; 300 * 1024];
+    let size = store.put(&key, futures::stream::iter([Ok(Bytes::from(larger.clone()))]).boxed()).await.unwrap();
+    assert_eq!(size, larger.len() as u64);
+    assert!(read_all(&store, &key).await == larger, "a large object replaces a small one");
+    store.put(&key, stream(vec![Ok(b"x")])).await.unwrap();
+    assert_eq!(read_all(&store, &key).await, b"x", "and a small one a large one");
 
     store.delete(&key).await.unwrap();
     assert_eq!(kind_of(store.get(&key).await), StorageErrorKind::NotFound);

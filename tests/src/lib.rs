@@ -117,10 +117,7 @@ impl TestFleet {
                     .expect("list the bucket");
                 out.contents().len()
             }
-            None => {
-                let dir = LocalLayout::of(&self.settings).objects_dir().join("uploads");
-                std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-            }
+            None => local_object_count(&LocalLayout::of(&self.settings)).await,
         }
     }
 
@@ -554,4 +551,15 @@ pub async fn wait_http_status(http: &reqwest::Client, base: &str, id: &str, any:
         assert!(tokio::time::Instant::now() < deadline, "file {id} never reached any of {any:?}: {v}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Objects under `uploads/` in a local namespace: rows of its objects table (small files) and
+/// files under its directory (large ones).
+pub async fn local_object_count(layout: &LocalLayout) -> usize {
+    let db = txpipe_common::storage::sqlite::SqliteStore::open(&layout.database(), &layout.names)
+        .await
+        .expect("open the database");
+    let rows = db.object_count("uploads/").await.expect("count the objects table");
+    let files = std::fs::read_dir(layout.objects_dir().join("uploads")).map(|d| d.count()).unwrap_or(0);
+    rows + files
 }

@@ -229,26 +229,45 @@ async fn when_the_broker_cannot_take_an_upload_the_client_gets_503_and_nothing_i
         .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "5");
-    let uploads = LocalLayout::new(dir.path(), &names).objects_dir().join("uploads");
-    assert_eq!(std::fs::read_dir(uploads).unwrap().count(), 0, "no object claims to be accepted");
+    let layout = LocalLayout::new(dir.path(), &names);
+    assert_eq!(txpipe_tests::local_object_count(&layout).await, 0, "no object claims to be accepted");
     server.abort();
     deps.broker.teardown().await.unwrap();
 }
 
 #[tokio::test]
 async fn when_the_store_cannot_take_an_upload_the_client_gets_503() {
-    // a directory that cannot be written: local storage only
+    // a directory that cannot be written and a table that is gone: local storage only
     let fleet = TestFleet::spawn_local().await;
-    let uploads = LocalLayout::of(&fleet.settings).objects_dir().join("uploads");
+    let layout = LocalLayout::of(&fleet.settings);
+    // a large file (over 64 KiB: a file of its own) where the directory should be a file
+    let uploads = layout.objects_dir().join("uploads");
     let _ = std::fs::remove_dir_all(&uploads);
     std::fs::write(&uploads, b"a file where the directory should be").unwrap();
-    let r = fleet.post_upload(valid_csv("x", 2), "text/csv").await;
+    let large = valid_csv("large", 1000);
+    assert!(large.len() > txpipe_common::storage::local::IN_DATABASE_MAX);
+    let r = fleet.post_upload(large.clone(), "text/csv").await;
     assert_eq!(r.status(), 503);
     let text = r.text().await.unwrap();
     assert!(text.contains("storing the upload"), "{text}");
     std::fs::remove_file(&uploads).unwrap();
-    let ok = fleet.upload(valid_csv("y", 2)).await.file_id;
-    fleet.wait_for_status(ok, &[FileStatus::Completed]).await;
+
+    // a small file (a row of the database's objects table) while that table is gone
+    let table = format!("\"{}\"", fleet.names.bucket());
+    let sql = rusqlite::Connection::open(layout.database()).unwrap();
+    sql.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    sql.execute_batch(&format!("DROP TABLE {table}")).unwrap();
+    let r = fleet.post_upload(valid_csv("x", 2), "text/csv").await;
+    assert_eq!(r.status(), 503);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("storing the upload"), "{text}");
+    sql.execute_batch(&format!("CREATE TABLE {table} (key TEXT PRIMARY KEY, body BLOB NOT NULL)")).unwrap();
+
+    assert_eq!(txpipe_tests::local_object_count(&layout).await, 0, "nothing stored for either");
+    for csv in [valid_csv("y", 2), large] {
+        let ok = fleet.upload(csv).await.file_id;
+        fleet.wait_for_status(ok, &[FileStatus::Completed]).await;
+    }
     fleet.shutdown().await;
 }
 

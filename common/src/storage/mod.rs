@@ -435,9 +435,8 @@ impl Storage {
         match settings.storage {
             StorageKind::Local => {
                 let layout = local::LocalLayout::of(settings);
-                let objects = local::LocalObjectStore::open(layout.objects_dir())?;
-                let db = sqlite::SqliteStore::open(&layout.database(), &names).await?;
-                let db = Arc::new(db);
+                let db = Arc::new(sqlite::SqliteStore::open(&layout.database(), &names).await?);
+                let objects = local::LocalObjectStore::open(layout.objects_dir(), db.clone())?;
                 Ok(Self {
                     objects: Arc::new(objects),
                     statuses: db.clone(),
@@ -637,7 +636,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_missing_local_object_is_not_found_through_the_blocking_reader() {
         let dir = tempfile::tempdir().unwrap();
-        let objects: Arc<dyn ObjectStore> = Arc::new(local::LocalObjectStore::open(dir.path().into()).unwrap());
+        let objects: Arc<dyn ObjectStore> = Arc::new(local::tests::open_in(dir.path()).await);
         let err = read_blocking(objects, "uploads/missing.csv").await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert_eq!(StorageError::in_io(&err).map(StorageError::class), Some(StorageClass::NotFound));

@@ -1,5 +1,6 @@
 //! The embedded table store: the processing-status, transactions, API-key (with the keys'
-//! daily upload counts) and idempotency-key tables in one SQLite file. WAL and a busy timeout
+//! daily upload counts) and idempotency-key tables in one SQLite file, and the small objects
+//! of the local object store (see [`super::local`]). WAL and a busy timeout
 //! let several processes on one host share it. Writes go through one writer thread per store
 //! that commits many callers' writes in one transaction ([`super::group_commit`]); reads run
 //! on a connection of their own on the blocking pool (WAL readers see the last commit and
@@ -35,6 +36,8 @@ pub struct SqliteStore {
     keys_table: String,
     usage_table: String,
     idem_table: String,
+    /// The local object store's small objects (`{ns}-csv-files`, named as the bucket).
+    objects_table: String,
     /// The status records this process last wrote or read in a write, with their JSON as
     /// stored: a change whose row still holds that exact JSON starts from the remembered
     /// record instead of parsing it again on the writer thread (the comparison is made inside
@@ -98,6 +101,8 @@ impl SqliteStore {
         let (st, tt, kt, ut) = (status_table.clone(), tx_table.clone(), keys_table.clone(), usage_table.clone());
         let idem_table = quoted(&names.idempotency_table());
         let it = idem_table.clone();
+        let objects_table = quoted(&names.bucket());
+        let ot = objects_table.clone();
         let idem_expiry = quoted(&format!("{}-expiry", names.idempotency_table()));
         let unannounced = quoted(&format!("{}-unannounced", names.status_table()));
         let working = quoted(&format!("{}-working", names.status_table()));
@@ -156,6 +161,11 @@ impl SqliteStore {
                     expires_at INTEGER NOT NULL,
                     upload TEXT
                  ) WITHOUT ROWID;
+                 -- a rowid table: a body spans several pages, which WITHOUT ROWID suits badly
+                 CREATE TABLE IF NOT EXISTS {ot} (
+                    key TEXT PRIMARY KEY,
+                    body BLOB NOT NULL
+                 );
                  CREATE INDEX IF NOT EXISTS {idem_expiry} ON {it} (expires_at);
                  CREATE INDEX IF NOT EXISTS {unannounced} ON {st} (file_id)
                     WHERE json_extract(record, '$.announced') = 0;
@@ -183,6 +193,7 @@ impl SqliteStore {
             keys_table,
             usage_table,
             idem_table,
+            objects_table,
             known: Arc::new(Mutex::new(Recent::with_capacity(REMEMBERED_RECORDS))),
         })
     }
@@ -748,10 +759,73 @@ impl SqliteStore {
             &self.keys_table,
             &self.usage_table,
             &self.idem_table,
+            &self.objects_table,
         ]
         .map(|t| format!("DROP TABLE IF EXISTS {t};"))
         .concat();
         self.write(move |c| c.execute_batch(&sql).map_err(db_err)).await
+    }
+}
+
+/// The local object store's objects kept in the database ([`super::local`] decides which).
+impl SqliteStore {
+    /// Stores `body` under `key` (replacing what was there) in the writer's next transaction,
+    /// unless `abandoned` is set by the time the write runs (the put's caller went away).
+    pub(crate) async fn put_object(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        abandoned: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<(), StorageError> {
+        let sql = format!(
+            "INSERT INTO {} (key, body) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET body = excluded.body",
+            self.objects_table
+        );
+        let key = key.to_owned();
+        self.write(move |c| {
+            if abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StorageError::upload_failed(std::io::Error::other("the upload was abandoned")));
+            }
+            c.prepare_cached(&sql).and_then(|mut st| st.execute(params![key, body])).map(|_| ()).map_err(db_err)
+        })
+        .await
+    }
+
+    /// The body stored under `key`, if the database holds it.
+    pub(crate) async fn get_object(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let sql = format!("SELECT body FROM {} WHERE key = ?1", self.objects_table);
+        let key = key.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
+            stmt.query_row(params![key], |r| r.get(0)).optional().map_err(db_err)
+        })
+        .await
+    }
+
+    /// Removes `key` if the database holds it.
+    pub(crate) async fn delete_object(&self, key: &str) -> Result<(), StorageError> {
+        let sql = format!("DELETE FROM {} WHERE key = ?1", self.objects_table);
+        let key = key.to_owned();
+        self.write(move |c| {
+            c.prepare_cached(&sql).and_then(|mut st| st.execute(params![key])).map(|_| ()).map_err(db_err)
+        })
+        .await
+    }
+
+    /// How many objects under `prefix` the database holds.
+    pub async fn object_count(&self, prefix: &str) -> Result<usize, StorageError> {
+        // keys are compared as text, so a range rather than LIKE (whose _ and % a key may hold)
+        let sql = format!("SELECT count(*) FROM {} WHERE key >= ?1 AND substr(key, 1, ?2) = ?1", self.objects_table);
+        let (prefix, len) = (prefix.to_owned(), prefix.chars().count() as i64);
+        self.with(move |c| c.query_row(&sql, params![prefix, len], |r| r.get::<_, i64>(0)).map_err(db_err))
+            .await
+            .map(|n| n as usize)
+    }
+
+    /// Ok when the objects table can be read.
+    pub(crate) async fn check_objects(&self) -> Result<(), StorageError> {
+        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.objects_table);
+        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
     }
 }
 
