@@ -455,7 +455,8 @@ impl StatusRecord {
         true
     }
 
-    fn json_len(&self) -> usize {
+    /// Its size as JSON, in bytes.
+    pub fn json_len(&self) -> usize {
         serde_json::to_vec(self).map(|v| v.len()).unwrap_or(0)
     }
 }

@@ -382,11 +382,11 @@ const CARRIED_RECORDS: usize = 512;
 /// A carried record larger than this is not kept (the claim reads the record instead).
 const CARRIED_JSON_MAX: usize = 16 * 1024;
 
-impl Recent<(StatusRecord, u64)> {
-    fn remember(&mut self, record: &StatusRecord, version: u64) {
-        self.put(record.file_id, (record.clone(), version));
-    }
-}
+/// A record larger than this as JSON (one carrying row errors, or a long history) is not
+/// remembered: its next change reads it instead. Records are bounded only by
+/// [`crate::status::MAX_STATUS_RECORD_BYTES`] (256 KB), so 4,096 rejected files full of errors
+/// would otherwise hold about a GB; at this size the map holds at most 16 MB.
+const KNOWN_JSON_MAX: usize = 4 * 1024;
 
 fn sortable_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -479,6 +479,16 @@ impl DynamoStore {
         &self.client
     }
 
+    /// Remembers `record` at `version` as this process's latest view of its file, unless it
+    /// is too large to keep ([`KNOWN_JSON_MAX`]; sized before the lock is taken).
+    fn remember(&self, record: &StatusRecord, version: u64) {
+        if record.json_len() <= KNOWN_JSON_MAX {
+            self.known().put(record.file_id, (record.clone(), version));
+        } else {
+            self.known().forget(record.file_id);
+        }
+    }
+
     fn known(&self) -> std::sync::MutexGuard<'_, Recent<(StatusRecord, u64)>> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -509,7 +519,7 @@ impl DynamoStore {
             return Ok(None);
         };
         let (record, version) = Self::status_of(&item)?;
-        self.known().remember(&record, version);
+        self.remember(&record, version);
         Ok(Some((record, version.to_string())))
     }
 
@@ -688,7 +698,7 @@ impl DynamoStore {
             let result = put.send().await;
             match result {
                 Ok(_) => {
-                    self.known().remember(&record, next);
+                    self.remember(&record, next);
                     return Ok(Advance::Moved(record));
                 }
                 Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -700,7 +710,7 @@ impl DynamoStore {
                     match now {
                         Some(item) => {
                             let (r, v) = Self::status_of(&item)?;
-                            self.known().remember(&r, v);
+                            self.remember(&r, v);
                             base = Some((r, v, Base::Read));
                         }
                         None => {
@@ -781,7 +791,7 @@ impl StatusStore for DynamoStore {
             .await
         {
             Ok(_) => {
-                self.known().remember(record, 1);
+                self.remember(record, 1);
                 Ok(())
             }
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -846,7 +856,7 @@ impl StatusStore for DynamoStore {
             Ok(_) => {
                 let mut marked = record;
                 marked.announced = true;
-                self.known().remember(&marked, version);
+                self.remember(&marked, version);
                 Ok(())
             }
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -859,7 +869,7 @@ impl StatusStore for DynamoStore {
                     return Err(StorageError::not_found(format!("file {file_id}")));
                 };
                 let (r, v) = Self::status_of(&item)?;
-                self.known().remember(&r, v);
+                self.remember(&r, v);
                 // changed since it was recorded: by a claim, which announced it, or else (by
                 // nothing this gateway knows of) marked the usual way
                 if r.announced {
@@ -1253,6 +1263,24 @@ mod tests {
             version: 1,
             replaces: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_record_too_large_to_keep_is_not_remembered_and_its_older_copy_is_forgotten() {
+        let sdk = SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .build();
+        let store = DynamoStore::new(&sdk, &Names::new("unit").unwrap(), 1);
+        let mut r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 1, Utc::now());
+        store.remember(&r, 1);
+        assert_eq!(store.known().get(r.file_id).map(|(_, v)| v), Some(1));
+        r.errors = (1..=100)
+            .map(|row| crate::csv_schema::RowError { row, column: Some("amount".into()), message: "x".repeat(200) })
+            .collect();
+        assert!(r.json_len() > KNOWN_JSON_MAX);
+        store.remember(&r, 2);
+        assert!(!store.known().contains(r.file_id), "a stale version 1 would fail the next write's condition");
     }
 
     /// `classify` of a service's answer with this code and HTTP status.
