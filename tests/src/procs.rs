@@ -30,6 +30,8 @@ pub fn command(name: &str, ns: &str, data_dir: &std::path::Path) -> Command {
         .env("TXPIPE_HTTP_ADDR", "127.0.0.1:0")
         .env("TXPIPE_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
+        // the harness's own switch is no setting of the services (which refuse unknown TXPIPE_ names)
+        .env_remove("TXPIPE_TEST_STORAGE")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
