@@ -455,8 +455,7 @@ impl StatusRecord {
         true
     }
 
-    /// Its size as JSON, in bytes.
-    pub fn json_len(&self) -> usize {
+    fn json_len(&self) -> usize {
         serde_json::to_vec(self).map(|v| v.len()).unwrap_or(0)
     }
 }

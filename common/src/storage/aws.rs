@@ -388,6 +388,11 @@ const CARRIED_JSON_MAX: usize = 16 * 1024;
 /// would otherwise hold about a GB; at this size the map holds at most 16 MB.
 const KNOWN_JSON_MAX: usize = 4 * 1024;
 
+/// The length of a status item's record JSON (as [`DynamoStore::status_item`] stores it).
+fn record_len(item: &HashMap<String, AttributeValue>) -> usize {
+    item.get("record").and_then(|v| v.as_s().ok()).map_or(0, String::len)
+}
+
 fn sortable_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -479,10 +484,11 @@ impl DynamoStore {
         &self.client
     }
 
-    /// Remembers `record` at `version` as this process's latest view of its file, unless it
-    /// is too large to keep ([`KNOWN_JSON_MAX`]; sized before the lock is taken).
-    fn remember(&self, record: &StatusRecord, version: u64) {
-        if record.json_len() <= KNOWN_JSON_MAX {
+    /// Remembers `record` at `version` as this process's latest view of its file, unless its
+    /// JSON (`json_len` bytes, as in its item: never serialized again here) is too large to
+    /// keep ([`KNOWN_JSON_MAX`]).
+    fn remember(&self, record: &StatusRecord, version: u64, json_len: usize) {
+        if json_len <= KNOWN_JSON_MAX {
             self.known().put(record.file_id, (record.clone(), version));
         } else {
             self.known().forget(record.file_id);
@@ -518,9 +524,15 @@ impl DynamoStore {
             self.known().forget(file_id);
             return Ok(None);
         };
-        let (record, version) = Self::status_of(&item)?;
-        self.remember(&record, version);
+        let (record, version) = self.remember_item(&item)?;
         Ok(Some((record, version.to_string())))
+    }
+
+    /// A status item's record and version, remembered (see [`Self::remember`]).
+    fn remember_item(&self, item: &HashMap<String, AttributeValue>) -> Result<(StatusRecord, u64), StorageError> {
+        let (record, version) = Self::status_of(item)?;
+        self.remember(&record, version, record_len(item));
+        Ok((record, version))
     }
 
     /// A status item's record and version.
@@ -682,11 +694,13 @@ impl DynamoStore {
             // saturating: a version is only ever compared, and a carried one is client input (a
             // forged u64::MAX must not overflow; its write is refused like any forged copy)
             let next = version.saturating_add(1);
+            let item = Self::status_item(&record, next);
+            let json_len = record_len(&item);
             let mut put = self
                 .client
                 .put_item()
                 .table_name(&self.status_table)
-                .set_item(Some(Self::status_item(&record, next)))
+                .set_item(Some(item))
                 .condition_expression(if matches!(seen, Base::Carried(_)) { "#v = :v AND #r = :r" } else { "#v = :v" })
                 .expression_attribute_names("#v", "version")
                 .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
@@ -698,7 +712,7 @@ impl DynamoStore {
             let result = put.send().await;
             match result {
                 Ok(_) => {
-                    self.remember(&record, next);
+                    self.remember(&record, next, json_len);
                     return Ok(Advance::Moved(record));
                 }
                 Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -709,8 +723,7 @@ impl DynamoStore {
                     };
                     match now {
                         Some(item) => {
-                            let (r, v) = Self::status_of(&item)?;
-                            self.remember(&r, v);
+                            let (r, v) = self.remember_item(&item)?;
                             base = Some((r, v, Base::Read));
                         }
                         None => {
@@ -781,17 +794,19 @@ impl DynamoStore {
 #[async_trait]
 impl StatusStore for DynamoStore {
     async fn create(&self, record: &StatusRecord) -> Result<(), StorageError> {
+        let item = Self::status_item(record, 1);
+        let json_len = record_len(&item);
         match self
             .client
             .put_item()
             .table_name(&self.status_table)
-            .set_item(Some(Self::status_item(record, 1)))
+            .set_item(Some(item))
             .condition_expression("attribute_not_exists(file_id)")
             .send()
             .await
         {
             Ok(_) => {
-                self.remember(record, 1);
+                self.remember(record, 1, json_len);
                 Ok(())
             }
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -856,7 +871,8 @@ impl StatusStore for DynamoStore {
             Ok(_) => {
                 let mut marked = record;
                 marked.announced = true;
-                self.remember(&marked, version);
+                // it was remembered, so it is small enough, and marking does not grow its JSON
+                self.known().put(file_id, (marked, version));
                 Ok(())
             }
             Err(e) if is_code(&e, "ConditionalCheckFailedException") => {
@@ -868,8 +884,7 @@ impl StatusStore for DynamoStore {
                     self.known().forget(file_id);
                     return Err(StorageError::not_found(format!("file {file_id}")));
                 };
-                let (r, v) = Self::status_of(&item)?;
-                self.remember(&r, v);
+                let (r, _) = self.remember_item(&item)?;
                 // changed since it was recorded: by a claim, which announced it, or else (by
                 // nothing this gateway knows of) marked the usual way
                 if r.announced {
@@ -1273,13 +1288,14 @@ mod tests {
             .build();
         let store = DynamoStore::new(&sdk, &Names::new("unit").unwrap(), 1);
         let mut r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 1, Utc::now());
-        store.remember(&r, 1);
+        store.remember(&r, 1, serde_json::to_string(&r).unwrap().len());
         assert_eq!(store.known().get(r.file_id).map(|(_, v)| v), Some(1));
         r.errors = (1..=100)
             .map(|row| crate::csv_schema::RowError { row, column: Some("amount".into()), message: "x".repeat(200) })
             .collect();
-        assert!(r.json_len() > KNOWN_JSON_MAX);
-        store.remember(&r, 2);
+        let json_len = serde_json::to_string(&r).unwrap().len();
+        assert!(json_len > KNOWN_JSON_MAX);
+        store.remember(&r, 2, json_len);
         assert!(!store.known().contains(r.file_id), "a stale version 1 would fail the next write's condition");
     }
 

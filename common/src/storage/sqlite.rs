@@ -211,6 +211,12 @@ impl SqliteStore {
         self.writer.write(f).await
     }
 
+    /// Ok when `table` (quoted) can be read: every store's `check`.
+    async fn readable(&self, table: &str) -> Result<(), StorageError> {
+        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)");
+        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+    }
+
     /// Runs `f` with the readers' connection on the blocking pool.
     async fn with<T: Send + 'static>(
         &self,
@@ -393,8 +399,7 @@ impl StatusStore for SqliteStore {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.status_table);
-        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+        self.readable(&self.status_table).await
     }
 }
 
@@ -684,8 +689,7 @@ impl TransactionStore for SqliteStore {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.versions_table);
-        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+        self.readable(&self.versions_table).await
     }
 }
 
@@ -814,18 +818,17 @@ impl SqliteStore {
 
     /// How many objects under `prefix` the database holds.
     pub async fn object_count(&self, prefix: &str) -> Result<usize, StorageError> {
-        // keys are compared as text, so a range rather than LIKE (whose _ and % a key may hold)
-        let sql = format!("SELECT count(*) FROM {} WHERE key >= ?1 AND substr(key, 1, ?2) = ?1", self.objects_table);
-        let (prefix, len) = (prefix.to_owned(), prefix.chars().count() as i64);
-        self.with(move |c| c.query_row(&sql, params![prefix, len], |r| r.get::<_, i64>(0)).map_err(db_err))
+        // compared as text rather than with LIKE, whose _ and % a key may hold
+        let sql = format!("SELECT count(*) FROM {} WHERE substr(key, 1, length(?1)) = ?1", self.objects_table);
+        let prefix = prefix.to_owned();
+        self.with(move |c| c.query_row(&sql, params![prefix], |r| r.get::<_, i64>(0)).map_err(db_err))
             .await
             .map(|n| n as usize)
     }
 
     /// Ok when the objects table can be read.
     pub(crate) async fn check_objects(&self) -> Result<(), StorageError> {
-        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.objects_table);
-        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+        self.readable(&self.objects_table).await
     }
 }
 
@@ -933,8 +936,7 @@ impl ApiKeyStore for SqliteStore {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.keys_table);
-        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+        self.readable(&self.keys_table).await
     }
 }
 
@@ -994,8 +996,7 @@ impl IdempotencyStore for SqliteStore {
     }
 
     async fn check(&self) -> Result<(), StorageError> {
-        let sql = format!("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT 1)", self.idem_table);
-        self.with(move |c| c.query_row(&sql, [], |_| Ok(())).map_err(db_err)).await
+        self.readable(&self.idem_table).await
     }
 }
 
