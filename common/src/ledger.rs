@@ -22,7 +22,7 @@
 use crate::csv_schema::RowError;
 use crate::file_id::FileId;
 use crate::status::{FileStatus, OnConflict};
-use crate::storage::{StatusStore, StorageError, Transaction, TransactionStore, WriteOutcome};
+use crate::storage::{Advance, StatusChange, StatusStore, StorageError, Transaction, TransactionStore, WriteOutcome};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -131,6 +131,18 @@ impl Ledger {
 
     /// Stores a batch of the file's rows (distinct transaction ids).
     pub async fn store(&mut self, rows: Vec<Row>) -> Result<(), LedgerError> {
+        self.store_then(rows, None).await.map(|_| ())
+    }
+
+    /// [`Self::store`], and if the first write stores every row, the status change `then` in
+    /// that same write where the store can (see [`TransactionStore::write_then`]): `Some` is
+    /// what the change came to; `None`, that it is still the caller's to make.
+    pub async fn store_then(
+        &mut self,
+        rows: Vec<Row>,
+        then: Option<StatusChange>,
+    ) -> Result<Option<Advance>, LedgerError> {
+        let mut then = then;
         // row numbers and versions side by side, so the write borrows the versions as they are
         // (no copy of the batch on the way to every write)
         let (mut nums, mut ready) = split(rows);
@@ -140,7 +152,7 @@ impl Ledger {
         loop {
             if ready.is_empty() {
                 if waiting.is_empty() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if started.elapsed() > SETTLE_WAIT {
                     let row = &waiting[0].tx;
@@ -158,7 +170,17 @@ impl Ledger {
                 self.check_only(join(&mut nums, &mut ready)).await?;
                 continue;
             }
-            match self.transactions.write(&ready).await? {
+            let outcome = match then.take() {
+                Some(change) => match self.transactions.write_then(&ready, &change).await? {
+                    (WriteOutcome::Written, Some(moved)) => {
+                        self.tally.stored += ready.len() as u64;
+                        return Ok(Some(moved));
+                    }
+                    (outcome, _) => outcome,
+                },
+                None => self.transactions.write(&ready).await?,
+            };
+            match outcome {
                 WriteOutcome::Written => {
                     self.tally.stored += ready.len() as u64;
                     (nums, ready) = (Vec::new(), Vec::new());

@@ -117,8 +117,10 @@ pub struct StageSpec {
     /// Whether a fresh file is taken into the working status while the stage works on it (one
     /// attempt at a time, heartbeats, crashes counted). The notifier does without: its work is
     /// one confirmed publish that any copy may repeat (the same message id), so it moves a
-    /// file from `processed` to `completed` in one write. A retry of a failed file, or a file
-    /// left in the working status, is still claimed.
+    /// file from `processed` to `completed` in one write. The validator and the transformer
+    /// do without for a file small enough to travel in its message (work done in memory in a
+    /// moment; the history still shows the working status). A retry of a failed file, or a
+    /// file left in the working status, is still claimed.
     pub holds_file: bool,
 }
 

@@ -333,6 +333,11 @@ pub struct StatusUpdate {
     pub already_stored: Option<u64>,
     pub rejected_rows: Option<u64>,
     pub reason: Option<String>,
+    /// The stage's working status and when its work began, for a stage done in this one
+    /// write without having stored that status (a file small enough to travel in its
+    /// message: see `crate::worker`). The move is checked from there, and the history shows
+    /// it before the new status, as if it had been stored.
+    pub passed: Option<(FileStatus, DateTime<Utc>)>,
 }
 
 impl StatusRecord {
@@ -381,10 +386,19 @@ impl StatusRecord {
     /// after this one was validated (a failure never carries an error count, so a stage's
     /// failure cannot take this edge).
     pub fn advance(&mut self, to: FileStatus, update: StatusUpdate, at: DateTime<Utc>) -> bool {
-        let verdict_while_storing =
-            self.status == FileStatus::Processing && to == FileStatus::ValidationFailed && update.error_count.is_some();
-        if !(self.status.can_move_to(to) || verdict_while_storing) {
+        if update.passed.is_some_and(|(working, _)| !self.status.can_move_to(working)) {
             return false;
+        }
+        let from = update.passed.map_or(self.status, |(working, _)| working);
+        let verdict_while_storing =
+            from == FileStatus::Processing && to == FileStatus::ValidationFailed && update.error_count.is_some();
+        if !(from.can_move_to(to) || verdict_while_storing) {
+            return false;
+        }
+        if let Some((working, began)) = update.passed {
+            self.history.push(HistoryEntry { status: working, at: began, reason: None });
+            // a stage holding the file's message is proof it was announced (as its claim would say)
+            self.announced = true;
         }
         self.status = to;
         self.updated_at = at;
@@ -473,6 +487,33 @@ mod tests {
             assert!(!w[1].can_move_to(w[0]), "{} -> {} must be refused", w[1], w[0]);
         }
         assert!(Uploaded.can_move_to(Completed), "skipping ahead is forward");
+    }
+
+    #[test]
+    fn a_stage_done_in_one_write_shows_its_working_status_in_the_history() {
+        let t0 = Utc::now();
+        let (began, done) = (t0 + chrono::Duration::milliseconds(5), t0 + chrono::Duration::milliseconds(9));
+        let mut r = StatusRecord::uploaded(FileId::new(), "k".into(), 1, t0);
+        r.announced = false;
+        let passed = Some((Validating, began));
+        assert!(r.advance(Validated, StatusUpdate { passed, ..Default::default() }, done));
+        let path: Vec<_> = r.history.iter().map(|h| (h.status, h.at)).collect();
+        assert_eq!(path, [(Uploaded, t0), (Validating, began), (Validated, done)]);
+        assert!(r.announced, "its message proves it was announced, as a claim would say");
+        // checked from the working status: a conflict found while storing may still refuse it
+        let mut v = r.clone();
+        let conflict = StatusUpdate { passed: Some((Processing, done)), error_count: Some(1), ..Default::default() };
+        assert!(v.advance(ValidationFailed, conflict, done));
+        // and never a way around the rules: no passing through a status the file may not reach
+        let mut late = r.clone();
+        assert!(late.advance(Processed, StatusUpdate::default(), done));
+        let before = late.clone();
+        assert!(!late.advance(
+            Completed,
+            StatusUpdate { passed: Some((Validating, done)), ..Default::default() },
+            done
+        ));
+        assert_eq!(late, before, "a refused move changes nothing");
     }
 
     #[test]

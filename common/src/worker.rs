@@ -79,13 +79,23 @@ pub enum Step {
     /// Move the file to this status, recording the update; the loop then publishes the
     /// message that announces the new status, if it has one.
     Advance(FileStatus, StatusUpdate),
+    /// The handler made that move itself, with the last write of its work (see
+    /// `TransactionStore::write_then`): what it came to.
+    Moved(Advance),
     /// Leave the status as it is (an observed message).
     Stay,
 }
 
+/// The working status a file passes through unclaimed, and since when (see
+/// [`StageSpec::holds_file`]); None when the loop claimed the file, or the stage holds none.
+/// The loop puts it in the update of a [`Step::Advance`]; a handler that moves the file
+/// itself puts it in its own ([`crate::status::StatusUpdate::passed`]).
+pub type Passed = Option<(FileStatus, chrono::DateTime<chrono::Utc>)>;
+
 /// One worker stage's own work. The loop has parsed the message, checked that it is one of
 /// the stage's inputs, read the file's record and admitted it (see
-/// [`StageSpec::admit`]), and moved the file to the stage's working status.
+/// [`StageSpec::admit`]), and moved the file to the stage's working status (unless the stage
+/// does without a claim for this file: see [`StageSpec::holds_file`]).
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     fn stage(&self) -> Stage;
@@ -103,7 +113,7 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Does the stage's work on an admitted file.
-    async fn work(&self, msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure>;
+    async fn work(&self, msg: &StageMessage, record: &StatusRecord, passed: Passed) -> Result<Step, Failure>;
 }
 
 /// Consumes the handler's stage queue until `shutdown` resolves, then lets in-flight messages
@@ -557,25 +567,37 @@ impl Loop {
             };
             return match self.spec.admit(msg.routing_key(), &record) {
                 Admission::Refuse(why) => Err(Failure::DeadLetter(why)),
-                _ => self.settle_step(msg, self.handler.work(msg, &record).await?).await,
+                _ => self.settle_step(msg, self.handler.work(msg, &record, None).await?, None).await,
             };
         }
-        if !self.spec.holds_file {
-            // a fresh file moves from `from` to `done` in one write, without a claim (a copy
-            // racing this one finds the move made and passes it on)
+        // a fresh file moves from `from` to `done` in one write, without a claim (a copy
+        // racing this one finds the move made and passes it on), when holding it would buy
+        // nothing: at a stage that does not hold files, and for a file small enough to travel
+        // in its message, whose work is done in memory in a moment (a claim would cost a
+        // status write, and a wait for it, for a status hardly anyone could see)
+        if !self.spec.holds_file || msg.content().is_some() {
             // the record this process wrote when the file reached `from` is that status's
             // record (a status's fields do not change until the next status): no read needed
             let remembered = self.deps.storage.statuses.remembered(file_id).filter(|r| r.status == self.spec.from);
             let record = match remembered {
-                Some(r) => r,
+                Some(r) => Some(r),
+                // the work must not start from a record the message carried (client input until
+                // a write's condition has checked it whole): in a split deployment, where the
+                // message carries one, the claim starts from it, which costs no more than a read
+                None if self.spec.holds_file && msg.stored().is_some() => None,
                 None => match self.handler.record(&self.deps, msg).await? {
-                    Some(r) => r,
+                    Some(r) => Some(r),
                     None => return Ok(Outcome::Publish(Vec::new())),
                 },
             };
-            if record.status == self.spec.from {
+            let light =
+                |r: &StatusRecord| r.status == self.spec.from && (!self.spec.holds_file || msg.carried(r).is_some());
+            if let Some(record) = record.filter(light) {
+                // the history still shows when the stage took the file up
+                let passed = self.spec.holds_file.then(|| (self.spec.working, chrono::Utc::now()));
                 let _shared = self.solo.clone().read_owned().await;
-                return self.settle_step(msg, self.handler.work(msg, &record).await?).await;
+                let step = self.handler.work(msg, &record, passed).await?;
+                return self.settle_step(msg, step, passed).await;
             }
         }
         let (record, _guard) = match self.claim(file_id, attempt_id, resumed).await? {
@@ -602,18 +624,23 @@ impl Loop {
         // held until the outcome is recorded
         let step = tokio::select! {
             biased;
-            step = self.handler.work(msg, &record) => step?,
+            step = self.handler.work(msg, &record, None) => step?,
             never = self.heartbeat(file_id, attempt_id) => match never {},
         };
-        self.settle_step(msg, step).await
+        self.settle_step(msg, step, None).await
     }
 
-    /// Records how the stage's work on `msg`'s file ended and says what to publish.
-    async fn settle_step(&self, msg: &StageMessage, step: Step) -> Result<Outcome, Failure> {
+    /// Records how the stage's work on `msg`'s file ended and says what to publish; `passed`:
+    /// the working status it went through unclaimed, and since when (see `StatusUpdate`).
+    async fn settle_step(&self, msg: &StageMessage, step: Step, passed: Passed) -> Result<Outcome, Failure> {
         match step {
             Step::Stay => Ok(Outcome::Publish(Vec::new())),
+            Step::Moved(moved) => {
+                let record = self.moved(moved);
+                Ok(Outcome::Publish(self.announcing(&record, msg)))
+            }
             Step::Advance(to, update) => {
-                let record = self.advance(msg.file_id(), to, update).await?;
+                let record = self.advance(msg.file_id(), to, StatusUpdate { passed, ..update }).await?;
                 Ok(Outcome::Publish(self.announcing(&record, msg)))
             }
         }
@@ -741,14 +768,21 @@ impl Loop {
         update: StatusUpdate,
     ) -> Result<StatusRecord, Failure> {
         match self.deps.storage.statuses.advance(file_id, to, update, chrono::Utc::now()).await {
-            Ok(Advance::Moved(r)) => {
+            Ok(advance) => Ok(self.moved(advance)),
+            Err(e) => Err(Failure::storage(&format!("recording status {to}"), &e)),
+        }
+    }
+
+    /// The record after a move, made or refused (another copy got there first).
+    fn moved(&self, advance: Advance) -> StatusRecord {
+        match advance {
+            Advance::Moved(r) => {
                 if r.status.is_final() {
                     FileFinished { status: r.status }.emit();
                 }
-                Ok(r)
+                r
             }
-            Ok(Advance::Refused(r)) => Ok(r),
-            Err(e) => Err(Failure::storage(&format!("recording status {to}"), &e)),
+            Advance::Refused(r) => r,
         }
     }
 

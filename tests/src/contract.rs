@@ -12,7 +12,7 @@ use txpipe_common::csv_schema::TxStatus;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{
     Advance, ApiKeyRecord, ApiKeyStore, Claim, IdempotencyStore, IdempotentUpload, NewClaim, ObjectStore, QuotaUse,
-    StatusStore, StorageError, StorageErrorKind, Transaction, TransactionStore, VersionRef, WriteOutcome,
+    StatusChange, StatusStore, StorageError, StorageErrorKind, Transaction, TransactionStore, VersionRef, WriteOutcome,
 };
 use txpipe_common::FileId;
 
@@ -371,6 +371,56 @@ pub async fn transaction_store(store: Arc<dyn TransactionStore>) {
     let won =
         futures::future::join_all(tries).await.into_iter().filter(|r| r.as_ref().unwrap() == &WriteOutcome::Written);
     assert_eq!(won.count(), 1);
+}
+
+/// Rows and a status change in one call: the change is made only when every row went in, by
+/// the store itself or, if it says so (`None`), by its caller; a refused row leaves both
+/// undone. Whoever makes it, the record ends up moved once. True if the store made it.
+pub async fn write_then(transactions: Arc<dyn TransactionStore>, statuses: Arc<dyn StatusStore>) -> bool {
+    let t = Utc::now();
+    let mut record = StatusRecord::uploaded(FileId::new(), "k".into(), 10, t);
+    assert!(record.advance(FileStatus::Validated, StatusUpdate::default(), t));
+    let id = record.file_id;
+    statuses.create(&record).await.unwrap();
+    let p = uuid::Uuid::new_v4().simple().to_string();
+    let rows: Vec<_> = (0..3).map(|i| tx(&format!("{p}-{i}"), id, "1")).collect();
+    let passed = Some((FileStatus::Processing, t));
+    let change = StatusChange {
+        file_id: id,
+        to: FileStatus::Processed,
+        update: StatusUpdate { records_processed: Some(3), passed, ..Default::default() },
+        at: t,
+    };
+
+    // a refused row: nothing written, no change made
+    let other = tx(&format!("{p}-taken"), FileId::new(), "2");
+    written(transactions.write(std::slice::from_ref(&other)).await.unwrap());
+    let mut refused = rows.clone();
+    refused.push(tx(&other.transaction_id, id, "2"));
+    let (outcome, moved) = transactions.write_then(&refused, &change).await.unwrap();
+    assert!(matches!(outcome, WriteOutcome::Stale(ref s) if s.len() == 1), "{outcome:?}");
+    assert!(moved.is_none(), "no change with a refused row");
+    assert_eq!(statuses.get(id).await.unwrap().unwrap().status, FileStatus::Validated);
+    assert!(transactions.current(&[rows[0].transaction_id.clone()]).await.unwrap().is_empty(), "nothing written");
+
+    // every row in: the change is made with them, or left to the caller
+    let (outcome, moved) = transactions.write_then(&rows, &change).await.unwrap();
+    written(outcome);
+    let by_store = moved.is_some();
+    let now = match moved {
+        Some(Advance::Moved(r)) => r,
+        Some(refused) => panic!("a change that moves forward was refused: {refused:?}"),
+        None => match statuses.advance(id, change.to, change.update.clone(), change.at).await.unwrap() {
+            Advance::Moved(r) => r,
+            refused => panic!("{refused:?}"),
+        },
+    };
+    assert_eq!((now.status, now.records_processed), (FileStatus::Processed, Some(3)));
+    assert_eq!(statuses.get(id).await.unwrap().unwrap(), now, "stored as returned");
+    let path: Vec<_> = now.history.iter().map(|h| h.status).collect();
+    assert_eq!(path, [FileStatus::Uploaded, FileStatus::Validated, FileStatus::Processing, FileStatus::Processed]);
+    assert_eq!(transactions.list_by_file(id, 10, None).await.unwrap().items, rows);
+    by_store
 }
 
 fn key(name: &str, admin: bool) -> ApiKeyRecord {

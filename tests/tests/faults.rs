@@ -6,7 +6,7 @@ use std::time::Duration;
 use txpipe_common::messages::StageMessage;
 use txpipe_common::stage::Stage;
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
-use txpipe_common::worker::{Failure, Handler, Step};
+use txpipe_common::worker::{Failure, Handler, Passed, Step};
 use txpipe_common::Deps;
 use txpipe_common::FileId;
 use txpipe_tests::{valid_csv, TestFleet};
@@ -22,7 +22,7 @@ impl Handler for Crashing {
     fn stage(&self) -> Stage {
         Stage::Validator
     }
-    async fn work(&self, msg: &StageMessage, _record: &StatusRecord) -> Result<Step, Failure> {
+    async fn work(&self, msg: &StageMessage, _record: &StatusRecord, _passed: Passed) -> Result<Step, Failure> {
         if msg.file_id() == self.poison {
             self.crashes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             panic!("simulated crash while handling");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use txpipe_common::messages::{Notification, StageMessage};
 use txpipe_common::stage::{RoutingKey, Stage};
 use txpipe_common::status::{Attempt, FileStatus, StatusRecord, StatusUpdate};
-use txpipe_common::worker::{Failure, Handler, Step};
+use txpipe_common::worker::{Failure, Handler, Passed, Step};
 use txpipe_common::{Deps, FileId, Settings};
 use txpipe_tests::{valid_csv, TestFleet, WAIT};
 
@@ -61,7 +61,7 @@ impl Handler for Gated {
         Stage::Transformer
     }
 
-    async fn work(&self, msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
+    async fn work(&self, msg: &StageMessage, record: &StatusRecord, passed: Passed) -> Result<Step, Failure> {
         let id = record.file_id;
         let concurrent = self.with(id, |s| {
             s.works += 1;
@@ -74,7 +74,7 @@ impl Handler for Gated {
         let result = if id == self.first_fails {
             Err(Failure::DeadLetter("simulated: the first copy fails".into()))
         } else {
-            self.inner.work(msg, record).await
+            self.inner.work(msg, record, passed).await
         };
         self.with(id, |s| s.working = false);
         result

@@ -83,6 +83,12 @@ async fn sqlite_transaction_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn sqlite_rows_and_a_status_change_are_one_write() {
+    let (_dir, s) = local().await;
+    assert!(contract::write_then(s.transactions, s.statuses).await, "the embedded store makes both at once");
+}
+
+#[tokio::test]
 async fn sqlite_api_key_store_meets_the_contract() {
     let (_dir, s) = local().await;
     contract::api_key_store(s.keys).await;
@@ -165,6 +171,13 @@ async fn dynamodb_status_listing_meets_the_contract() {
 async fn dynamodb_transaction_store_meets_the_contract() {
     let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
     contract::transaction_store(s.transactions).await;
+    txpipe_tests::aws::teardown(&settings, &sdk).await;
+}
+
+#[tokio::test]
+async fn dynamodb_rows_and_a_status_change_are_two_writes() {
+    let (_dir, settings, sdk, s) = on_moto(|_| {}).await;
+    assert!(!contract::write_then(s.transactions, s.statuses).await, "DynamoDB leaves the change to the caller");
     txpipe_tests::aws::teardown(&settings, &sdk).await;
 }
 

@@ -59,6 +59,16 @@ pub enum Advance {
     Refused(StatusRecord),
 }
 
+/// A status change to make with another write (see [`TransactionStore::write_then`]): what
+/// [`StatusStore::advance`] takes.
+#[derive(Clone, Debug)]
+pub struct StatusChange {
+    pub file_id: FileId,
+    pub to: FileStatus,
+    pub update: StatusUpdate,
+    pub at: DateTime<Utc>,
+}
+
 /// The processing-status table, keyed by file_id.
 #[async_trait]
 pub trait StatusStore: Send + Sync + 'static {
@@ -274,6 +284,19 @@ pub trait TransactionStore: Send + Sync + 'static {
     /// atomic parts of [`MAX_WRITE`] versions (DynamoDB): then the parts without a refused id
     /// may be written even when the outcome is `Stale`.
     async fn write(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError>;
+    /// [`Self::write`], and if every version was written, the status change `then` in the same
+    /// write where the store can make both at once (the embedded store: one round trip and one
+    /// commit instead of two). `Some`: what the change came to. `None`: no change was made
+    /// (some version was refused, or the store keeps the two apart, as DynamoDB does), and
+    /// it is the caller's to make.
+    async fn write_then(
+        &self,
+        versions: &[Transaction],
+        then: &StatusChange,
+    ) -> Result<(WriteOutcome, Option<Advance>), StorageError> {
+        let _ = then;
+        Ok((self.write(versions).await?, None))
+    }
     /// Undoes one file's version of a transaction: if it is current, the version it replaced
     /// becomes current again (or the transaction is removed, for a first version), and the
     /// file's version is forgotten; if a later version replaced it, only the file's version is

@@ -11,8 +11,8 @@ use super::listing::{cursor_after, listing_key};
 use super::recent::Recent;
 use super::{
     decode_cursor, encode_cursor, Advance, ApiKeyRecord, ApiKeyStore, Change, Claim, FilePage, FileQuery,
-    IdempotencyStore, IdempotentUpload, NewClaim, QuotaUse, StatusStore, StorageError, Transaction, TransactionPage,
-    TransactionStore, VersionRef, WriteOutcome,
+    IdempotencyStore, IdempotentUpload, NewClaim, QuotaUse, StatusChange, StatusStore, StorageError, Transaction,
+    TransactionPage, TransactionStore, VersionRef, WriteOutcome,
 };
 use crate::csv_schema::TxStatus;
 use crate::file_id::FileId;
@@ -59,6 +59,54 @@ const REMEMBERED_RECORDS: usize = 1024;
 /// A record larger than this (one carrying a list of row errors) is parsed when it is next
 /// changed rather than kept: the memory it would hold is worth more than the parse.
 const REMEMBERED_JSON_MAX: usize = 4 * 1024;
+
+/// A status change made inside a write (see `SqliteStore::modify`): its statements and the
+/// records this process remembers.
+struct Changer {
+    select: String,
+    write: String,
+    known: Arc<Mutex<Recent<Known>>>,
+}
+
+impl Changer {
+    /// Reads the record, applies `change` and writes it back, in the writer's transaction
+    /// (`IMMEDIATE`: the write lock taken up front, so read, check and write are atomic across
+    /// processes). Returns what to remember once that transaction is committed.
+    fn change(
+        &self,
+        c: &Connection,
+        file_id: FileId,
+        change: impl FnOnce(&mut StatusRecord) -> bool,
+    ) -> Result<(Advance, Known), StorageError> {
+        let json: Option<String> = c
+            .prepare_cached(&self.select)
+            .and_then(|mut st| st.query_row(params![file_id.to_string()], |r| r.get(0)).optional())
+            .map_err(db_err)?;
+        let json = json.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?;
+        // the row as this process last saw it: no need to parse it again
+        let seen = self
+            .known
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .peek(file_id)
+            .filter(|k| k.json == json)
+            .map(|k| k.record.clone());
+        let mut record = match seen {
+            Some(record) => record,
+            None => from_json(&json)?,
+        };
+        if !change(&mut record) {
+            return Ok((Advance::Refused(record.clone()), Known { json, record }));
+        }
+        let json = to_json(&record);
+        c.prepare_cached(&self.write)
+            .and_then(|mut st| {
+                st.execute(params![file_id.to_string(), record.status.as_str(), record.updated_at.to_rfc3339(), json])
+            })
+            .map_err(db_err)?;
+        Ok((Advance::Moved(record.clone()), Known { json, record }))
+    }
+}
 
 impl SqliteStore {
     /// Remembers `seen` as the stored state of its file, if it is small enough to keep.
@@ -481,6 +529,92 @@ fn tx_from_row(r: &rusqlite::Row<'_>) -> Result<Transaction, StorageError> {
     })
 }
 
+/// A ledger write's rows, formatted on the caller's thread, and its statements: run on the
+/// writer thread (see [`TransactionStore::write`] for the rules).
+struct RowsWriter {
+    versions: Vec<TxValues>,
+    tt: String,
+    new: String,
+    next: String,
+    keep: String,
+}
+
+impl SqliteStore {
+    fn rows_writer(&self, versions: &[Transaction]) -> RowsWriter {
+        let (tt, vt) = (self.tx_table.clone(), self.versions_table.clone());
+        // formatted here, so the writer thread (every caller's writes in one line) only binds
+        let versions: Vec<TxValues> = versions.iter().cloned().map(TxValues::of).collect();
+        // the condition is in the write itself (a new transaction: insert unless the id exists;
+        // a next version: update only the version it replaces, which its `replaces_*` columns,
+        // ?11 and ?12, name), so the usual case costs one statement per table and no read
+        let new = format!(
+            "INSERT INTO {tt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (transaction_id) DO NOTHING"
+        );
+        let next = format!(
+            "UPDATE {tt} SET ({TX_COLUMNS}) = (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             WHERE transaction_id = ?1 AND file_id = ?11 AND version = ?12"
+        );
+        let keep = format!(
+            "INSERT OR REPLACE INTO {vt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        );
+        RowsWriter { versions, tt, new, next, keep }
+    }
+}
+
+impl RowsWriter {
+    /// Writes the rows inside the writer's transaction; a refusal undoes them all and reads
+    /// the refused rows as they are (the transaction is IMMEDIATE: no other process writes in
+    /// between).
+    fn write(&self, c: &Connection) -> Result<WriteOutcome, StorageError> {
+        let (versions, tt) = (&self.versions, &self.tt);
+        let statement = |sql: &str| c.prepare_cached(sql).map_err(db_err);
+        statement("SAVEPOINT ledger")?.execute([]).map_err(db_err)?;
+        let written = (|| -> Result<Vec<&Transaction>, StorageError> {
+            let mut refused = Vec::new();
+            // looked up in the statement cache once a call, not twice a row
+            let (mut insert, mut kept) = (statement(&self.new)?, statement(&self.keep)?);
+            for v in versions {
+                if !refused.is_empty() {
+                    // refused already: the rest are only checked
+                    if !v.t.expects(SqliteStore::select_current(c, tt, &v.t.transaction_id)?.as_ref()) {
+                        refused.push(&v.t);
+                    }
+                    continue;
+                }
+                let changed = match v.t.replaces {
+                    None => v.execute(&mut insert),
+                    Some(_) => v.execute(&mut statement(&self.next)?),
+                }
+                .map_err(db_err)?;
+                if changed == 1 {
+                    v.execute(&mut kept).map_err(db_err)?;
+                } else {
+                    refused.push(&v.t);
+                }
+            }
+            Ok(refused)
+        })();
+        let refused = match written {
+            Ok(r) if r.is_empty() => {
+                statement("RELEASE ledger")?.execute([]).map_err(db_err)?;
+                return Ok(WriteOutcome::Written);
+            }
+            Ok(r) => r,
+            Err(e) => {
+                let _ = c.execute_batch("ROLLBACK TO ledger; RELEASE ledger");
+                return Err(e);
+            }
+        };
+        c.execute_batch("ROLLBACK TO ledger; RELEASE ledger").map_err(db_err)?;
+        let mut stale = Vec::with_capacity(refused.len());
+        for v in refused {
+            stale.push((v.transaction_id.clone(), SqliteStore::select_current(c, tt, &v.transaction_id)?));
+        }
+        Ok(WriteOutcome::Stale(stale))
+    }
+}
+
 /// Brings a database from before versions up to date: adds the version columns to the
 /// transactions table and records each stored row as its file's version, once.
 fn upgrade_transactions(conn: &Connection, tt: &str, vt: &str) -> Result<(), StorageError> {
@@ -553,73 +687,35 @@ impl TransactionStore for SqliteStore {
     }
 
     async fn write(&self, versions: &[Transaction]) -> Result<WriteOutcome, StorageError> {
-        let (tt, vt) = (self.tx_table.clone(), self.versions_table.clone());
-        // formatted here, so the writer thread (every caller's writes in one line) only binds
-        let versions: Vec<TxValues> = versions.iter().cloned().map(TxValues::of).collect();
-        // the condition is in the write itself (a new transaction: insert unless the id exists;
-        // a next version: update only the version it replaces, which its `replaces_*` columns,
-        // ?11 and ?12, name), so the usual case costs one
-        // statement per table and no read; a refusal undoes the call's writes and reads the
-        // refused rows as they are (the writer's transaction is IMMEDIATE: no other process
-        // writes in between)
-        let new = format!(
-            "INSERT INTO {tt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-             ON CONFLICT (transaction_id) DO NOTHING"
-        );
-        let next = format!(
-            "UPDATE {tt} SET ({TX_COLUMNS}) = (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-             WHERE transaction_id = ?1 AND file_id = ?11 AND version = ?12"
-        );
-        let keep = format!(
-            "INSERT OR REPLACE INTO {vt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        );
-        self.write(move |c| {
-            let statement = |sql: &str| c.prepare_cached(sql).map_err(db_err);
-            statement("SAVEPOINT ledger")?.execute([]).map_err(db_err)?;
-            let written = (|| -> Result<Vec<&Transaction>, StorageError> {
-                let mut refused = Vec::new();
-                // looked up in the statement cache once a call, not twice a row
-                let (mut insert, mut kept) = (statement(&new)?, statement(&keep)?);
-                for v in &versions {
-                    if !refused.is_empty() {
-                        // refused already: the rest are only checked
-                        if !v.t.expects(Self::select_current(c, &tt, &v.t.transaction_id)?.as_ref()) {
-                            refused.push(&v.t);
-                        }
-                        continue;
-                    }
-                    let changed = match v.t.replaces {
-                        None => v.execute(&mut insert),
-                        Some(_) => v.execute(&mut statement(&next)?),
-                    }
-                    .map_err(db_err)?;
-                    if changed == 1 {
-                        v.execute(&mut kept).map_err(db_err)?;
-                    } else {
-                        refused.push(&v.t);
-                    }
+        let rows = self.rows_writer(versions);
+        self.write(move |c| rows.write(c)).await
+    }
+
+    async fn write_then(
+        &self,
+        versions: &[Transaction],
+        then: &StatusChange,
+    ) -> Result<(WriteOutcome, Option<Advance>), StorageError> {
+        let (rows, changer) = (self.rows_writer(versions), self.changer());
+        let StatusChange { file_id, to, update, at } = then.clone();
+        let written = self
+            .write(move |c| match rows.write(c)? {
+                WriteOutcome::Written => {
+                    // in the rows' savepoint: if the change fails, so does the whole write
+                    let changed = changer.change(c, file_id, move |r| r.advance(to, update, at))?;
+                    Ok((WriteOutcome::Written, Some(changed)))
                 }
-                Ok(refused)
-            })();
-            let refused = match written {
-                Ok(r) if r.is_empty() => {
-                    statement("RELEASE ledger")?.execute([]).map_err(db_err)?;
-                    return Ok(WriteOutcome::Written);
-                }
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = c.execute_batch("ROLLBACK TO ledger; RELEASE ledger");
-                    return Err(e);
-                }
-            };
-            c.execute_batch("ROLLBACK TO ledger; RELEASE ledger").map_err(db_err)?;
-            let mut stale = Vec::with_capacity(refused.len());
-            for v in refused {
-                stale.push((v.transaction_id.clone(), Self::select_current(c, &tt, &v.transaction_id)?));
+                stale => Ok((stale, None)),
+            })
+            .await;
+        match written {
+            Ok((outcome, Some(changed))) => Ok((outcome, Some(self.settled(file_id, Ok(changed))?))),
+            Ok((outcome, None)) => Ok((outcome, None)),
+            Err(e) => {
+                self.known().forget(file_id);
+                Err(e)
             }
-            Ok(WriteOutcome::Stale(stale))
-        })
-        .await
+        }
     }
 
     async fn revert(&self, file_id: FileId, transaction_id: &str) -> Result<(), StorageError> {
@@ -700,49 +796,31 @@ impl SqliteStore {
         file_id: FileId,
         change: impl FnOnce(&mut StatusRecord) -> bool + Send + 'static,
     ) -> Result<Advance, StorageError> {
-        let select = format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table);
-        let write =
-            format!("UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1", self.status_table);
-        let known = self.known.clone();
-        let written = self
-            .write(move |c| {
-                // the writer's transaction is IMMEDIATE (the write lock taken up front): read,
-                // check and write are atomic across processes
-                let json: Option<String> = c
-                    .prepare_cached(&select)
-                    .and_then(|mut st| st.query_row(params![file_id.to_string()], |r| r.get(0)).optional())
-                    .map_err(db_err)?;
-                let json = json.ok_or_else(|| StorageError::not_found(format!("file {file_id}")))?;
-                // the row as this process last saw it: no need to parse it again
-                let seen = known
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .peek(file_id)
-                    .filter(|k| k.json == json)
-                    .map(|k| k.record.clone());
-                let mut record = match seen {
-                    Some(record) => record,
-                    None => from_json(&json)?,
-                };
-                if !change(&mut record) {
-                    return Ok((Advance::Refused(record.clone()), Known { json, record }));
-                }
-                let json = to_json(&record);
-                c.prepare_cached(&write)
-                    .and_then(|mut st| {
-                        st.execute(params![
-                            file_id.to_string(),
-                            record.status.as_str(),
-                            record.updated_at.to_rfc3339(),
-                            json
-                        ])
-                    })
-                    .map_err(db_err)?;
-                Ok((Advance::Moved(record.clone()), Known { json, record }))
-            })
-            .await;
+        let changer = self.changer();
+        let written = self.write(move |c| changer.change(c, file_id, change)).await;
+        self.settled(file_id, written)
+    }
+
+    /// What a status change needs on the writer thread.
+    fn changer(&self) -> Changer {
+        Changer {
+            select: format!("SELECT record FROM {} WHERE file_id = ?1", self.status_table),
+            write: format!(
+                "UPDATE {} SET status = ?2, updated_at = ?3, record = ?4 WHERE file_id = ?1",
+                self.status_table
+            ),
+            known: self.known.clone(),
+        }
+    }
+
+    /// A status change's outcome once its write is committed (or not): the record is
+    /// remembered only then, so an entry always describes a stored row.
+    fn settled(
+        &self,
+        file_id: FileId,
+        written: Result<(Advance, Known), StorageError>,
+    ) -> Result<Advance, StorageError> {
         match written {
-            // remembered once committed: an entry always describes a stored row
             Ok((advance, seen)) => {
                 self.remember(file_id, seen);
                 Ok(advance)

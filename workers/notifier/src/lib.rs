@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use txpipe_common::messages::{Notification, StageMessage};
 use txpipe_common::stage::{NotificationKey, Stage};
 use txpipe_common::status::{FileStatus, StatusRecord, StatusUpdate};
-use txpipe_common::worker::{Failure, Handler, Step};
+use txpipe_common::worker::{Failure, Handler, Passed, Step};
 use txpipe_common::Deps;
 
 /// The notifier stage.
@@ -36,7 +36,7 @@ impl Handler for Notifier {
         Stage::Notifier
     }
 
-    async fn work(&self, msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
+    async fn work(&self, msg: &StageMessage, record: &StatusRecord, _passed: Passed) -> Result<Step, Failure> {
         let file_id = record.file_id;
         match msg {
             // announced as completed before it is recorded: a file is completed only once its

@@ -13,7 +13,7 @@ use txpipe_common::metrics::{InternalEvent, ValidationFinished};
 use txpipe_common::stage::Stage;
 use txpipe_common::status::{FileStatus, Mode, StatusRecord, StatusUpdate};
 use txpipe_common::storage::{open_file_blocking, StorageErrorKind};
-use txpipe_common::worker::{Failure, Handler, Step};
+use txpipe_common::worker::{Failure, Handler, Passed, Step};
 use txpipe_common::Deps;
 
 /// Carried files up to this size are checked on the task that received them (about 0.1 ms
@@ -92,7 +92,7 @@ impl Handler for Validator {
         }
     }
 
-    async fn work(&self, msg: &StageMessage, record: &StatusRecord) -> Result<Step, Failure> {
+    async fn work(&self, msg: &StageMessage, record: &StatusRecord, _passed: Passed) -> Result<Step, Failure> {
         let file_id = record.file_id;
         let report = self.validate(&record.object_key, msg.carried(record)).await?;
         let partial = record.options.mode == Mode::Partial;
