@@ -27,9 +27,12 @@ impl<'a> Headers<'a> {
         self.get(name).and_then(text)
     }
 
-    /// A header as a non-negative whole number.
+    /// A header as a non-negative whole number: an AMQP integer, or its decimal text (how
+    /// txpipe writes its own headers, `x-txpipe-crashes` among them).
     pub fn u64(&self, name: &str) -> Option<u64> {
         match self.get(name)? {
+            AMQPValue::LongString(s) => s.to_string().trim().parse().ok(),
+            AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
             AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
             AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
             AMQPValue::LongUInt(v) => Some((*v).into()),
@@ -89,6 +92,10 @@ mod tests {
         assert_eq!(h.text("s").as_deref(), Some("v"));
         assert_eq!(h.u64("n"), Some(3));
         assert_eq!(h.u64("neg"), None);
+        assert_eq!(h.u64("s"), None, "text that is not a number");
+        let mut counted = FieldTable::default();
+        counted.insert("x-txpipe-crashes".into(), AMQPValue::LongString("2".into()));
+        assert_eq!(Headers::new(Some(&counted)).u64("x-txpipe-crashes"), Some(2), "a count txpipe wrote as text");
         assert_eq!(h.text("n").as_deref(), Some("3"));
         assert_eq!(h.last_death().and_then(|d| d.text("queue")).as_deref(), Some("ns.validator"));
         assert_eq!(Headers::default().text("s"), None);

@@ -518,6 +518,11 @@ impl Loop {
                 "delivery_limit: the {stage} crashed {crashes} time(s) on this message (TXPIPE_DELIVERY_LIMIT is {limit})"
             );
             tracing::error!(%stage, %file_id, %reason, "dead-lettering");
+            // a file this stage moves without a claim (a small one) is failed here, as its claim
+            // would have failed it: its record says why and subscribers hear `file.failed`
+            if self.spec.tracks_status(msg.routing_key()) {
+                let _ = self.record_failure(msg, attempt_id, &reason, true).await;
+            }
             self.dead_letter(delivery, ErrorClass::DeliveryLimit, &reason).await;
             return;
         }

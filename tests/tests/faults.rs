@@ -36,6 +36,17 @@ impl Handler for Crashing {
 /// not), and a file handled next to the poison one is not pushed towards its limit.
 #[tokio::test]
 async fn a_message_that_crashes_its_worker_ends_in_the_dlq_at_the_delivery_limit() {
+    poison_at_the_delivery_limit(false).await;
+}
+
+/// The same for a small file, which travels in its message and is not claimed: counted in the
+/// message's header instead of the record, and the file failed all the same.
+#[tokio::test]
+async fn a_small_file_that_crashes_its_worker_is_failed_at_the_delivery_limit() {
+    poison_at_the_delivery_limit(true).await;
+}
+
+async fn poison_at_the_delivery_limit(carried: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = txpipe_tests::test_settings(dir.path());
     settings.delivery_limit = 2;
@@ -53,8 +64,12 @@ async fn a_message_that_crashes_its_worker_ends_in_the_dlq_at_the_delivery_limit
 
     for f in [id, innocent] {
         let key = names.object_key(&f);
-        deps.storage.statuses.create(&StatusRecord::uploaded(f, key.clone(), 1, chrono::Utc::now())).await.unwrap();
-        deps.publisher.publish(&StageMessage::uploaded(f, key).outgoing(&names)).await.unwrap();
+        let body = txpipe_tests::valid_csv(&f.to_string()[..8], 2);
+        let mut record = StatusRecord::uploaded(f, key.clone(), body.len() as u64, chrono::Utc::now());
+        record.sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes())));
+        deps.storage.statuses.create(&record).await.unwrap();
+        let content = carried.then(|| txpipe_common::messages::Content(body));
+        deps.publisher.publish(&StageMessage::uploaded(f, key).with_content(content).outgoing(&names)).await.unwrap();
     }
 
     // txpipe gives up after the limit and dead-letters it itself, saying why
