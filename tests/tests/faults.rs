@@ -68,7 +68,7 @@ async fn poison_at_the_delivery_limit(carried: bool) {
         let mut record = StatusRecord::uploaded(f, key.clone(), body.len() as u64, chrono::Utc::now());
         record.sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes())));
         deps.storage.statuses.create(&record).await.unwrap();
-        let content = carried.then(|| txpipe_common::messages::Content(body));
+        let content = carried.then_some(txpipe_common::messages::Content(body));
         deps.publisher.publish(&StageMessage::uploaded(f, key).with_content(content).outgoing(&names)).await.unwrap();
     }
 
