@@ -77,11 +77,14 @@ pub async fn teardown(
             let dir = layout.objects_dir();
             let _ = std::fs::remove_dir_all(&dir);
             vec![
+                // every table drop_tables drops, named as in the database
                 format!(
-                    "dropped tables {}, {}, {}, {} and {}",
+                    "dropped tables {}, {}, {}, {}, {}, {}-usage and {}",
                     names.bucket(),
                     names.status_table(),
                     names.transactions_table(),
+                    names.transaction_versions_table(),
+                    names.api_keys_table(),
                     names.api_keys_table(),
                     names.idempotency_table()
                 ),
