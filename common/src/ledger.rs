@@ -171,7 +171,7 @@ impl Ledger {
                 continue;
             }
             let outcome = match then.take() {
-                Some(change) => match self.transactions.write_then(&ready, &change).await? {
+                Some(change) => match self.transactions.write_then(&ready, change).await? {
                     (WriteOutcome::Written, Some(moved)) => {
                         self.tally.stored += ready.len() as u64;
                         return Ok(Some(moved));

@@ -397,14 +397,14 @@ pub async fn write_then(transactions: Arc<dyn TransactionStore>, statuses: Arc<d
     written(transactions.write(std::slice::from_ref(&other)).await.unwrap());
     let mut refused = rows.clone();
     refused.push(tx(&other.transaction_id, id, "2"));
-    let (outcome, moved) = transactions.write_then(&refused, &change).await.unwrap();
+    let (outcome, moved) = transactions.write_then(&refused, change.clone()).await.unwrap();
     assert!(matches!(outcome, WriteOutcome::Stale(ref s) if s.len() == 1), "{outcome:?}");
     assert!(moved.is_none(), "no change with a refused row");
     assert_eq!(statuses.get(id).await.unwrap().unwrap().status, FileStatus::Validated);
     assert!(transactions.current(&[rows[0].transaction_id.clone()]).await.unwrap().is_empty(), "nothing written");
 
     // every row in: the change is made with them, or left to the caller
-    let (outcome, moved) = transactions.write_then(&rows, &change).await.unwrap();
+    let (outcome, moved) = transactions.write_then(&rows, change.clone()).await.unwrap();
     written(outcome);
     let by_store = moved.is_some();
     let now = match moved {

@@ -292,7 +292,7 @@ pub trait TransactionStore: Send + Sync + 'static {
     async fn write_then(
         &self,
         versions: &[Transaction],
-        then: &StatusChange,
+        then: StatusChange,
     ) -> Result<(WriteOutcome, Option<Advance>), StorageError> {
         let _ = then;
         Ok((self.write(versions).await?, None))

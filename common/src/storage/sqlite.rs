@@ -694,10 +694,10 @@ impl TransactionStore for SqliteStore {
     async fn write_then(
         &self,
         versions: &[Transaction],
-        then: &StatusChange,
+        then: StatusChange,
     ) -> Result<(WriteOutcome, Option<Advance>), StorageError> {
         let (rows, changer) = (self.rows_writer(versions), self.changer());
-        let StatusChange { file_id, to, update, at } = then.clone();
+        let StatusChange { file_id, to, update, at } = then;
         let written = self
             .write(move |c| match rows.write(c)? {
                 WriteOutcome::Written => {
@@ -708,14 +708,8 @@ impl TransactionStore for SqliteStore {
                 stale => Ok((stale, None)),
             })
             .await;
-        match written {
-            Ok((outcome, Some(changed))) => Ok((outcome, Some(self.settled(file_id, Ok(changed))?))),
-            Ok((outcome, None)) => Ok((outcome, None)),
-            Err(e) => {
-                self.known().forget(file_id);
-                Err(e)
-            }
-        }
+        let (outcome, changed) = written.map_err(|e| self.forgotten(file_id, e))?;
+        Ok((outcome, changed.map(|(advance, seen)| self.kept(file_id, advance, seen))))
     }
 
     async fn revert(&self, file_id: FileId, transaction_id: &str) -> Result<(), StorageError> {
@@ -820,16 +814,19 @@ impl SqliteStore {
         file_id: FileId,
         written: Result<(Advance, Known), StorageError>,
     ) -> Result<Advance, StorageError> {
-        match written {
-            Ok((advance, seen)) => {
-                self.remember(file_id, seen);
-                Ok(advance)
-            }
-            Err(e) => {
-                self.known().forget(file_id);
-                Err(e)
-            }
-        }
+        written.map(|(advance, seen)| self.kept(file_id, advance, seen)).map_err(|e| self.forgotten(file_id, e))
+    }
+
+    /// A committed change: its record remembered.
+    fn kept(&self, file_id: FileId, advance: Advance, seen: Known) -> Advance {
+        self.remember(file_id, seen);
+        advance
+    }
+
+    /// A write that failed: what this process remembers of the file may be stale.
+    fn forgotten(&self, file_id: FileId, e: StorageError) -> StorageError {
+        self.known().forget(file_id);
+        e
     }
 
     /// Drops every table of the namespace (`txpipe teardown` for local storage).

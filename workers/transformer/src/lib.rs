@@ -72,7 +72,7 @@ impl Transformer {
                     batches.push(b);
                     true
                 });
-                if let ([_], Ok(())) = (&batches[..], &read) {
+                if batches.len() == 1 && read.is_ok() {
                     let batch = batches.pop().unwrap_or_default();
                     let max_errors = self.deps.settings.max_reported_errors;
                     let all_in = Tally { stored: batch.len() as u64, ..Tally::default() };
