@@ -79,14 +79,15 @@ pub async fn teardown(
             vec![
                 // every table drop_tables drops, named as in the database
                 format!(
-                    "dropped tables {}, {}, {}, {}, {}, {}-usage and {}",
+                    "dropped tables {}, {}, {}, {}, {}, {}-usage and {}, and the view {}",
                     names.bucket(),
                     names.status_table(),
                     names.transactions_table(),
+                    txpipe_common::storage::sqlite::earlier_versions_table(&names),
+                    names.api_keys_table(),
+                    names.api_keys_table(),
+                    names.idempotency_table(),
                     names.transaction_versions_table(),
-                    names.api_keys_table(),
-                    names.api_keys_table(),
-                    names.idempotency_table()
                 ),
                 format!("removed {}", dir.display()),
             ]

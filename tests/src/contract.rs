@@ -273,7 +273,8 @@ async fn status_store_attempts(store: &Arc<dyn StatusStore>, t: DateTime<Utc>) {
     assert_eq!(store.get(id).await.unwrap().unwrap().attempt, None, "a status change ends the attempt");
 }
 
-fn tx(id: &str, file_id: FileId, amount: &str) -> Transaction {
+/// A first version of transaction `id`, as `file_id` wrote it.
+pub fn tx(id: &str, file_id: FileId, amount: &str) -> Transaction {
     let ts = DateTime::parse_from_rfc3339("2024-01-15T10:30:00+02:00").unwrap();
     Transaction {
         transaction_id: id.into(),
@@ -335,6 +336,20 @@ pub async fn transaction_store(store: Arc<dyn TransactionStore>) {
     written(store.write(&[v2.clone(), tx(&new_id, f2, "1")]).await.unwrap());
     assert_eq!(store.current(&[format!("{p}-0")]).await.unwrap(), vec![v2.clone()]);
     assert_eq!(store.list_by_file(f1, 10, None).await.unwrap().items, rows, "f1's rows as f1 wrote them");
+    // paged, a file's replaced versions and its current ones come in one id order
+    let (f4, mut paged, mut cursor) = (FileId::new(), Vec::new(), None);
+    written(store.write(&[tx(&format!("{p}-3"), f4, "0.30").replacing(&rows[3])]).await.unwrap());
+    loop {
+        let page = store.list_by_file(f1, 2, cursor.as_deref()).await.unwrap();
+        assert!(page.items.len() <= 2);
+        paged.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(paged, rows, "every version f1 wrote, once, in order");
+    assert_eq!(store.version(f1, &format!("{p}-3")).await.unwrap(), Some(rows[3].clone()));
     assert_eq!(store.list_by_file(f2, 10, None).await.unwrap().items.len(), 2);
     assert_eq!(store.version(f1, &format!("{p}-0")).await.unwrap(), Some(rows[0].clone()));
     assert_eq!(store.version(f2, &format!("{p}-0")).await.unwrap(), Some(v2.clone()));

@@ -83,6 +83,61 @@ async fn sqlite_transaction_store_meets_the_contract() {
 }
 
 #[tokio::test]
+async fn a_versions_table_from_before_becomes_a_view_and_keeps_every_version() {
+    use txpipe_common::storage::{sqlite::earlier_versions_table, WriteOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let settings = txpipe_tests::test_settings(dir.path());
+    let names = settings.names();
+    let (f1, f2) = (txpipe_common::FileId::new(), txpipe_common::FileId::new());
+    let p = uuid::Uuid::new_v4().simple().to_string();
+    let rows: Vec<_> = (0..3).map(|i| contract::tx(&format!("{p}-{i}"), f1, "1")).collect();
+    let v2 = contract::tx(&format!("{p}-1"), f2, "2").replacing(&rows[1]);
+    {
+        let s = Storage::open(&settings).await.unwrap();
+        assert_eq!(s.transactions.write(&rows).await.unwrap(), WriteOutcome::Written);
+        assert_eq!(s.transactions.write(std::slice::from_ref(&v2)).await.unwrap(), WriteOutcome::Written);
+    }
+    // the database as an older txpipe left it: every version in the versions table, a table
+    // (the current ones a second time), and neither the earlier versions' table nor the index
+    let q = |t: String| format!("\"{t}\"");
+    let (tt, vt, et) =
+        (q(names.transactions_table()), q(names.transaction_versions_table()), q(earlier_versions_table(&names)));
+    let cols = "file_id, transaction_id, amount, currency, timestamp, timestamp_epoch, merchant, status, \
+                processed_at, version, replaces_file, replaces_version";
+    let db = rusqlite::Connection::open(txpipe_common::storage::local::LocalLayout::of(&settings).database()).unwrap();
+    db.execute_batch(&format!(
+        "BEGIN;
+         DROP VIEW {vt};
+         CREATE TABLE {vt} (file_id TEXT NOT NULL, transaction_id TEXT NOT NULL, amount TEXT NOT NULL,
+            currency TEXT NOT NULL, timestamp TEXT NOT NULL, timestamp_epoch INTEGER NOT NULL,
+            merchant TEXT NOT NULL, status TEXT NOT NULL, processed_at TEXT NOT NULL,
+            version INTEGER NOT NULL DEFAULT 1, replaces_file TEXT, replaces_version INTEGER,
+            PRIMARY KEY (file_id, transaction_id)) WITHOUT ROWID;
+         INSERT INTO {vt} ({cols}) SELECT {cols} FROM {tt} UNION ALL SELECT {cols} FROM {et};
+         DROP TABLE {et};
+         DROP INDEX \"{}-of-file\";
+         COMMIT;",
+        names.transactions_table()
+    ))
+    .unwrap();
+    let count =
+        |table: &str| db.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(count(&vt), 4);
+
+    // two services opening it at once upgrade it once
+    let (a, b) = tokio::join!(Storage::open(&settings), Storage::open(&settings));
+    let (s, _b) = (a.unwrap(), b.unwrap());
+    assert_eq!(s.transactions.list_by_file(f1, 10, None).await.unwrap().items, rows, "f1's rows as f1 wrote them");
+    assert_eq!(s.transactions.list_by_file(f2, 10, None).await.unwrap().items, vec![v2.clone()]);
+    assert_eq!(s.transactions.current(&[format!("{p}-1")]).await.unwrap(), vec![v2]);
+    assert_eq!((count(&vt), count(&et), count(&tt)), (4, 1, 3), "the view lists every version, each kept once");
+    // and the ledger goes on from there: reverting f2's version brings back f1's
+    s.transactions.revert(f2, &format!("{p}-1")).await.unwrap();
+    assert_eq!(s.transactions.current(&[format!("{p}-1")]).await.unwrap(), vec![rows[1].clone()]);
+    assert_eq!((count(&vt), count(&et)), (3, 0));
+}
+
+#[tokio::test]
 async fn sqlite_rows_and_a_status_change_are_one_write() {
     let (_dir, s) = local().await;
     assert!(contract::write_then(s.transactions, s.statuses).await, "the embedded store makes both at once");

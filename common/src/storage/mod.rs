@@ -272,7 +272,8 @@ pub enum WriteOutcome {
 
 /// The transactions: the current version of each (the `{ns}-transactions` table, keyed by
 /// transaction_id as in the seed) and every version by the file that wrote it (the
-/// `{ns}-transaction-versions` table, keyed by file_id and transaction_id). Writes are
+/// `{ns}-transaction-versions` table, keyed by file_id and transaction_id; on SQLite a view of
+/// the current rows and the replaced ones, which keeps a new transaction one row). Writes are
 /// conditional, so two files never overwrite each other's rows unseen (see `crate::ledger`).
 #[async_trait]
 pub trait TransactionStore: Send + Sync + 'static {

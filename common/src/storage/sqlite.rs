@@ -32,7 +32,11 @@ pub struct SqliteStore {
     writer: Writer,
     status_table: String,
     tx_table: String,
+    /// `{ns}-transaction-versions`: a view of every version (the current ones in the
+    /// transactions table, the replaced ones in `earlier_table`).
     versions_table: String,
+    /// `{ns}-transaction-earlier-versions`: the versions a later one replaced, by file.
+    earlier_table: String,
     keys_table: String,
     usage_table: String,
     idem_table: String,
@@ -135,6 +139,11 @@ fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// The SQLite name of the table of replaced versions (`{ns}-transaction-earlier-versions`).
+pub fn earlier_versions_table(names: &Names) -> String {
+    format!("{}-transaction-earlier-versions", names.namespace())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` with the tables of `names`.
     pub async fn open(path: &Path, names: &Names) -> Result<Self, StorageError> {
@@ -144,6 +153,9 @@ impl SqliteStore {
         let by_file = quoted(&format!("{}-by-file", names.transactions_table()));
         let versions_table = quoted(&names.transaction_versions_table());
         let vt = versions_table.clone();
+        let earlier_table = quoted(&earlier_versions_table(names));
+        let et = earlier_table.clone();
+        let of_file = quoted(&format!("{}-of-file", names.transactions_table()));
         let keys_table = quoted(&names.api_keys_table());
         let usage_table = quoted(&format!("{}-usage", names.api_keys_table()));
         let (st, tt, kt, ut) = (status_table.clone(), tx_table.clone(), keys_table.clone(), usage_table.clone());
@@ -182,10 +194,11 @@ impl SqliteStore {
                  CREATE TABLE IF NOT EXISTS {tt} (
                     transaction_id TEXT PRIMARY KEY, file_id TEXT NOT NULL, {TX_VALUE_DEFS}
                  ) WITHOUT ROWID;
-                 -- a file's rows are listed from the versions table: this index of older
-                 -- databases only slowed every write down
+                 -- an index of older databases, on file_id alone
                  DROP INDEX IF EXISTS {by_file};
-                 CREATE TABLE IF NOT EXISTS {vt} (
+                 -- a file's current rows, in id order (its replaced ones are in {et})
+                 CREATE INDEX IF NOT EXISTS {of_file} ON {tt} (file_id, transaction_id);
+                 CREATE TABLE IF NOT EXISTS {et} (
                     file_id TEXT NOT NULL, transaction_id TEXT NOT NULL, {TX_VALUE_DEFS},
                     PRIMARY KEY (file_id, transaction_id)
                  ) WITHOUT ROWID;
@@ -220,7 +233,8 @@ impl SqliteStore {
                  CREATE INDEX IF NOT EXISTS {working} ON {st} (status, file_id) WHERE status IN {WORKING};"
             ))
             .map_err(db_err)?;
-            upgrade_transactions(&conn, &tt, &vt)?;
+            upgrade_transactions(&conn, &tt)?;
+            upgrade_versions(&conn, &tt, &vt, &et)?;
             listing.ensure(&conn)?;
             // the readers' connection: the schema is in place, WAL is a property of the file
             let reader = Connection::open(&path)
@@ -238,6 +252,7 @@ impl SqliteStore {
             status_table,
             tx_table,
             versions_table,
+            earlier_table,
             keys_table,
             usage_table,
             idem_table,
@@ -451,13 +466,13 @@ impl StatusStore for SqliteStore {
     }
 }
 
-/// The columns both transaction tables have after their keys (the current version's and every
-/// version's rows are alike).
+/// The columns both transaction tables have after their keys (the current version's and an
+/// earlier version's rows are alike).
 const TX_VALUE_DEFS: &str = "amount TEXT NOT NULL, currency TEXT NOT NULL, timestamp TEXT NOT NULL, \
      timestamp_epoch INTEGER NOT NULL, merchant TEXT NOT NULL, status TEXT NOT NULL, processed_at TEXT NOT NULL, \
      version INTEGER NOT NULL DEFAULT 1, replaces_file TEXT, replaces_version INTEGER";
 
-/// The columns of both transaction tables, in the order [`tx_params`] binds and [`tx_from_row`] reads.
+/// The columns of both transaction tables, in the order [`TxValues::execute`] binds and [`tx_from_row`] reads.
 const TX_COLUMNS: &str = "transaction_id, file_id, amount, currency, timestamp, timestamp_epoch, merchant, status, \
                           processed_at, version, replaces_file, replaces_version";
 
@@ -541,12 +556,14 @@ struct RowsWriter {
 
 impl SqliteStore {
     fn rows_writer(&self, versions: &[Transaction]) -> RowsWriter {
-        let (tt, vt) = (self.tx_table.clone(), self.versions_table.clone());
+        let (tt, et) = (self.tx_table.clone(), self.earlier_table.clone());
         // formatted here, so the writer thread (every caller's writes in one line) only binds
         let versions: Vec<TxValues> = versions.iter().cloned().map(TxValues::of).collect();
         // the condition is in the write itself (a new transaction: insert unless the id exists;
         // a next version: update only the version it replaces, which its `replaces_*` columns,
-        // ?11 and ?12, name), so the usual case costs one statement per table and no read
+        // ?11 and ?12, name), so the usual case costs one statement and no read. A new
+        // transaction's version is only the current row (the file's rows are found through the
+        // `-of-file` index); a next version first keeps the row it replaces as an earlier one.
         let new = format!(
             "INSERT INTO {tt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (transaction_id) DO NOTHING"
@@ -556,7 +573,8 @@ impl SqliteStore {
              WHERE transaction_id = ?1 AND file_id = ?11 AND version = ?12"
         );
         let keep = format!(
-            "INSERT OR REPLACE INTO {vt} ({TX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            "INSERT OR REPLACE INTO {et} ({TX_COLUMNS}) SELECT {TX_COLUMNS} FROM {tt}
+             WHERE transaction_id = ?1 AND file_id = ?2 AND version = ?3"
         );
         RowsWriter { versions, tt, new, next, keep }
     }
@@ -572,8 +590,8 @@ impl RowsWriter {
         statement("SAVEPOINT ledger")?.execute([]).map_err(db_err)?;
         let written = (|| -> Result<Vec<&Transaction>, StorageError> {
             let mut refused = Vec::new();
-            // looked up in the statement cache once a call, not twice a row
-            let (mut insert, mut kept) = (statement(&self.new)?, statement(&self.keep)?);
+            // looked up in the statement cache once a call, not once a row
+            let mut insert = statement(&self.new)?;
             for v in versions {
                 if !refused.is_empty() {
                     // refused already: the rest are only checked
@@ -582,14 +600,21 @@ impl RowsWriter {
                     }
                     continue;
                 }
-                let changed = match v.t.replaces {
-                    None => v.execute(&mut insert),
-                    Some(_) => v.execute(&mut statement(&self.next)?),
-                }
-                .map_err(db_err)?;
-                if changed == 1 {
-                    v.execute(&mut kept).map_err(db_err)?;
-                } else {
+                let changed = match (v.t.replaces, &v.replaces_file) {
+                    (Some(r), Some(file)) => {
+                        // the row it replaces, if it is still the current one, kept first
+                        let kept = statement(&self.keep)?
+                            .execute(params![v.t.transaction_id, file, r.version as i64])
+                            .map_err(db_err)?;
+                        if kept == 1 {
+                            v.execute(&mut statement(&self.next)?).map_err(db_err)?
+                        } else {
+                            0
+                        }
+                    }
+                    _ => v.execute(&mut insert).map_err(db_err)?,
+                };
+                if changed != 1 {
                     refused.push(&v.t);
                 }
             }
@@ -615,9 +640,27 @@ impl RowsWriter {
     }
 }
 
+/// Two lists sorted by transaction id as one, still sorted.
+fn merge_by_id(a: Vec<Transaction>, b: Vec<Transaction>) -> Vec<Transaction> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.transaction_id <= y.transaction_id => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(t) => out.push(t),
+            None => return out,
+        }
+    }
+}
+
 /// Brings a database from before versions up to date: adds the version columns to the
-/// transactions table and records each stored row as its file's version, once.
-fn upgrade_transactions(conn: &Connection, tt: &str, vt: &str) -> Result<(), StorageError> {
+/// transactions table (each stored row is then its file's first version).
+fn upgrade_transactions(conn: &Connection, tt: &str) -> Result<(), StorageError> {
     let has_version: bool = conn
         .prepare(&format!("SELECT 1 FROM pragma_table_info({}) WHERE name = 'version'", sql_text(tt)))
         .and_then(|mut s| s.exists([]))
@@ -630,10 +673,42 @@ fn upgrade_transactions(conn: &Connection, tt: &str, vt: &str) -> Result<(), Sto
          ALTER TABLE {tt} ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
          ALTER TABLE {tt} ADD COLUMN replaces_file TEXT;
          ALTER TABLE {tt} ADD COLUMN replaces_version INTEGER;
-         INSERT OR IGNORE INTO {vt} ({TX_COLUMNS}) SELECT {TX_COLUMNS} FROM {tt};
          COMMIT;"
     ))
     .map_err(db_err)
+}
+
+/// Makes `{ns}-transaction-versions` the view of every version: the current ones (the
+/// transactions table) and the replaced ones (`et`), with the columns it had as a table. A
+/// database from before, where it was a table holding every version again, keeps its replaced
+/// versions in `et` (the others are the current rows), once, however many processes open it.
+fn upgrade_versions(conn: &Connection, tt: &str, vt: &str, et: &str) -> Result<(), StorageError> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(db_err)?;
+    let kind: Option<String> = tx
+        .query_row(&format!("SELECT type FROM sqlite_master WHERE name = {}", sql_text(vt)), [], |r| r.get(0))
+        .optional()
+        .map_err(db_err)?;
+    let columns = format!("file_id, transaction_id, {}", TX_COLUMNS.replacen("transaction_id, file_id, ", "", 1));
+    match kind.as_deref() {
+        Some("view") => {}
+        Some(_) => tx
+            .execute_batch(&format!(
+                "INSERT OR REPLACE INTO {et} ({columns}) SELECT {columns} FROM {vt} AS v
+                  WHERE NOT EXISTS (SELECT 1 FROM {tt} AS t
+                                    WHERE t.transaction_id = v.transaction_id AND t.file_id = v.file_id);
+                 DROP TABLE {vt};"
+            ))
+            .map_err(db_err)?,
+        None => {}
+    }
+    if kind.as_deref() != Some("view") {
+        tx.execute_batch(&format!(
+            "CREATE VIEW {vt} ({columns}) AS
+               SELECT {columns} FROM {tt} UNION ALL SELECT {columns} FROM {et};"
+        ))
+        .map_err(db_err)?;
+    }
+    tx.commit().map_err(db_err)
 }
 
 /// A quoted table name (`"ns-transactions"`) as an SQL string literal, for pragma functions.
@@ -660,6 +735,12 @@ impl SqliteStore {
         let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
         let mut rows = stmt.query(params![file_id.to_string(), id]).map_err(db_err)?;
         rows.next().map_err(db_err)?.map(tx_from_row).transpose()
+    }
+
+    fn delete_version(c: &Connection, table: &str, file_id: FileId, id: &str) -> Result<(), StorageError> {
+        let sql = format!("DELETE FROM {table} WHERE file_id = ?1 AND transaction_id = ?2");
+        c.prepare_cached(&sql).and_then(|mut st| st.execute(params![file_id.to_string(), id])).map_err(db_err)?;
+        Ok(())
     }
 
     fn put_row(c: &Connection, table: &str, r: &Transaction) -> Result<(), StorageError> {
@@ -713,37 +794,40 @@ impl TransactionStore for SqliteStore {
     }
 
     async fn revert(&self, file_id: FileId, transaction_id: &str) -> Result<(), StorageError> {
-        let (id, tt, vt) = (transaction_id.to_owned(), self.tx_table.clone(), self.versions_table.clone());
+        let (id, tt, et) = (transaction_id.to_owned(), self.tx_table.clone(), self.earlier_table.clone());
         self.write(move |c| {
             let tx = c; // inside the writer's transaction
-            let Some(mine) = Self::select_version(tx, &vt, file_id, &id)? else { return Ok(()) };
             let current = Self::select_current(tx, &tt, &id)?;
-            if current.map(|t| t.version_ref()) == Some(mine.version_ref()) {
+            if let Some(mine) = current.filter(|t| t.file_id == file_id) {
+                // the file's version is the current one: the one it replaced is current again
                 let earlier = match mine.replaces {
-                    Some(r) => Self::select_version(tx, &vt, r.file_id, &id)?,
+                    Some(r) => Self::select_version(tx, &et, r.file_id, &id)?,
                     None => None,
                 };
                 match earlier {
-                    Some(e) => Self::put_row(tx, &tt, &e)?,
+                    Some(e) => {
+                        Self::put_row(tx, &tt, &e)?;
+                        Self::delete_version(tx, &et, e.file_id, &id)?;
+                    }
                     None => {
                         tx.execute(&format!("DELETE FROM {tt} WHERE transaction_id = ?1"), params![id])
                             .map_err(db_err)?;
                     }
                 }
             }
-            tx.execute(
-                &format!("DELETE FROM {vt} WHERE file_id = ?1 AND transaction_id = ?2"),
-                params![file_id.to_string(), id],
-            )
-            .map_err(db_err)?;
-            Ok(())
+            // a version a later one replaced is forgotten
+            Self::delete_version(tx, &et, file_id, &id)
         })
         .await
     }
 
     async fn version(&self, file_id: FileId, transaction_id: &str) -> Result<Option<Transaction>, StorageError> {
-        let (id, vt) = (transaction_id.to_owned(), self.versions_table.clone());
-        self.with(move |c| Self::select_version(c, &vt, file_id, &id)).await
+        let (id, tt, et) = (transaction_id.to_owned(), self.tx_table.clone(), self.earlier_table.clone());
+        self.with(move |c| match Self::select_current(c, &tt, &id)? {
+            Some(current) if current.file_id == file_id => Ok(Some(current)),
+            _ => Self::select_version(c, &et, file_id, &id),
+        })
+        .await
     }
 
     async fn list_by_file(
@@ -752,21 +836,29 @@ impl TransactionStore for SqliteStore {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<TransactionPage, StorageError> {
-        let after = cursor.map(decode_cursor).transpose()?;
-        let sql = format!(
-            "SELECT {TX_COLUMNS} FROM {} WHERE file_id = ?1 AND transaction_id > ?2 ORDER BY transaction_id LIMIT ?3",
-            self.versions_table
-        );
+        let after = cursor.map(decode_cursor).transpose()?.unwrap_or_default();
+        let page = |table: &str| {
+            format!(
+                "SELECT {TX_COLUMNS} FROM {table} WHERE file_id = ?1 AND transaction_id > ?2
+                 ORDER BY transaction_id LIMIT ?3"
+            )
+        };
+        // a file's versions are its current rows (through the -of-file index) and its replaced
+        // ones: a page of each, merged by id (a version is in one table or the other, never both)
+        let (current, earlier) = (page(&self.tx_table), page(&self.earlier_table));
         let limit = limit.max(1);
         self.with(move |c| {
-            let mut stmt = c.prepare_cached(&sql).map_err(db_err)?;
-            let mut rows = stmt
-                .query(params![file_id.to_string(), after.unwrap_or_default(), (limit + 1) as i64])
-                .map_err(db_err)?;
-            let mut items = Vec::new();
-            while let Some(r) = rows.next().map_err(db_err)? {
-                items.push(tx_from_row(r)?);
-            }
+            let read = |sql: &str| -> Result<Vec<Transaction>, StorageError> {
+                let mut stmt = c.prepare_cached(sql).map_err(db_err)?;
+                let mut rows = stmt.query(params![file_id.to_string(), after, (limit + 1) as i64]).map_err(db_err)?;
+                let mut items = Vec::new();
+                while let Some(r) = rows.next().map_err(db_err)? {
+                    items.push(tx_from_row(r)?);
+                }
+                Ok(items)
+            };
+            let (current, earlier) = (read(&current)?, read(&earlier)?);
+            let mut items = merge_by_id(current, earlier);
             let next_cursor = if items.len() > limit {
                 items.truncate(limit);
                 items.last().map(|t| encode_cursor(&t.transaction_id))
@@ -831,10 +923,10 @@ impl SqliteStore {
 
     /// Drops every table of the namespace (`txpipe teardown` for local storage).
     pub async fn drop_tables(&self) -> Result<(), StorageError> {
-        let sql = [
+        let tables = [
             &self.status_table,
             &self.tx_table,
-            &self.versions_table,
+            &self.earlier_table,
             &self.keys_table,
             &self.usage_table,
             &self.idem_table,
@@ -842,6 +934,7 @@ impl SqliteStore {
         ]
         .map(|t| format!("DROP TABLE IF EXISTS {t};"))
         .concat();
+        let sql = format!("DROP VIEW IF EXISTS {};{tables}", self.versions_table);
         self.write(move |c| c.execute_batch(&sql).map_err(db_err)).await
     }
 }
