@@ -470,7 +470,19 @@ impl StatusRecord {
     }
 
     fn json_len(&self) -> usize {
-        serde_json::to_vec(self).map(|v| v.len()).unwrap_or(0)
+        /// Counts the bytes written to it (the JSON is only measured, not kept).
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut n = Count(0);
+        serde_json::to_writer(&mut n, self).map(|()| n.0).unwrap_or(0)
     }
 }
 

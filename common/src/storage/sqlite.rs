@@ -480,38 +480,59 @@ const TX_COLUMNS: &str = "transaction_id, file_id, amount, currency, timestamp, 
 /// reaches the writer) and bound by reference (no box per value).
 struct TxValues {
     t: Transaction,
-    file_id: String,
+    file_id: Arc<str>,
     amount: String,
     timestamp: String,
-    processed_at: String,
+    processed_at: Arc<str>,
     replaces_file: Option<String>,
 }
 
 impl TxValues {
     fn of(t: Transaction) -> Self {
+        let (file_id, processed_at) = (t.file_id.to_string().into(), t.processed_at.to_rfc3339().into());
+        Self::with(t, file_id, processed_at)
+    }
+
+    fn with(t: Transaction, file_id: Arc<str>, processed_at: Arc<str>) -> Self {
         Self {
-            file_id: t.file_id.to_string(),
+            file_id,
             amount: t.amount.to_string(),
             timestamp: t.timestamp.to_rfc3339(),
-            processed_at: t.processed_at.to_rfc3339(),
+            processed_at,
             replaces_file: t.replaces.map(|v| v.file_id.to_string()),
             t,
         }
     }
 
+    /// Every version's values; the file and the time, alike for all of a file's rows, are
+    /// formatted once, not once a row.
+    fn all(versions: &[Transaction]) -> Vec<Self> {
+        let mut out: Vec<Self> = Vec::with_capacity(versions.len());
+        for t in versions {
+            let values = match out.last() {
+                Some(p) if p.t.file_id == t.file_id && p.t.processed_at == t.processed_at => {
+                    Self::with(t.clone(), p.file_id.clone(), p.processed_at.clone())
+                }
+                _ => Self::of(t.clone()),
+            };
+            out.push(values);
+        }
+        out
+    }
+
     /// In [`TX_COLUMNS`] order, as `?1` to `?12`.
     fn execute(&self, stmt: &mut rusqlite::CachedStatement<'_>) -> rusqlite::Result<usize> {
-        let t = &self.t;
+        let (t, file_id, processed_at): (_, &str, &str) = (&self.t, &self.file_id, &self.processed_at);
         stmt.execute(params![
             t.transaction_id,
-            self.file_id,
+            file_id,
             self.amount,
             t.currency,
             self.timestamp,
             t.timestamp_epoch,
             t.merchant,
             t.status.as_str(),
-            self.processed_at,
+            processed_at,
             t.version as i64,
             self.replaces_file,
             t.replaces.map(|v| v.version as i64),
@@ -558,7 +579,7 @@ impl SqliteStore {
     fn rows_writer(&self, versions: &[Transaction]) -> RowsWriter {
         let (tt, et) = (self.tx_table.clone(), self.earlier_table.clone());
         // formatted here, so the writer thread (every caller's writes in one line) only binds
-        let versions: Vec<TxValues> = versions.iter().cloned().map(TxValues::of).collect();
+        let versions = TxValues::all(versions);
         // the condition is in the write itself (a new transaction: insert unless the id exists;
         // a next version: update only the version it replaces, which its `replaces_*` columns,
         // ?11 and ?12, name), so the usual case costs one statement and no read. A new
