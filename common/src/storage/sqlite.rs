@@ -661,6 +661,14 @@ impl RowsWriter {
     }
 }
 
+/// Runs `f`'s reads in one read transaction: one snapshot of the database for all of them.
+fn snapshot<T>(c: &mut Connection, f: impl FnOnce(&Connection) -> Result<T, StorageError>) -> Result<T, StorageError> {
+    let tx = c.transaction().map_err(db_err)?;
+    let out = f(&tx)?;
+    tx.commit().map_err(db_err)?;
+    Ok(out)
+}
+
 /// Two lists sorted by transaction id as one, still sorted.
 fn merge_by_id(a: Vec<Transaction>, b: Vec<Transaction>) -> Vec<Transaction> {
     let mut out = Vec::with_capacity(a.len() + b.len());
@@ -844,9 +852,11 @@ impl TransactionStore for SqliteStore {
 
     async fn version(&self, file_id: FileId, transaction_id: &str) -> Result<Option<Transaction>, StorageError> {
         let (id, tt, et) = (transaction_id.to_owned(), self.tx_table.clone(), self.earlier_table.clone());
-        self.with(move |c| match Self::select_current(c, &tt, &id)? {
-            Some(current) if current.file_id == file_id => Ok(Some(current)),
-            _ => Self::select_version(c, &et, file_id, &id),
+        self.with(move |c| {
+            snapshot(c, |c| match Self::select_current(c, &tt, &id)? {
+                Some(current) if current.file_id == file_id => Ok(Some(current)),
+                _ => Self::select_version(c, &et, file_id, &id),
+            })
         })
         .await
     }
@@ -868,7 +878,8 @@ impl TransactionStore for SqliteStore {
         // ones: a page of each, merged by id (a version is in one table or the other, never both)
         let (current, earlier) = (page(&self.tx_table), page(&self.earlier_table));
         let limit = limit.max(1);
-        self.with(move |c| {
+        // one snapshot for both (a version can move from one table to the other meanwhile)
+        let read_both = move |c: &Connection| {
             let read = |sql: &str| -> Result<Vec<Transaction>, StorageError> {
                 let mut stmt = c.prepare_cached(sql).map_err(db_err)?;
                 let mut rows = stmt.query(params![file_id.to_string(), after, (limit + 1) as i64]).map_err(db_err)?;
@@ -878,7 +889,10 @@ impl TransactionStore for SqliteStore {
                 }
                 Ok(items)
             };
-            let (current, earlier) = (read(&current)?, read(&earlier)?);
+            Ok((read(&current)?, read(&earlier)?))
+        };
+        self.with(move |c| {
+            let (current, earlier) = snapshot(c, read_both)?;
             let mut items = merge_by_id(current, earlier);
             let next_cursor = if items.len() > limit {
                 items.truncate(limit);
