@@ -32,14 +32,16 @@ pub async fn provision(
             txpipe_common::storage::Storage::open(settings).await?;
             let layout = LocalLayout::of(settings);
             vec![format!(
-                "local storage ready: objects in table {} (up to {} KiB) and under {} (larger), tables {}, {}, {} and {} in {}",
+                "local storage ready: objects in table {} (up to {} KiB) and under {} (larger), tables {}, {}, {}, {} and {}, and the view {} in {}",
                 names.bucket(),
                 txpipe_common::storage::local::IN_DATABASE_MAX / 1024,
                 layout.objects_dir().display(),
                 names.status_table(),
                 names.transactions_table(),
+                txpipe_common::storage::sqlite::earlier_versions_table(&names),
                 names.api_keys_table(),
                 names.idempotency_table(),
+                names.transaction_versions_table(),
                 layout.database().display()
             )]
         }
