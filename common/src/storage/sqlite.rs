@@ -476,6 +476,10 @@ const TX_VALUE_DEFS: &str = "amount TEXT NOT NULL, currency TEXT NOT NULL, times
 const TX_COLUMNS: &str = "transaction_id, file_id, amount, currency, timestamp, timestamp_epoch, merchant, status, \
                           processed_at, version, replaces_file, replaces_version";
 
+/// The columns of `{ns}-transaction-versions`, in its order (its keys first).
+const VERSIONS_COLUMNS: &str = "file_id, transaction_id, amount, currency, timestamp, timestamp_epoch, merchant, \
+                                status, processed_at, version, replaces_file, replaces_version";
+
 /// One version's column values, formatted once (on the caller's thread, before the write
 /// reaches the writer) and bound by reference (no box per value).
 struct TxValues {
@@ -669,24 +673,6 @@ fn snapshot<T>(c: &mut Connection, f: impl FnOnce(&Connection) -> Result<T, Stor
     Ok(out)
 }
 
-/// Two lists sorted by transaction id as one, still sorted.
-fn merge_by_id(a: Vec<Transaction>, b: Vec<Transaction>) -> Vec<Transaction> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
-    loop {
-        let next = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) if x.transaction_id <= y.transaction_id => a.next(),
-            (Some(_), Some(_)) => b.next(),
-            (Some(_), None) => a.next(),
-            (None, _) => b.next(),
-        };
-        match next {
-            Some(t) => out.push(t),
-            None => return out,
-        }
-    }
-}
-
 /// Brings a database from before versions up to date: adds the version columns to the
 /// transactions table (each stored row is then its file's first version).
 fn upgrade_transactions(conn: &Connection, tt: &str) -> Result<(), StorageError> {
@@ -717,23 +703,20 @@ fn upgrade_versions(conn: &Connection, tt: &str, vt: &str, et: &str) -> Result<(
         .query_row(&format!("SELECT type FROM sqlite_master WHERE name = {}", sql_text(vt)), [], |r| r.get(0))
         .optional()
         .map_err(db_err)?;
-    let columns = format!("file_id, transaction_id, {}", TX_COLUMNS.replacen("transaction_id, file_id, ", "", 1));
-    match kind.as_deref() {
-        Some("view") => {}
-        Some(_) => tx
-            .execute_batch(&format!(
-                "INSERT OR REPLACE INTO {et} ({columns}) SELECT {columns} FROM {vt} AS v
-                  WHERE NOT EXISTS (SELECT 1 FROM {tt} AS t
-                                    WHERE t.transaction_id = v.transaction_id AND t.file_id = v.file_id);
-                 DROP TABLE {vt};"
-            ))
-            .map_err(db_err)?,
-        None => {}
+    // the versions table's own column order, so `SELECT *` on the view reads as it did
+    let columns = VERSIONS_COLUMNS;
+    if kind.as_deref() == Some("table") {
+        tx.execute_batch(&format!(
+            "INSERT OR REPLACE INTO {et} ({columns}) SELECT {columns} FROM {vt} AS v
+              WHERE NOT EXISTS (SELECT 1 FROM {tt} AS t
+                                WHERE t.transaction_id = v.transaction_id AND t.file_id = v.file_id);
+             DROP TABLE {vt};"
+        ))
+        .map_err(db_err)?;
     }
     if kind.as_deref() != Some("view") {
         tx.execute_batch(&format!(
-            "CREATE VIEW {vt} ({columns}) AS
-               SELECT {columns} FROM {tt} UNION ALL SELECT {columns} FROM {et};"
+            "CREATE VIEW {vt} ({columns}) AS SELECT {columns} FROM {tt} UNION ALL SELECT {columns} FROM {et};"
         ))
         .map_err(db_err)?;
     }
@@ -892,8 +875,10 @@ impl TransactionStore for SqliteStore {
             Ok((read(&current)?, read(&earlier)?))
         };
         self.with(move |c| {
-            let (current, earlier) = snapshot(c, read_both)?;
-            let mut items = merge_by_id(current, earlier);
+            let (mut items, earlier) = snapshot(c, read_both)?;
+            // at most two pages: sorted in place rather than merged
+            items.extend(earlier);
+            items.sort_unstable_by(|a, b| a.transaction_id.cmp(&b.transaction_id));
             let next_cursor = if items.len() > limit {
                 items.truncate(limit);
                 items.last().map(|t| encode_cursor(&t.transaction_id))
