@@ -138,6 +138,10 @@ pub struct Report {
     pub storage_calls_per_file: BTreeMap<String, f64>,
     /// Peak resident memory of the `txpipe up` the run started (all four services).
     pub txpipe_peak_rss_bytes: Option<u64>,
+    /// CPU time (user + system) a completed file over the timed run, in ms: of the `txpipe up`
+    /// the run started, of the broker (when exactly one RabbitMQ node runs on this host) and of
+    /// this client. The machine is shared by the three, so files/s follows their sum.
+    pub cpu_ms_per_file: CpuPerFile,
     /// Rows a second SQLite itself stores of the same rows in the same two tables, in the same
     /// run (`--sqlite-baseline`).
     pub sqlite_rows_per_second: Option<f64>,
@@ -173,6 +177,9 @@ impl Report {
             let total: f64 = self.storage_calls_per_file.values().sum();
             let each: Vec<String> = self.storage_calls_per_file.iter().map(|(op, n)| format!("{op} {n:.2}")).collect();
             println!("  storage calls a file: {total:.2} ({})", each.join(", "));
+        }
+        if let Some(line) = self.cpu_ms_per_file.line() {
+            println!("  CPU a file: {line}");
         }
         if let Some(c) = self.broker_ceiling_files_per_second {
             let rounds: Vec<String> = self.broker_ceiling_rounds.iter().map(|r| format!("{r:.1}")).collect();
@@ -480,7 +487,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         Some(f) => format!("txpipe up ({:?} storage, namespace {})", settings.storage, f.settings.namespace),
         None => format!("{base} (namespace {})", settings.namespace),
     };
-    let mut result = measure(&opts, &settings, &base, &key, target).await;
+    let mut result = measure(&opts, &settings, &base, &key, target, fleet.as_ref().and_then(|f| f.child.id())).await;
     if let (Ok(report), Some(f)) = (result.as_mut(), &fleet) {
         report.txpipe_peak_rss_bytes = f.peak_rss();
     }
@@ -567,7 +574,14 @@ pub async fn sqlite_baseline(files: u64, rows: u64) -> anyhow::Result<f64> {
     .await?
 }
 
-async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, target: String) -> anyhow::Result<Report> {
+async fn measure(
+    opts: &Options,
+    settings: &Settings,
+    base: &str,
+    key: &str,
+    target: String,
+    txpipe_pid: Option<u32>,
+) -> anyhow::Result<Report> {
     let broker = Broker::connect(settings).await?;
     let finished = Arc::new(Mutex::new(Finished::default()));
     let listener = listen(&broker, finished.clone()).await?;
@@ -580,10 +594,13 @@ async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, tar
         await_all(&finished, &ids, opts.idle_timeout()).await;
     }
     let calls_before = storage_calls(&http, base, key).await;
+    let cpu = CpuClock::new(txpipe_pid);
+    let cpu_before = cpu.read();
     let started = Instant::now();
     let sent = upload_all(&http, base, key, run_id, opts.warmup, opts.files, opts).await;
     let ids: Vec<String> = sent.iter().filter_map(|s| s.file_id.clone()).collect();
     await_all(&finished, &ids, opts.idle_timeout()).await;
+    let cpu_after = cpu.read();
     listener.abort();
     broker.close().await;
     let calls_after = storage_calls(&http, base, key).await;
@@ -634,6 +651,7 @@ async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, tar
         ratio_to_broker: None,
         client_peak_rss_bytes: None,
         txpipe_peak_rss_bytes: None,
+        cpu_ms_per_file: cpu_before.per_file(&cpu_after, completed),
         sqlite_rows_per_second: None,
         stored_rows_per_second,
         ratio_to_sqlite: None,
@@ -646,6 +664,96 @@ async fn measure(opts: &Options, settings: &Settings, base: &str, key: &str, tar
             .filter(|(_, n)| *n > 0.0)
             .collect(),
     })
+}
+
+/// CPU time a completed file, in ms, by process (see [`Report::cpu_ms_per_file`]).
+#[derive(Debug, Default, Serialize)]
+pub struct CpuPerFile {
+    pub txpipe: Option<f64>,
+    pub broker: Option<f64>,
+    pub client: Option<f64>,
+}
+
+impl CpuPerFile {
+    fn line(&self) -> Option<String> {
+        let parts: Vec<String> = [("txpipe up", self.txpipe), ("broker", self.broker), ("this client", self.client)]
+            .into_iter()
+            .filter_map(|(who, ms)| Some(format!("{who} {:.2} ms", ms?)))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
+/// The processes whose CPU time a run reads from `/proc` (Linux; elsewhere every figure is
+/// left out): the `txpipe up` it started, the broker and itself.
+struct CpuClock {
+    txpipe: Option<u32>,
+    broker: Option<u32>,
+}
+
+/// CPU time used so far by each process of a [`CpuClock`].
+struct CpuTimes {
+    txpipe: Option<Duration>,
+    broker: Option<Duration>,
+    client: Option<Duration>,
+}
+
+impl CpuClock {
+    fn new(txpipe: Option<u32>) -> Self {
+        Self { txpipe, broker: broker_pid() }
+    }
+
+    fn read(&self) -> CpuTimes {
+        CpuTimes {
+            txpipe: self.txpipe.and_then(|p| cpu_time(&p.to_string())),
+            broker: self.broker.and_then(|p| cpu_time(&p.to_string())),
+            client: cpu_time("self"),
+        }
+    }
+}
+
+impl CpuTimes {
+    fn per_file(&self, after: &CpuTimes, files: u64) -> CpuPerFile {
+        let each = |before: Option<Duration>, after: Option<Duration>| {
+            let used = after?.checked_sub(before?)?;
+            (files > 0).then(|| used.as_secs_f64() * 1e3 / files as f64)
+        };
+        CpuPerFile {
+            txpipe: each(self.txpipe, after.txpipe),
+            broker: each(self.broker, after.broker),
+            client: each(self.client, after.client),
+        }
+    }
+}
+
+/// Clock ticks a second of `/proc/<pid>/stat`'s times: USER_HZ, 100 on every architecture
+/// txpipe is built for (x86_64, aarch64; only alpha and ia64 differ).
+const USER_HZ: f64 = 100.0;
+
+/// User + system CPU time of a process (`self` or a pid), from `/proc/<pid>/stat`.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the fields after the command name, which is in parentheses and may hold spaces: utime
+    // and stime are the 14th and 15th fields, the 12th and 13th after it
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / USER_HZ))
+}
+
+/// The RabbitMQ node on this host (the Erlang VM, `beam.smp`), if exactly one runs: with none
+/// the broker is elsewhere, with several (a local cluster) which one carries the run's queues
+/// is not known, and the broker's figure is left out.
+fn broker_pid() -> Option<u32> {
+    let mut found = std::fs::read_dir("/proc").ok()?.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim_end() == "beam.smp").then_some(pid)
+    });
+    match (found.next(), found.next()) {
+        (Some(pid), None) => Some(pid),
+        _ => None,
+    }
 }
 
 /// Rows a second over the files' storing time (`processing` → `processed` in their status

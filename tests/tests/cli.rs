@@ -353,4 +353,10 @@ async fn bench_e2e_runs_the_pipeline_and_the_broker_ceiling_and_reports_both() {
     let ratio = report["ratio_to_broker"].as_f64().unwrap();
     assert!((ratio - files_per_second / ceiling).abs() < 1e-9, "{report}");
     assert!(report["completed_ms"]["p50"].as_f64().is_some(), "{report}");
+    // CPU a file of the txpipe up it started and of itself (the broker's only when exactly one
+    // runs on the host); /proc counts in 10 ms ticks, so a run this small may read 0
+    for who in ["txpipe", "client"] {
+        let ms = report["cpu_ms_per_file"][who].as_f64();
+        assert!(ms.is_some_and(|ms| ms >= 0.0), "{who}'s CPU a file: {report}");
+    }
 }
