@@ -73,12 +73,20 @@ def seed_item(file_id: str, i: int) -> dict[str, Any]:
 NEW = "attribute_not_exists(transaction_id)"
 
 
+def positive(text: str) -> int:
+    """An argument that must be a whole number above 0."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--moto-pid", type=int, required=True)
-    parser.add_argument("--files", type=int, default=100, help="100-row files a layout writes a round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--files", type=positive, default=100, help="100-row files a layout writes a round")
+    parser.add_argument("--rounds", type=positive, default=3)
     args = parser.parse_args()
 
     ddb = boto3.client(

@@ -594,13 +594,14 @@ async fn measure(
         await_all(&finished, &ids, opts.idle_timeout()).await;
     }
     let calls_before = storage_calls(&http, base, key).await;
-    let cpu = CpuClock::new(txpipe_pid);
-    let cpu_before = cpu.read();
+    // the processes whose CPU a file is reported: txpipe up, the broker, this client
+    let pids = [txpipe_pid, broker_pid(), Some(std::process::id())];
+    let cpu_before = pids.map(|p| p.and_then(cpu_time));
     let started = Instant::now();
     let sent = upload_all(&http, base, key, run_id, opts.warmup, opts.files, opts).await;
     let ids: Vec<String> = sent.iter().filter_map(|s| s.file_id.clone()).collect();
     await_all(&finished, &ids, opts.idle_timeout()).await;
-    let cpu_after = cpu.read();
+    let cpu_after = pids.map(|p| p.and_then(cpu_time));
     listener.abort();
     broker.close().await;
     let calls_after = storage_calls(&http, base, key).await;
@@ -651,7 +652,7 @@ async fn measure(
         ratio_to_broker: None,
         client_peak_rss_bytes: None,
         txpipe_peak_rss_bytes: None,
-        cpu_ms_per_file: cpu_before.per_file(&cpu_after, completed),
+        cpu_ms_per_file: CpuPerFile::between(cpu_before, cpu_after, completed),
         sqlite_rows_per_second: None,
         stored_rows_per_second,
         ratio_to_sqlite: None,
@@ -682,47 +683,14 @@ impl CpuPerFile {
             .collect();
         (!parts.is_empty()).then(|| parts.join(", "))
     }
-}
 
-/// The processes whose CPU time a run reads from `/proc` (Linux; elsewhere every figure is
-/// left out): the `txpipe up` it started, the broker and itself.
-struct CpuClock {
-    txpipe: Option<u32>,
-    broker: Option<u32>,
-}
-
-/// CPU time used so far by each process of a [`CpuClock`].
-struct CpuTimes {
-    txpipe: Option<Duration>,
-    broker: Option<Duration>,
-    client: Option<Duration>,
-}
-
-impl CpuClock {
-    fn new(txpipe: Option<u32>) -> Self {
-        Self { txpipe, broker: broker_pid() }
-    }
-
-    fn read(&self) -> CpuTimes {
-        CpuTimes {
-            txpipe: self.txpipe.and_then(|p| cpu_time(&p.to_string())),
-            broker: self.broker.and_then(|p| cpu_time(&p.to_string())),
-            client: cpu_time("self"),
-        }
-    }
-}
-
-impl CpuTimes {
-    fn per_file(&self, after: &CpuTimes, files: u64) -> CpuPerFile {
-        let each = |before: Option<Duration>, after: Option<Duration>| {
-            let used = after?.checked_sub(before?)?;
+    /// From the CPU times of (txpipe up, the broker, this client) before and after `files`.
+    fn between(before: [Option<Duration>; 3], after: [Option<Duration>; 3], files: u64) -> Self {
+        let each = |i: usize| {
+            let used = after[i]?.checked_sub(before[i]?)?;
             (files > 0).then(|| used.as_secs_f64() * 1e3 / files as f64)
         };
-        CpuPerFile {
-            txpipe: each(self.txpipe, after.txpipe),
-            broker: each(self.broker, after.broker),
-            client: each(self.client, after.client),
-        }
+        Self { txpipe: each(0), broker: each(1), client: each(2) }
     }
 }
 
@@ -730,8 +698,9 @@ impl CpuTimes {
 /// txpipe is built for (x86_64, aarch64; only alpha and ia64 differ).
 const USER_HZ: f64 = 100.0;
 
-/// User + system CPU time of a process (`self` or a pid), from `/proc/<pid>/stat`.
-fn cpu_time(pid: &str) -> Option<Duration> {
+/// User + system CPU time of a process, from `/proc/<pid>/stat` (Linux; None elsewhere, or
+/// once it is gone).
+fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // the fields after the command name, which is in parentheses and may hold spaces: utime
     // and stime are the 14th and 15th fields, the 12th and 13th after it

@@ -77,6 +77,13 @@ impl Names {
         format!("{}-transaction-versions", self.ns)
     }
 
+    /// `{ns}-transaction-earlier-versions` (embedded store only): the versions a later one
+    /// replaced, keyed by the file that wrote them and transaction_id. There
+    /// `{ns}-transaction-versions` is a view of these and the current rows.
+    pub fn transaction_earlier_versions_table(&self) -> String {
+        format!("{}-transaction-earlier-versions", self.ns)
+    }
+
     /// `{ns}-processing-status`, keyed by file_id.
     pub fn status_table(&self) -> String {
         format!("{}-processing-status", self.ns)

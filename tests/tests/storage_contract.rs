@@ -84,7 +84,7 @@ async fn sqlite_transaction_store_meets_the_contract() {
 
 #[tokio::test]
 async fn a_versions_table_from_before_becomes_a_view_and_keeps_every_version() {
-    use txpipe_common::storage::{sqlite::earlier_versions_table, WriteOutcome};
+    use txpipe_common::storage::WriteOutcome;
     let dir = tempfile::tempdir().unwrap();
     let settings = txpipe_tests::test_settings(dir.path());
     let names = settings.names();
@@ -100,8 +100,11 @@ async fn a_versions_table_from_before_becomes_a_view_and_keeps_every_version() {
     // the database as an older txpipe left it: every version in the versions table, a table
     // (the current ones a second time), and neither the earlier versions' table nor the index
     let q = |t: String| format!("\"{t}\"");
-    let (tt, vt, et) =
-        (q(names.transactions_table()), q(names.transaction_versions_table()), q(earlier_versions_table(&names)));
+    let (tt, vt, et) = (
+        q(names.transactions_table()),
+        q(names.transaction_versions_table()),
+        q(names.transaction_earlier_versions_table()),
+    );
     let cols = "file_id, transaction_id, amount, currency, timestamp, timestamp_epoch, merchant, status, \
                 processed_at, version, replaces_file, replaces_version";
     let db = rusqlite::Connection::open(txpipe_common::storage::local::LocalLayout::of(&settings).database()).unwrap();

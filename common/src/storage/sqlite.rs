@@ -139,11 +139,6 @@ fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The SQLite name of the table of replaced versions (`{ns}-transaction-earlier-versions`).
-pub fn earlier_versions_table(names: &Names) -> String {
-    format!("{}-transaction-earlier-versions", names.namespace())
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` with the tables of `names`.
     pub async fn open(path: &Path, names: &Names) -> Result<Self, StorageError> {
@@ -153,7 +148,7 @@ impl SqliteStore {
         let by_file = quoted(&format!("{}-by-file", names.transactions_table()));
         let versions_table = quoted(&names.transaction_versions_table());
         let vt = versions_table.clone();
-        let earlier_table = quoted(&earlier_versions_table(names));
+        let earlier_table = quoted(&names.transaction_earlier_versions_table());
         let et = earlier_table.clone();
         let of_file = quoted(&format!("{}-of-file", names.transactions_table()));
         let keys_table = quoted(&names.api_keys_table());
@@ -703,11 +698,9 @@ fn upgrade_versions(conn: &Connection, tt: &str, vt: &str, et: &str) -> Result<(
         .query_row(&format!("SELECT type FROM sqlite_master WHERE name = {}", sql_text(vt)), [], |r| r.get(0))
         .optional()
         .map_err(db_err)?;
-    // the versions table's own column order, so `SELECT *` on the view reads as it did
-    let columns = VERSIONS_COLUMNS;
     if kind.as_deref() == Some("table") {
         tx.execute_batch(&format!(
-            "INSERT OR REPLACE INTO {et} ({columns}) SELECT {columns} FROM {vt} AS v
+            "INSERT OR REPLACE INTO {et} ({VERSIONS_COLUMNS}) SELECT {VERSIONS_COLUMNS} FROM {vt} AS v
               WHERE NOT EXISTS (SELECT 1 FROM {tt} AS t
                                 WHERE t.transaction_id = v.transaction_id AND t.file_id = v.file_id);
              DROP TABLE {vt};"
@@ -716,7 +709,9 @@ fn upgrade_versions(conn: &Connection, tt: &str, vt: &str, et: &str) -> Result<(
     }
     if kind.as_deref() != Some("view") {
         tx.execute_batch(&format!(
-            "CREATE VIEW {vt} ({columns}) AS SELECT {columns} FROM {tt} UNION ALL SELECT {columns} FROM {et};"
+            // the versions table's own column order, so `SELECT *` on the view reads as it did
+            "CREATE VIEW {vt} ({VERSIONS_COLUMNS}) AS SELECT {VERSIONS_COLUMNS} FROM {tt}
+             UNION ALL SELECT {VERSIONS_COLUMNS} FROM {et};"
         ))
         .map_err(db_err)?;
     }
