@@ -230,10 +230,18 @@ async fn a_storage_outage_longer_than_every_retry_leaves_no_file_stuck_with_defa
     for i in 0..2 {
         ids.push(fleet.upload(valid_csv(&format!("outage{i}"), ROWS)).await.file_id);
     }
-    // S3 and DynamoDB go away while both files are in flight, for longer than every retry
+    // S3 and DynamoDB go away while both files are in flight, for longer than every retry can
+    // reach: each of the waits between attempts (2 s, then 4 s) at most doubled by its jitter,
+    // and each attempt's own retries inside the AWS SDK (its standard mode waits up to 1 s,
+    // then up to 2 s; 3.5 s with the tries themselves). A shorter outage (16 s) let a third
+    // attempt outlive it now and then, and the file completed without failing.
+    let waits_ms: f64 = (0..defaults.retry_attempts.saturating_sub(1))
+        .map(|k| 2.0 * defaults.retry_initial_delay_ms as f64 * f64::from(defaults.retry_factor).powi(k as i32))
+        .sum();
+    let outage = Duration::from_millis(waits_ms as u64 + defaults.retry_attempts as u64 * 3_500 + 2_000);
     proxy.refuse(true);
     proxy.cut();
-    tokio::time::sleep(Duration::from_secs(16)).await;
+    tokio::time::sleep(outage).await;
     proxy.refuse(false);
 
     let (mut failed, mut completed) = (0, 0);
@@ -267,8 +275,9 @@ async fn a_storage_outage_longer_than_every_retry_leaves_no_file_stuck_with_defa
     let dlq = fleet.dlq_count().await;
     assert_eq!(dlq as usize, failed, "each failure's message is in the DLQ, nothing else");
     eprintln!(
-        "outage (S3+DynamoDB unreachable 16 s, default retries): files 2, failed then retried {failed}, \
-         completed {completed}, stuck 0, DLQ {dlq}"
+        "outage (S3+DynamoDB unreachable {:.1} s, default retries): files 2, failed then retried {failed}, \
+         completed {completed}, stuck 0, DLQ {dlq}",
+        outage.as_secs_f64()
     );
     fleet.shutdown().await;
 }
