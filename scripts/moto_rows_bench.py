@@ -14,7 +14,11 @@ read around each layout's files:
 * ``one-conditional-item``: the fewest items any conditional layout can write: 1
   TransactWriteItems of 100 conditional puts into the transactions table, nothing else (a
   lower bound, not a design: without the versions item a file's rows could not be listed
-  consistently).
+  consistently);
+* ``versions-apart``: a design not built, for the issue's author to weigh: the versions items
+  as 4 unconditional BatchWriteItem of 25 first, then 1 TransactWriteItems of the 100
+  conditional puts into the transactions table. The version and the current row would no
+  longer be written atomically (a refused row's version must then be deleted).
 
 Layouts take turns, round after round, so moto's own drift (its tables grow) falls on all of
 them alike. The two tables get names unique to the run and are deleted afterwards. Prints
@@ -137,10 +141,19 @@ def main() -> int:
             TransactItems=[{"Put": {"TableName": tx, "Item": it, "ConditionExpression": NEW}} for it in items]
         )
 
+    def versions_apart(file_id: str) -> None:
+        items = [txpipe_item(file_id, i) for i in range(100)]
+        for c in range(0, 100, 25):
+            ddb.batch_write_item(RequestItems={versions: [{"PutRequest": {"Item": it}} for it in items[c : c + 25]]})
+        ddb.transact_write_items(
+            TransactItems=[{"Put": {"TableName": tx, "Item": it, "ConditionExpression": NEW}} for it in items]
+        )
+
     layouts: dict[str, Callable[[str], None]] = {
         "seed (4 BatchWriteItem x 25)": seed,
         "txpipe (2 TransactWriteItems x 50 rows, 2 items a row)": txpipe,
         "one-conditional-item (1 TransactWriteItems x 100)": one_conditional_item,
+        "versions-apart (4 BatchWriteItem x 25 versions, then 1 TransactWriteItems x 100)": versions_apart,
     }
     ms: dict[str, list[float]] = {name: [] for name in layouts}
     try:
