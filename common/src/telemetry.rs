@@ -44,7 +44,13 @@ pub fn init(service: &'static str, format: LogFormat) {
         Ok(None) => (None, None),
         Err(e) => (None, Some(e)),
     };
-    let result = tracing_subscriber::registry().with(logs.with_filter(filter)).with(export).try_init();
+    // Without an exporter the filter is the subscriber's own: a span or event it turns away is
+    // never made at all, and no per-layer bookkeeping is paid on every span entered (a few
+    // per cent of the CPU at high file rates). With one, it filters the log lines only.
+    let result = match export {
+        Some(export) => tracing_subscriber::registry().with(logs.with_filter(filter)).with(export).try_init(),
+        None => tracing_subscriber::registry().with(logs).with(filter).try_init(),
+    };
     if result.is_ok() {
         tracing::info!(
             service,
