@@ -57,8 +57,10 @@ where
         },
     };
     let signal = stop.clone();
+    // listening from here on, before anything is started or printed
+    let asked = crate::shutdown::shutdown_signal();
     tokio::spawn(async move {
-        crate::shutdown::shutdown_signal().await;
+        asked.await;
         signal.cancel();
     });
     let result = run(listener, deps.clone(), stop.clone().cancelled_owned()).await;

@@ -1262,3 +1262,58 @@ impl ListingIndexes {
         .map_err(db_err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A short read runs on the calling worker when SQLite answers at once; when it answers busy
+    /// (another process recovering the WAL, say), the read runs again on the blocking pool,
+    /// where it may wait out the busy timeout without holding up the worker's other tasks.
+    #[tokio::test(flavor = "current_thread")]
+    // held on purpose: the read must go round the held connection, not wait for it
+    #[allow(clippy::await_holding_lock)]
+    async fn a_quick_read_that_meets_a_busy_database_waits_on_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("txpipe.sqlite3"), &Names::new("unit").unwrap()).await.unwrap();
+        let here = std::thread::current().id();
+        let read = |c: &mut Connection| c.query_row("SELECT 7", [], |r| r.get::<_, i64>(0));
+
+        let ran_on = store.quick(move |c| read(c).map(|v| (v, std::thread::current().id()))).await.unwrap();
+        assert_eq!(ran_on, (7, here), "answered at once: read in place");
+
+        let busy_once = Arc::new(AtomicBool::new(true));
+        let flag = busy_once.clone();
+        let ran_on = store
+            .quick(move |c| {
+                if flag.swap(false, Ordering::SeqCst) {
+                    let busy = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY);
+                    return Err(rusqlite::Error::SqliteFailure(busy, None));
+                }
+                read(c).map(|v| (v, std::thread::current().id()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(ran_on.0, 7);
+        assert_ne!(ran_on.1, here, "busy: read again on the blocking pool");
+
+        // another task holding the quick connection: straight to the blocking pool
+        let held = store.quick.lock().unwrap();
+        let ran_on = store.quick(move |c| read(c).map(|v| (v, std::thread::current().id()))).await.unwrap();
+        drop(held);
+        assert_ne!(ran_on.1, here);
+
+        // any other error is the answer, not a reason to read again
+        let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = tries.clone();
+        let _refused = store
+            .quick(move |c| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                c.query_row("SELECT * FROM no_such_table", [], |r| r.get::<_, i64>(0))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+    }
+}
