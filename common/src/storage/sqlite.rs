@@ -4,7 +4,9 @@
 //! let several processes on one host share it. Writes go through one writer thread per store
 //! that commits many callers' writes in one transaction ([`super::group_commit`]); reads run
 //! on a connection of their own on the blocking pool (WAL readers see the last commit and
-//! never wait for the writer), so the async workers never stall on the database.
+//! never wait for the writer), so the async workers never stall on the database. The API key
+//! read of every request runs in place when SQLite can answer it without waiting
+//! ([`SqliteStore::quick`]), and on the blocking pool otherwise.
 
 use super::group_commit::Writer;
 use super::listing::{cursor_after, listing_key};
