@@ -31,7 +31,8 @@ pub struct SqliteStore {
     /// For reads.
     conn: Arc<Mutex<Connection>>,
     /// For the one read every request makes (its API key), on the async worker itself: a
-    /// connection without a busy timeout, so it never waits (see [`SqliteStore::quick`]).
+    /// connection without a busy timeout, so it never waits for a lock (see
+    /// [`SqliteStore::quick`]).
     quick: Mutex<Connection>,
     /// For writes: group commit.
     writer: Writer,
@@ -289,7 +290,7 @@ impl SqliteStore {
     /// busy wait. Otherwise (another task has the connection, or SQLite answers busy: another
     /// process recovering the WAL, say) on the blocking pool ([`Self::with`]), where a wait of
     /// up to the busy timeout stalls no other request. Saves the hop to the blocking pool on
-    /// every request, a few per cent of the gateway's CPU at high rates (docs/benchmarks.md).
+    /// every request (2–3 % of `txpipe up`'s CPU at high file rates, docs/benchmarks.md).
     async fn quick<T: Send + 'static>(
         &self,
         f: impl Fn(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
