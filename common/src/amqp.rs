@@ -585,6 +585,17 @@ impl Publisher {
     pub fn is_usable(&self) -> bool {
         self.broker.is_connected()
     }
+
+    /// Closes the confirm channel, waiting for the broker's answer (a later publish opens a new
+    /// one). For a service that is done publishing before the connection closes: a channel
+    /// whose last handle is merely dropped is closed by lapin in the background, and when the
+    /// connection's close overtakes that, lapin logs it as a connection error.
+    pub async fn close(&self) {
+        let held = self.channel.lock().await.take();
+        if let Some(channel) = held.filter(|c| c.status().connected()) {
+            let _ = tokio::time::timeout(CONFIRM_TIMEOUT, channel.close(200, s("done"))).await;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -188,6 +188,8 @@ pub async fn run(deps: &Deps, handler: Arc<dyn Handler>, shutdown: impl Future<O
     stopping.cancel();
     drain(stage, &mut tasks).await;
     let _ = sweeper.await;
+    // closed now, not when its last handle goes: see Publisher::close
+    ctx.publisher.close().await;
     result
 }
 

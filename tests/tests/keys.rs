@@ -293,9 +293,11 @@ async fn txpipe_keys_creates_lists_and_revokes_and_the_client_commands_send_the_
     fleet.shutdown().await;
 }
 
-/// Starts `txpipe up` on port 0; returns the process, the gateway URL and the key it printed.
-async fn up(dir: &std::path::Path, ns: &str) -> (tokio::process::Child, String, String) {
+/// Starts `txpipe up` on port 0; returns the process, the gateway URL, the key it printed and
+/// the file its log lines (stderr) go to.
+async fn up(dir: &std::path::Path, ns: &str) -> (tokio::process::Child, String, String, std::path::PathBuf) {
     use tokio::io::AsyncBufReadExt;
+    let log = dir.join(format!("up-{}.log", uuid::Uuid::new_v4().simple()));
     let mut child = tokio::process::Command::new(txpipe_bin())
         .arg("up")
         .env("TXPIPE_NAMESPACE", ns)
@@ -305,7 +307,7 @@ async fn up(dir: &std::path::Path, ns: &str) -> (tokio::process::Child, String, 
         // the harness's own variable, not a setting: these run on local storage
         .env_remove("TXPIPE_TEST_STORAGE")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -323,21 +325,27 @@ async fn up(dir: &std::path::Path, ns: &str) -> (tokio::process::Child, String, 
     let key =
         regex::Regex::new(r"x-api-key: (txp_[0-9a-f]{64})").unwrap().captures(&curl).expect("the key")[1].to_owned();
     let url = regex::Regex::new(r"(http://[0-9.:]+)/upload").unwrap().captures(&curl).expect("the URL")[1].to_owned();
-    (child, url, key)
+    (child, url, key, log)
 }
 
-async fn stop(mut child: tokio::process::Child) {
+/// Stops `txpipe up` as a supervisor would: it exits 0 and logs no error on the way (an
+/// operator alerting on ERROR lines sees none at a deploy).
+async fn stop(mut child: tokio::process::Child, log: &std::path::Path) {
     let pid = child.id().expect("running").to_string();
     tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
     let status = tokio::time::timeout(Duration::from_secs(40), child.wait()).await.expect("stops").unwrap();
     assert!(status.success());
+    let lines = std::fs::read_to_string(log).unwrap();
+    let errors: Vec<&str> = lines.lines().filter(|l| l.contains(r#""level":"ERROR""#)).collect();
+    assert!(errors.is_empty(), "a clean stop logged errors: {errors:#?}");
+    assert!(lines.contains(r#""message":"stopped""#), "{lines}");
 }
 
 #[tokio::test]
 async fn txpipe_up_makes_a_local_key_once_keeps_it_private_and_prints_it_again() {
     let dir = tempfile::tempdir().unwrap();
     let ns = txpipe_tests::fresh_namespace();
-    let (first, url, key) = up(dir.path(), &ns).await;
+    let (first, url, key, first_log) = up(dir.path(), &ns).await;
     let client = txpipe_tests::client_with_key(&key);
     let r = client.post(format!("{url}/upload")).header("content-type", "text/csv").body(valid_csv("up", 1));
     assert_eq!(r.send().await.unwrap().status(), 202, "the printed curl line works");
@@ -346,10 +354,10 @@ async fn txpipe_up_makes_a_local_key_once_keeps_it_private_and_prints_it_again()
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
     }
-    stop(first).await;
-    let (second, _, again) = up(dir.path(), &ns).await;
+    stop(first, &first_log).await;
+    let (second, _, again, second_log) = up(dir.path(), &ns).await;
     assert_eq!(again, key, "a later start prints the same key");
-    stop(second).await;
+    stop(second, &second_log).await;
 
     let mut settings = txpipe_tests::test_settings(dir.path());
     settings.namespace = ns;
