@@ -175,8 +175,11 @@ impl SqliteStore {
                     StorageError::unavailable(format!("cannot create {}", dir.display())).with_source(e)
                 })?;
             }
-            let conn = Connection::open(&path)
-                .map_err(|e| StorageError::unavailable(format!("cannot open {}", path.display())).with_source(e))?;
+            let open = || {
+                Connection::open(&path)
+                    .map_err(|e| StorageError::unavailable(format!("cannot open {}", path.display())).with_source(e))
+            };
+            let conn = open()?;
             conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
             conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
             conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
@@ -238,12 +241,10 @@ impl SqliteStore {
             upgrade_versions(&conn, &tt, &vt, &et)?;
             listing.ensure(&conn)?;
             // the readers' connection: the schema is in place, WAL is a property of the file
-            let reader = Connection::open(&path)
-                .map_err(|e| StorageError::unavailable(format!("cannot open {}", path.display())).with_source(e))?;
+            let reader = open()?;
             reader.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
             // SQLite's default: no busy handler, a lock it cannot take is SQLITE_BUSY at once
-            let quick = Connection::open(&path)
-                .map_err(|e| StorageError::unavailable(format!("cannot open {}", path.display())).with_source(e))?;
+            let quick = open()?;
             Ok::<_, StorageError>((reader, quick, conn))
         })
         .await
