@@ -11,23 +11,32 @@ use std::collections::{HashMap, VecDeque};
 pub(super) const KNOWN_RECORDS: usize = 4096;
 
 pub(super) struct Recent<V> {
-    /// Each entry with the number of its place in `order`.
-    by_id: HashMap<FileId, (V, u64)>,
+    /// Each entry with the number of its place in `order` and its weight.
+    by_id: HashMap<FileId, (V, u64, usize)>,
     /// Files in the order they were put, each with its place's number: a place whose number is
     /// no longer its file's (forgotten and put again since) is passed over when it comes first.
     order: VecDeque<(FileId, u64)>,
     next: u64,
     capacity: usize,
+    /// The most the entries may weigh together (see [`Recent::put_weighing`]).
+    max_weight: usize,
+    weight: usize,
 }
 
 impl<V> Recent<V> {
     pub(super) fn with_capacity(capacity: usize) -> Self {
-        Self { by_id: HashMap::new(), order: Default::default(), next: 0, capacity }
+        Self::with_limits(capacity, usize::MAX)
+    }
+
+    /// At most `capacity` entries, and at most `max_weight` of them together: the oldest go
+    /// first when either is passed.
+    pub(super) fn with_limits(capacity: usize, max_weight: usize) -> Self {
+        Self { by_id: HashMap::new(), order: Default::default(), next: 0, capacity, max_weight, weight: 0 }
     }
 
     /// The entry for `file_id`, by reference (to compare without a copy).
     pub(super) fn peek(&self, file_id: FileId) -> Option<&V> {
-        self.by_id.get(&file_id).map(|(v, _)| v)
+        self.by_id.get(&file_id).map(|(v, _, _)| v)
     }
 
     pub(super) fn contains(&self, file_id: FileId) -> bool {
@@ -35,25 +44,36 @@ impl<V> Recent<V> {
     }
 
     pub(super) fn put(&mut self, file_id: FileId, value: V) {
-        if let Some((old, _)) = self.by_id.get_mut(&file_id) {
+        self.put_weighing(file_id, value, 0);
+    }
+
+    /// Puts an entry that counts `weight` towards the limit on weight (what it holds, say);
+    /// an entry put again keeps its place.
+    pub(super) fn put_weighing(&mut self, file_id: FileId, value: V, weight: usize) {
+        if let Some((old, _, w)) = self.by_id.get_mut(&file_id) {
             *old = value;
-            return;
+            self.weight = self.weight - *w + weight;
+            *w = weight;
+        } else {
+            self.next += 1;
+            self.by_id.insert(file_id, (value, self.next, weight));
+            self.order.push_back((file_id, self.next));
+            self.weight += weight;
         }
-        self.next += 1;
-        self.by_id.insert(file_id, (value, self.next));
-        self.order.push_back((file_id, self.next));
-        while self.order.len() > self.capacity {
-            if let Some((old, place)) = self.order.pop_front() {
-                if self.by_id.get(&old).is_some_and(|(_, p)| *p == place) {
-                    self.by_id.remove(&old);
-                }
+        while self.order.len() > self.capacity || self.weight > self.max_weight {
+            let Some((old, place)) = self.order.pop_front() else { break };
+            if self.by_id.get(&old).is_some_and(|(_, p, _)| *p == place) {
+                self.forget(old);
             }
         }
     }
 
     pub(super) fn forget(&mut self, file_id: FileId) -> Option<V> {
         // its place in `order` goes when it comes first
-        self.by_id.remove(&file_id).map(|(v, _)| v)
+        self.by_id.remove(&file_id).map(|(v, _, w)| {
+            self.weight -= w;
+            v
+        })
     }
 }
 
@@ -79,6 +99,27 @@ mod tests {
         assert_eq!(recent.peek(ids[2]), Some(&2));
         assert_eq!(recent.forget(ids[2]), Some(2));
         assert!(!recent.contains(ids[2]));
+    }
+
+    #[test]
+    fn the_oldest_entries_go_when_the_entries_weigh_too_much() {
+        let mut recent = Recent::with_limits(10, 100);
+        let ids: Vec<FileId> = (0..4).map(|_| FileId::new()).collect();
+        recent.put_weighing(ids[0], 0, 40);
+        recent.put_weighing(ids[1], 1, 40);
+        recent.put_weighing(ids[2], 2, 20);
+        assert!(ids[..3].iter().all(|id| recent.contains(*id)), "100 of 100: all kept");
+        recent.put_weighing(ids[3], 3, 30);
+        assert_eq!(recent.get(ids[0]), None, "the oldest went to make room");
+        assert_eq!((recent.get(ids[1]), recent.get(ids[3])), (Some(1), Some(3)));
+        // an entry put again weighs what it weighs now, and keeps its place
+        recent.put_weighing(ids[1], 11, 70);
+        assert_eq!(recent.get(ids[1]), None, "it was the oldest: it went when it grew");
+        assert_eq!((recent.get(ids[2]), recent.get(ids[3])), (Some(2), Some(3)));
+        recent.put_weighing(ids[2], 12, 10);
+        assert_eq!(recent.forget(ids[3]), Some(3));
+        recent.put_weighing(ids[0], 10, 90);
+        assert_eq!((recent.get(ids[2]), recent.get(ids[0])), (Some(12), Some(10)), "10 + 90 fits");
     }
 
     #[test]

@@ -63,9 +63,15 @@ struct Known {
     record: StatusRecord,
 }
 
-/// Records remembered (each kept twice, as JSON and parsed: about 2.5 KB for a file without
-/// errors): the few files in flight between two stages, not a second copy of the table.
-const REMEMBERED_RECORDS: usize = 1024;
+/// Records remembered (each kept twice, as JSON and parsed: about 1–2 KB for a file without
+/// errors): the files in flight between two stages, not a second copy of the table. Enough for
+/// a backlog of a few thousand uploads waiting for the validator (a burst faster than the
+/// stages): past it, each of the backlog's files is read again and parsed twice.
+const REMEMBERED_RECORDS: usize = 4096;
+/// And at most this much of them, counting each record's JSON twice (the JSON and the record
+/// parsed from it take about as much): larger records (those near [`REMEMBERED_JSON_MAX`]) are
+/// kept fewer.
+const REMEMBERED_BYTES: usize = 6 * 1024 * 1024;
 /// A record larger than this (one carrying a list of row errors) is parsed when it is next
 /// changed rather than kept: the memory it would hold is worth more than the parse.
 const REMEMBERED_JSON_MAX: usize = 4 * 1024;
@@ -123,7 +129,8 @@ impl SqliteStore {
     fn remember(&self, file_id: FileId, seen: Known) {
         let mut known = self.known();
         if seen.json.len() <= REMEMBERED_JSON_MAX {
-            known.put(file_id, seen);
+            let weight = 2 * seen.json.len();
+            known.put_weighing(file_id, seen, weight);
         } else {
             known.forget(file_id);
         }
@@ -263,7 +270,7 @@ impl SqliteStore {
             usage_table,
             idem_table,
             objects_table,
-            known: Arc::new(Mutex::new(Recent::with_capacity(REMEMBERED_RECORDS))),
+            known: Arc::new(Mutex::new(Recent::with_limits(REMEMBERED_RECORDS, REMEMBERED_BYTES))),
         })
     }
 
