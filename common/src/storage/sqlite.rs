@@ -65,9 +65,9 @@ struct Known {
 
 /// Records remembered (each kept twice, as JSON and parsed: about 3 KB in all, measured, for a
 /// file without errors): the files in flight between two stages, not a second copy of the
-/// table. Enough for
-/// a backlog of a few thousand uploads waiting for the validator (a burst faster than the
-/// stages): past it, each of the backlog's files is read again and parsed twice.
+/// table. Enough for a backlog of a few thousand uploads waiting for the validator (a burst
+/// faster than the stages): past it, each of the backlog's files is read again and parsed
+/// twice.
 const REMEMBERED_RECORDS: usize = 4096;
 /// And at most this much of them, counting each record's JSON twice (the JSON and the record
 /// parsed from it take about as much): larger records (those near [`REMEMBERED_JSON_MAX`]) are
