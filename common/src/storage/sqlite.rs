@@ -69,10 +69,10 @@ struct Known {
 /// faster than the stages): past it, each of the backlog's files is read again and parsed
 /// twice.
 const REMEMBERED_RECORDS: usize = 4096;
-/// And at most this much of them, counting each record's JSON twice (the JSON and the record
-/// parsed from it take about as much): larger records (those near [`REMEMBERED_JSON_MAX`]) are
-/// kept fewer.
-const REMEMBERED_BYTES: usize = 6 * 1024 * 1024;
+/// And at most about this much memory: each record counts three times its JSON's length (the
+/// JSON, the record parsed from it and the map's own: ~3 KB for a ~900-byte record, measured),
+/// so larger records (up to [`REMEMBERED_JSON_MAX`]) are kept fewer.
+const REMEMBERED_BYTES: usize = 8 * 1024 * 1024;
 /// A record larger than this (one carrying a list of row errors) is parsed when it is next
 /// changed rather than kept: the memory it would hold is worth more than the parse.
 const REMEMBERED_JSON_MAX: usize = 4 * 1024;
@@ -130,7 +130,7 @@ impl SqliteStore {
     fn remember(&self, file_id: FileId, seen: Known) {
         let mut known = self.known();
         if seen.json.len() <= REMEMBERED_JSON_MAX {
-            let weight = 2 * seen.json.len();
+            let weight = 3 * seen.json.len();
             known.put_weighing(file_id, seen, weight);
         } else {
             known.forget(file_id);
