@@ -192,10 +192,17 @@ pub enum ConfigError {
     Value { name: &'static str, why: &'static str },
 }
 
+/// `TXPIPE_*` variables that are not settings but knobs of the project's own scripts and tests
+/// (`scripts/ensure-moto`, `scripts/api-fuzz`, the test suite), which start services with the
+/// environment they were given. They are passed over, not refused as misspelt settings, so a
+/// developer may export them in any shell, as with `TXPIPE_API_KEY`.
+const TOOLING_VARIABLES: [&str; 4] = ["CACHE_DIR", "MOTO_PORT", "API_FUZZ_SECONDS", "TEST_STORAGE"];
+
 impl Settings {
     /// Defaults overridden by `TXPIPE_*` variables of this process's environment.
     pub fn load() -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(Env::prefixed("TXPIPE_")))
+        let env = Env::prefixed("TXPIPE_").ignore(&TOOLING_VARIABLES);
+        Self::from_figment(Figment::from(Serialized::defaults(Settings::default())).merge(env))
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
@@ -402,5 +409,20 @@ mod tests {
         assert_eq!(with_env(&[("TXPIPE_INLINE_MAX_BYTES", "0")]).unwrap().inline_max_bytes, 0, "0: never");
         let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
         assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
+    }
+
+    #[test]
+    fn the_scripts_own_variables_are_passed_over() {
+        let s = with_env(&[
+            ("TXPIPE_CACHE_DIR", "/somewhere"),
+            ("TXPIPE_MOTO_PORT", "6000"),
+            ("TXPIPE_API_FUZZ_SECONDS", "600"),
+            ("TXPIPE_TEST_STORAGE", "aws"),
+            ("TXPIPE_NAMESPACE", "acme"),
+        ])
+        .unwrap();
+        assert_eq!(s.namespace, "acme");
+        let err = with_env(&[("TXPIPE_CACHE_DIRS", "/somewhere")]).unwrap_err();
+        assert!(err.to_lowercase().contains("cache_dirs"), "only those exact names: {err}");
     }
 }
