@@ -9,7 +9,8 @@
 //! - the file itself (an earlier delivery wrote it): already done;
 //! - a file that finished storing (`processed` or later: *committed*): the same values are
 //!   `already_stored` and written no more; other values are a conflict (refused, one error per
-//!   row naming the columns and the file), or with `on_conflict=update` the next version;
+//!   row naming the columns and the file), or with `on_conflict=update` the next version, if
+//!   the file that wrote it has the same owner (tenants never change each other's rows);
 //! - a file that gave up (failed, or gone): its rows were never committed; its version is
 //!   reverted and the row tried again;
 //! - a file still storing: the older upload waits for the row to settle; the younger one
@@ -86,23 +87,29 @@ pub struct Ledger {
     transactions: Arc<dyn TransactionStore>,
     statuses: Arc<dyn StatusStore>,
     writer: FileId,
+    /// The key that uploaded the file (`uploaded_by`; none without keys): an update replaces
+    /// only versions written by files of the same owner.
+    owner: Option<String>,
     on_conflict: OnConflict,
     max_errors: usize,
     /// After a conflict in all-or-nothing mode: nothing more is written, rows are only checked
     /// so every conflict is reported.
     refusing: bool,
     refuse_on_conflict: bool,
-    committed: HashMap<FileId, ()>,
+    /// Files known to have committed, with their owners.
+    committed: HashMap<FileId, Option<String>>,
     tally: Tally,
 }
 
 impl Ledger {
-    /// A writer for `writer`'s rows. `refuse_on_conflict`: a conflict refuses the whole file (all-or-nothing
-    /// mode), so writing stops at the first and the rest is only checked.
+    /// A writer for `writer`'s rows, uploaded by `owner`. `refuse_on_conflict`: a conflict
+    /// refuses the whole file (all-or-nothing mode), so writing stops at the first and the rest
+    /// is only checked.
     pub fn new(
         transactions: Arc<dyn TransactionStore>,
         statuses: Arc<dyn StatusStore>,
         writer: FileId,
+        owner: Option<String>,
         on_conflict: OnConflict,
         refuse_on_conflict: bool,
         max_errors: usize,
@@ -111,6 +118,7 @@ impl Ledger {
             transactions,
             statuses,
             writer,
+            owner,
             on_conflict,
             max_errors,
             refusing: false,
@@ -268,8 +276,10 @@ impl Ledger {
             if now.file_id == self.writer {
                 continue;
             }
-            if self.is_committed(now.file_id).await? == Holder::Committed && !row.tx.differing_columns(now).is_empty() {
-                let e = conflict_error(&row, now);
+            if self.is_committed(now.file_id).await? != Holder::Committed || row.tx.differing_columns(now).is_empty() {
+                continue;
+            }
+            if let Some(e) = self.conflict_of(&row, now) {
                 self.conflict(e);
             }
         }
@@ -282,15 +292,11 @@ impl Ledger {
             return Ok(Decision::Mine);
         }
         Ok(match self.is_committed(now.file_id).await? {
-            Holder::Committed => {
-                if row.tx.differing_columns(now).is_empty() {
-                    Decision::AlreadyStored
-                } else if self.on_conflict == OnConflict::Update {
-                    Decision::Write(fresh(&row.tx).replacing(now))
-                } else {
-                    Decision::Conflict(conflict_error(row, now))
-                }
-            }
+            Holder::Committed if row.tx.differing_columns(now).is_empty() => Decision::AlreadyStored,
+            Holder::Committed => match self.conflict_of(row, now) {
+                Some(e) => Decision::Conflict(e),
+                None => Decision::Write(fresh(&row.tx).replacing(now)),
+            },
             Holder::Abandoned => Decision::TakeOver(now.file_id),
             // file ids are UUIDv7: the smaller one was uploaded first
             Holder::Storing if self.writer < now.file_id => Decision::Wait,
@@ -298,20 +304,31 @@ impl Ledger {
         })
     }
 
+    /// Of a row whose transaction a committed file stored with other values: the conflict, or
+    /// none when this file is to write the next version (`on_conflict=update`, and the stored
+    /// version's file has this file's owner).
+    fn conflict_of(&self, row: &Row, now: &Transaction) -> Option<RowError> {
+        if self.on_conflict != OnConflict::Update {
+            return Some(conflict_error(row, now, false));
+        }
+        let same_owner = self.committed.get(&now.file_id) == Some(&self.owner);
+        (!same_owner).then(|| conflict_error(row, now, true))
+    }
+
     async fn is_committed(&mut self, holder: FileId) -> Result<Holder, StorageError> {
         if self.committed.contains_key(&holder) {
             return Ok(Holder::Committed);
         }
-        let state = match self.statuses.get(holder).await?.map(|r| r.status) {
-            Some(s) if s.is_at_or_past(FileStatus::Processed) => Holder::Committed,
-            None | Some(FileStatus::ProcessingFailed | FileStatus::ValidationFailed) => Holder::Abandoned,
-            Some(_) => Holder::Storing,
-        };
-        if state == Holder::Committed {
-            // a committed file stays committed: no need to ask again
-            self.committed.insert(holder, ());
-        }
-        Ok(state)
+        let Some(record) = self.statuses.get(holder).await? else { return Ok(Holder::Abandoned) };
+        Ok(match record.status {
+            s if s.is_at_or_past(FileStatus::Processed) => {
+                // a committed file stays committed (and its owner its owner): no need to ask again
+                self.committed.insert(holder, record.uploaded_by);
+                Holder::Committed
+            }
+            FileStatus::ProcessingFailed | FileStatus::ValidationFailed => Holder::Abandoned,
+            _ => Holder::Storing,
+        })
     }
 }
 
@@ -348,14 +365,16 @@ fn quote(v: &str) -> String {
 }
 
 /// The error for a row that conflicts with a stored transaction. It names the columns and the
-/// file, not the stored values: that file may be another tenant's.
-fn conflict_error(row: &Row, stored: &Transaction) -> RowError {
+/// file, not the stored values: that file may be another tenant's. `not_yours`: an update was
+/// asked for, and the stored version is another owner's.
+fn conflict_error(row: &Row, stored: &Transaction, not_yours: bool) -> RowError {
     let columns = row.tx.differing_columns(stored);
+    let why = if not_yours { "; on_conflict=update replaces only transactions stored by your own files" } else { "" };
     RowError {
         row: row.row,
         column: columns.first().map(|c| (*c).to_owned()),
         message: format!(
-            "transaction_id {} was already stored by file {} with a different {}",
+            "transaction_id {} was already stored by file {} with a different {}{why}",
             quote(&row.tx.transaction_id),
             stored.file_id,
             columns.join(", ")

@@ -1,7 +1,7 @@
 //! The ledger rules, end to end over HTTP (on both backends: `scripts/test` runs this file
 //! again on S3 and DynamoDB): a transaction id is one transaction across files; the same
 //! values are stored once, other values refuse the file (or, asked for, become a new version
-//! with the earlier kept); two files racing with conflicting rows end with exactly one stored;
+//! with the earlier kept, never over another tenant's); two files racing with conflicting rows end with exactly one stored;
 //! partial mode stores the valid rows and reports the others.
 
 use serde_json::Value;
@@ -146,6 +146,38 @@ async fn an_update_is_a_new_version_and_the_earlier_stays_with_its_file() {
     }
     assert_eq!(strict.object_count().await, 0, "nothing stored for a refused upload");
     strict.shutdown().await;
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_update_never_replaces_another_tenants_transaction() {
+    let fleet = TestFleet::spawn_with(|s| s.allow_upload_on_conflict = true).await;
+    let (alice, mallory) =
+        (fleet.new_key("alice", false, UNLIMITED).await, fleet.new_key("mallory", false, UNLIMITED).await);
+    let a = upload_at(&fleet, &alice, "/upload", format!("{HEADER}{}", row("t-1", "1.00", "Shop"))).await;
+    fleet.wait_for_status(a, &[FileStatus::Completed]).await;
+
+    // another tenant asking for an update is refused as for a conflict, saying why
+    let evil =
+        upload_at(&fleet, &mallory, "/upload?on_conflict=update", format!("{HEADER}{}", row("t-1", "0.01", "Evil")))
+            .await;
+    let refused = fleet.wait_for_status(evil, &[FileStatus::ValidationFailed, FileStatus::Completed]).await;
+    assert_eq!(refused.status, FileStatus::ValidationFailed, "{refused:?}");
+    let e = &refused.errors[0];
+    assert_eq!((e.row, e.column.as_deref()), (1, Some("amount")), "{e:?}");
+    assert!(e.message.contains("your own files"), "{}", e.message);
+    assert!(fleet.transactions(evil, 10).await.is_empty(), "nothing of a refused file is stored");
+    let (code, t1) = fleet.get_as(Some(&alice), "/transactions/t-1").await;
+    assert_eq!(code, 200, "the owner still sees its transaction: {t1}");
+    assert_eq!((t1["amount"].as_str(), t1["file_id"].as_str()), (Some("1.00"), Some(a.to_string().as_str())));
+
+    // the owner's own update is the next version
+    let b = upload_at(&fleet, &alice, "/upload?on_conflict=update", format!("{HEADER}{}", row("t-1", "2.00", "Shop")))
+        .await;
+    let done = fleet.wait_for_status(b, &[FileStatus::Completed, FileStatus::ValidationFailed]).await;
+    assert_eq!((done.status, done.records_processed), (FileStatus::Completed, Some(1)), "{done:?}");
+    let (_, t1) = fleet.get_as(Some(&alice), "/transactions/t-1").await;
+    assert_eq!((t1["amount"].as_str(), t1["version"].as_u64()), (Some("2.00"), Some(2)), "{t1}");
     fleet.shutdown().await;
 }
 

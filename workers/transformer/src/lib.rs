@@ -58,6 +58,7 @@ impl Transformer {
             storage.transactions.clone(),
             storage.statuses.clone(),
             record.file_id,
+            record.uploaded_by.clone(),
             record.options.on_conflict,
             !partial,
             self.deps.settings.max_reported_errors,
