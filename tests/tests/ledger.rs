@@ -1,8 +1,8 @@
 //! The ledger rules, end to end over HTTP (on both backends: `scripts/test` runs this file
 //! again on S3 and DynamoDB): a transaction id is one transaction across files; the same
 //! values are stored once, other values refuse the file (or, asked for, become a new version
-//! with the earlier kept, never over another tenant's); two files racing with conflicting rows end with exactly one stored;
-//! partial mode stores the valid rows and reports the others.
+//! with the earlier kept, never over another tenant's); two files racing with conflicting rows
+//! end with exactly one stored; partial mode stores the valid rows and reports the others.
 
 use serde_json::Value;
 use std::time::Duration;
