@@ -14,7 +14,9 @@
 //! `file.rejected` and the notifications exchange's `file.completed`, `file.rejected` and
 //! `file.failed` (`Service::hears`), so every replica hears every event; an event wakes the
 //! uploads waiting for its file ([`Verdicts`], a map of file id to waiters), which read the
-//! status once and answer or wait again. A waiter is registered *before* its first read (the
+//! status and answer or wait again (an event may come a moment before the record it is
+//! about, so a read that does not yet show it is followed by a few quick ones, 5 to 320 ms
+//! apart). A waiter is registered *before* its first read (the
 //! decision may predate it), and re-reads every [`FALLBACK_READ`] anyway, so an event lost
 //! (a broker reconnect, a full queue, a gateway whose user may not subscribe) costs at most
 //! that much delay. Nobody waiting, no queue: a gateway whose clients never wait costs the
@@ -35,6 +37,11 @@ use txpipe_common::{Deps, FileId};
 pub(crate) const MAX_WAIT_SECS: u64 = 60;
 /// How often a waiting upload reads its status even without an event.
 const FALLBACK_READ: Duration = Duration::from_secs(2);
+/// After an event whose file the read does not yet show decided, the first of a few quick
+/// reads (the pause doubles up to [`QUICK_READ_MAX`]): an event can come a moment before the
+/// record it is about (the notifier announces `file.completed`, then records `completed`).
+const QUICK_READ: Duration = Duration::from_millis(5);
+const QUICK_READ_MAX: Duration = Duration::from_millis(320);
 /// The pause before subscribing again after the subscription failed or ended.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 /// How long the subscription stays after the last wait ended.
@@ -195,6 +202,8 @@ impl Verdicts {
         self.0.wanted.notify_one();
         let mut subscribed = self.0.subscribed.subscribe();
         let _ = tokio::time::timeout(SUBSCRIBE_WAIT.min(wait), subscribed.wait_for(|s| *s)).await;
+        // the pause before the next quick read, after an event
+        let mut quick: Option<Duration> = None;
         loop {
             let read = tokio::time::timeout_at(deadline, deps.storage.statuses.get(file_id)).await;
             match read {
@@ -212,8 +221,10 @@ impl Verdicts {
                 }
             };
             tokio::select! {
-                _ = event => {}
-                _ = tokio::time::sleep(FALLBACK_READ) => {}
+                _ = event => quick = Some(QUICK_READ),
+                _ = tokio::time::sleep(quick.unwrap_or(FALLBACK_READ)) => {
+                    quick = quick.map(|d| d * 2).filter(|d| *d <= QUICK_READ_MAX);
+                }
                 _ = tokio::time::sleep_until(deadline) => return None,
                 _ = self.0.stopping.cancelled() => return None,
             }
