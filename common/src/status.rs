@@ -422,9 +422,9 @@ impl StatusRecord {
         if let Some(v) = update.rejected_rows {
             self.rejected_rows = Some(v);
         }
-        if update.reason.is_some() {
-            self.reason = update.reason;
-        }
+        // the reason is the new status's (a failure's); a file retried from a failure and
+        // moving on has none, and the failure's stays in its history entry
+        self.reason = update.reason;
         self.bound();
         true
     }
@@ -589,6 +589,24 @@ mod tests {
 
     fn failed(reason: String) -> StatusUpdate {
         StatusUpdate { reason: Some(reason), ..Default::default() }
+    }
+
+    #[test]
+    fn a_file_retried_after_a_failure_no_longer_shows_the_failures_reason() {
+        let t0 = Utc::now();
+        let mut r = StatusRecord::uploaded(FileId::new(), "uploads/x.csv".into(), 10, t0);
+        for to in [Validating, Validated, Processing] {
+            assert!(r.advance(to, StatusUpdate::default(), t0));
+        }
+        assert!(r.advance(ProcessingFailed, failed("transformer: gave up".into()), t0));
+        assert_eq!(r.reason.as_deref(), Some("transformer: gave up"));
+        // `txpipe retry`: the stage's working status again, then on to the end
+        for to in [Processing, Processed, Completed] {
+            assert!(r.advance(to, StatusUpdate::default(), t0), "{to}");
+        }
+        assert_eq!(r.reason, None, "{r:?}");
+        let failure = r.history.iter().find(|h| h.status == ProcessingFailed).unwrap();
+        assert_eq!(failure.reason.as_deref(), Some("transformer: gave up"), "the history keeps it");
     }
 
     #[test]
