@@ -78,7 +78,12 @@ impl ClientError {
             ClientError::File { .. } => "unreadable_file",
             ClientError::BadAnswer(_) => "bad_answer",
             ClientError::Usage(_) => "usage",
-            ClientError::Timeout { .. } => "timeout",
+            // the file was accepted: a script needs its id to look again later
+            ClientError::Timeout { file_id, status, .. } => {
+                return serde_json::json!({
+                    "error": "timeout", "message": self.to_string(), "file_id": file_id, "status": status
+                });
+            }
         };
         serde_json::json!({ "error": code, "message": self.to_string() })
     }
@@ -363,6 +368,8 @@ mod tests {
         let e = ClientError::Timeout { file_id: "f".into(), status: "processing".into(), seconds: 3 };
         assert_eq!(e.to_json()["error"], "timeout");
         assert!(e.to_json()["message"].as_str().unwrap().contains("processing"));
+        // the file was accepted: its id and last status as fields, for a script to look again
+        assert_eq!((e.to_json()["file_id"].as_str(), e.to_json()["status"].as_str()), (Some("f"), Some("processing")));
     }
 
     #[test]

@@ -43,10 +43,13 @@ impl From<Outcome> for std::process::ExitCode {
     }
 }
 
+/// Where the client commands find the gateway unless told (`txpipe up`'s default address).
+const DEFAULT_GATEWAY: &str = "http://127.0.0.1:8080";
+
 #[derive(clap::Args)]
 pub struct GatewayArgs {
     /// The gateway's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    #[arg(long, default_value = DEFAULT_GATEWAY)]
     pub gateway: String,
     /// The API key to send (as x-api-key).
     #[arg(long = "api-key", env = "TXPIPE_API_KEY", hide_env_values = true)]
@@ -355,7 +358,7 @@ pub async fn files(args: FilesArgs) -> Outcome {
         if let Some(c) = &cursor {
             q.push(("cursor", c.clone()));
         }
-        let page = match gateway.files(&q).await {
+        let page = match files_page(&gateway, &q).await {
             Ok(p) => p,
             Err(e) => return fail(&mut out, args.json, None, &e),
         };
@@ -367,7 +370,7 @@ pub async fn files(args: FilesArgs) -> Outcome {
                 let page_items = page["items"].as_array().map(Vec::as_slice).unwrap_or_default();
                 print_table(&mut out, page_items);
                 if let Some(c) = next {
-                    output::warn(format!("more files: txpipe files --cursor {c} (or --all)"));
+                    output::warn(format!("more files: {} (or --all)", next_page_command(&args, &c)));
                 }
             }
             return Outcome::Ok;
@@ -387,6 +390,47 @@ pub async fn files(args: FilesArgs) -> Outcome {
         print_table(&mut out, &items);
     }
     Outcome::Ok
+}
+
+/// Times a page of `txpipe files` is asked again after a busy or rate-limited answer (429,
+/// 503 with a short `Retry-After`): following many pages with `--all` soon meets a key's rate.
+const PAGE_RETRIES: u32 = 5;
+
+/// One page of `GET /files`, asked again after a short `Retry-After`.
+async fn files_page(gateway: &Gateway, query: &[(&str, String)]) -> Result<Value, ClientError> {
+    let mut retries = 0;
+    loop {
+        match gateway.files(query).await {
+            Err(e @ ClientError::Refused { status: 429 | 503, retry_after: Some(s), .. })
+                if retries < PAGE_RETRIES && s <= MAX_UPLOAD_RETRY_AFTER =>
+            {
+                retries += 1;
+                let wait = s.max(1);
+                output::warn(format!("{e}; trying again in {wait} s"));
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The command that lists the next page: the same filters, page size and gateway, and `cursor`.
+fn next_page_command(args: &FilesArgs, cursor: &str) -> String {
+    let mut cmd = String::from("txpipe files");
+    if args.gateway.gateway != DEFAULT_GATEWAY {
+        cmd.push_str(&format!(" --gateway {}", args.gateway.gateway));
+    }
+    if let Some(s) = &args.status {
+        cmd.push_str(&format!(" --status {s}"));
+    }
+    if let Some(s) = &args.since {
+        cmd.push_str(&format!(" --since {s}"));
+    }
+    if let Some(n) = args.limit {
+        cmd.push_str(&format!(" --limit {n}"));
+    }
+    cmd.push_str(&format!(" --cursor {cursor}"));
+    cmd
 }
 
 fn print_table(out: &mut Out, items: &[Value]) {

@@ -9,6 +9,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
+use txpipe_common::auth::KeyLimits;
 use txpipe_tests::{procs, valid_csv, TestFleet};
 
 /// The most a single `txpipe` command may take (waiting for a file included).
@@ -142,6 +143,17 @@ async fn upload_wait_status_and_files_against_a_running_fleet() {
     assert_exit(&o, 0, "files --status");
     let doc = &json_lines(&o)[0];
     assert_eq!(doc["items"].as_array().unwrap().len(), 2, "{doc}");
+    // one page of several: the command for the next keeps the filters, page size and gateway
+    let o = txpipe(&["files", "--status", "validation_failed", "--limit", "1", "--gateway", &base], Some(&key)).await;
+    assert_exit(&o, 0, "files, one page of two");
+    let hint = format!("more files: txpipe files --gateway {base} --status validation_failed --limit 1 --cursor ");
+    assert!(stderr(&o).contains(&hint), "{}", stderr(&o));
+    // --all with a key allowed one request a second: each page waits for its turn
+    let slow = fleet.new_key("slow", true, KeyLimits { daily_quota: 1000, rate_per_second: 1.0, burst: 1 }).await;
+    let o = txpipe(&["files", "--json", "--all", "--limit", "1", "--gateway", &base], Some(&slow)).await;
+    assert_exit(&o, 0, "files --all at one request a second");
+    assert_eq!(json_lines(&o)[0]["items"].as_array().unwrap().len(), 4, "{}", stdout(&o));
+    assert!(stderr(&o).contains("429 rate_limited") && stderr(&o).contains("trying again in 1 s"), "{}", stderr(&o));
     let o = txpipe(&["files", "--status", "nonsense", "--gateway", &base], Some(&key)).await;
     assert_exit(&o, 2, "files --status nonsense");
     assert!(stderr(&o).contains("400 bad_request: status must be one of"), "{}", stderr(&o));
