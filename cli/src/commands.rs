@@ -32,8 +32,13 @@ impl Outcome {
         }
     }
 
+    /// As [`Self::of_status`], but a `validation_failed` without row errors is the validator
+    /// failing (storage, say), not a verdict on the contents: failed, not rejected.
     fn of_record(record: &Value) -> Self {
-        Self::of_status(record["status"].as_str().unwrap_or(""))
+        match Self::of_status(record["status"].as_str().unwrap_or("")) {
+            Outcome::Rejected if record["error_count"].is_null() => Outcome::Failed,
+            o => o,
+        }
     }
 }
 
@@ -490,6 +495,10 @@ mod tests {
         assert_eq!(Outcome::of_status("validation_failed"), Outcome::Rejected);
         assert_eq!(Outcome::of_status("processing_failed"), Outcome::Failed);
         assert_eq!(Outcome::of_status("notification_failed"), Outcome::Failed);
+        let verdict = serde_json::json!({"status": "validation_failed", "error_count": 2});
+        assert_eq!(Outcome::of_record(&verdict), Outcome::Rejected);
+        let failure = serde_json::json!({"status": "validation_failed", "error_count": null, "reason": "validator: x"});
+        assert_eq!(Outcome::of_record(&failure), Outcome::Failed, "the validator failed, not the file");
         assert_eq!(Outcome::Ok.max(Outcome::Failed).max(Outcome::Rejected), Outcome::Failed);
     }
 

@@ -163,7 +163,8 @@ pub fn summary(name: &str, record: &Value) -> Vec<String> {
             out.extend(error_lines(errors, error_count, &hint));
             out
         }
-        "validation_failed" => {
+        // with row errors: the verdict on the contents (without, the validator failed: below)
+        "validation_failed" if !record["error_count"].is_null() => {
             let mut out = vec![format!(
                 "{name}: rejected, {} in {}{file}",
                 plural(error_count, "problem"),
@@ -313,6 +314,10 @@ mod tests {
         let r = json!({"file_id": "f1", "status": "processing_failed", "reason": "storage\ndown"});
         assert_eq!(summary("a.csv", &r), vec!["a.csv: failed (processing_failed): storage\\ndown (file f1)"]);
         assert_eq!(summary("f1", &r), vec!["f1: failed (processing_failed): storage\\ndown"]);
+        // the validator failing (no row errors) is a failure, not a verdict on the contents
+        let r =
+            json!({"file_id": "f1", "status": "validation_failed", "error_count": null, "reason": "validator: gone"});
+        assert_eq!(summary("f1", &r), vec!["f1: failed (validation_failed): validator: gone"]);
     }
 
     #[test]
