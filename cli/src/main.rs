@@ -143,6 +143,9 @@ impl FilterArgs {
             Some(f) => Some(f.parse().map_err(|_| anyhow::anyhow!("--file-id {f:?} is not a file id"))?),
             None => None,
         };
+        if let Some(s) = self.stage.as_deref().filter(|s| txpipe_common::stage::Stage::parse(s).is_none()) {
+            anyhow::bail!("--stage {s:?} is not a stage (validator, transformer or notifier)");
+        }
         Ok(dlq::Filter { stage: self.stage, file_id, reason: self.reason })
     }
 }
@@ -330,7 +333,9 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<()> {
     let dlq_name = settings.names().dead_letter_queue();
     match command {
         DlqCommand::List { filter, json } => {
-            let items = dlq::list(&broker, &filter.parse()?).await?;
+            let filter = filter.parse()?;
+            let filtered = filter.stage.is_some() || filter.file_id.is_some() || filter.reason.is_some();
+            let items = dlq::list(&broker, &filter).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&items)?);
             } else {
@@ -350,7 +355,8 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<()> {
                         d.reason
                     );
                 }
-                println!("{} dead letter(s) in {dlq_name}", items.len());
+                let matching = if filtered { " match the filter" } else { "" };
+                println!("{} dead letter(s) in {dlq_name}{matching}", items.len());
             }
         }
         DlqCommand::Show { index } => {

@@ -228,7 +228,13 @@ fn parse_amount(s: &str) -> Result<Decimal, String> {
             show(s)
         ));
     }
-    Decimal::from_str_exact(s).map_err(|_| format!("'{}' has more digits than an exact amount can hold (28)", show(s)))
+    // the exact type holds 28 digits always, 29 below 2^96 (79228162514264337593543950336)
+    Decimal::from_str_exact(s).map_err(|_| {
+        format!(
+            "'{}' has more digits than an exact amount can hold (28, or 29 up to 79228162514264337593543950335)",
+            show(s)
+        )
+    })
 }
 
 /// The most digits an amount can have and certainly be exact: below 10^28 its value fits

@@ -90,6 +90,16 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
         table.contains("2 dead letter(s)") && table.contains("malformed") && table.contains("transformer"),
         "{table}"
     );
+    let out = txpipe(&fleet, &["dlq", "list", "--stage", "transformer"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("1 dead letter(s)") && table.contains("match the filter"), "{table}");
+    let out = txpipe(&fleet, &["dlq", "list", "--stage", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a stage"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = txpipe(&fleet, &["dlq", "show", "1"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"headers\""));
     let out = txpipe(&fleet, &["dlq", "purge"]);
