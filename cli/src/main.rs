@@ -414,8 +414,17 @@ async fn topology(action: &str) -> anyhow::Result<()> {
             println!("declared the exchanges and queues of namespace {ns}");
         }
         "down" => {
+            // dead letters go with their queue: said, so nobody looks for them later (their
+            // files keep their `*_failed` status, and `txpipe retry` re-drives them from it)
+            let dlq = settings.names().dead_letter_queue();
+            let dead = broker.queue_depth(&dlq).await.unwrap_or(0);
             broker.teardown().await?;
             println!("deleted the exchanges and queues of namespace {ns}");
+            if dead > 0 {
+                println!(
+                    "deleted {dead} dead letter(s) with {dlq}; their files can still be re-driven with `txpipe retry FILE_ID`"
+                );
+            }
         }
         other => bail!("unknown action {other}"),
     }

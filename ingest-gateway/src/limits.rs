@@ -4,8 +4,9 @@
 //!
 //! Headers: every keyed answer carries `X-RateLimit-Limit` (the burst), `X-RateLimit-Remaining`
 //! (whole tokens left) and `X-RateLimit-Reset` (seconds until the bucket is full again); an
-//! upload's answer also carries `X-Quota-Limit`, `X-Quota-Remaining` and `X-Quota-Reset`
-//! (seconds until the next UTC midnight). A 429 adds `Retry-After` in seconds.
+//! accepted upload's answer and a `quota_exceeded` refusal also carry `X-Quota-Limit`,
+//! `X-Quota-Remaining` and `X-Quota-Reset` (seconds until the next UTC midnight). A 429 adds
+//! `Retry-After` in seconds.
 //!
 //! The quota is counted before the body is read, so an upload over quota costs nothing, and
 //! given back if the upload then fails or is abandoned: only accepted uploads stay counted.

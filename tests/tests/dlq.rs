@@ -110,6 +110,19 @@ async fn dead_letters_can_be_listed_replayed_and_purged() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("purged 2"));
     assert_eq!(fleet.dlq_count().await, 0);
+
+    // deleting the topology says what it takes with it
+    fleet.publish_raw("file.uploaded", b"not json").await;
+    for _ in 0..100 {
+        if fleet.dlq_count().await == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let out = txpipe(&fleet, &["topology", "down"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("deleted 1 dead letter(s)") && said.contains("txpipe retry"), "{said}");
     fleet.shutdown().await;
 }
 
