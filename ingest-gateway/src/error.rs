@@ -37,9 +37,12 @@ struct Shaped;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("unsupported content type {0}: send the CSV as the request body with Content-Type text/csv or application/octet-stream")]
+    #[error(
+        "unsupported content type {0}: send the CSV as the request body with Content-Type text/csv or \
+         application/octet-stream, or as the part named file of a multipart/form-data form"
+    )]
     UnsupportedMediaType(String),
-    #[error("the request body is empty: send the CSV file as the body")]
+    #[error("the upload is empty: send the CSV file as the body, or as a form's file part")]
     EmptyBody,
     #[error("the upload is larger than the limit of {0} bytes (TXPIPE_MAX_UPLOAD_BYTES)")]
     TooLarge(u64),
