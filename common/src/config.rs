@@ -184,12 +184,25 @@ impl Default for Settings {
 /// Settings that cannot be used, with the variable to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid setting: {0}")]
+    #[error("{}", describe(.0))]
     Parse(#[from] Box<figment::Error>),
     #[error("invalid setting TXPIPE_NAMESPACE: {0}")]
     Namespace(#[from] crate::names::InvalidNamespace),
     #[error("invalid setting {name}: {why}")]
     Value { name: &'static str, why: &'static str },
+}
+
+/// Every error figment found, each naming the variable to fix as the user set it
+/// (`TXPIPE_DELIVERY_LIMIT`, not figment's `delivery_limit`).
+fn describe(e: &figment::Error) -> String {
+    let one = |e: figment::Error| match (&e.kind, e.path.last()) {
+        (figment::error::Kind::UnknownField(name, _), _) => {
+            format!("unknown setting TXPIPE_{} (misspelt? the README lists the settings)", name.to_uppercase())
+        }
+        (kind, Some(key)) => format!("invalid setting TXPIPE_{}: {kind}", key.to_uppercase()),
+        (kind, None) => format!("invalid setting: {kind}"),
+    };
+    e.clone().into_iter().map(one).collect::<Vec<_>>().join("; ")
 }
 
 /// `TXPIPE_*` variables that are not settings but knobs of the project's own scripts and tests
@@ -408,7 +421,9 @@ mod tests {
         assert!(err.contains("TXPIPE_INLINE_MAX_BYTES"), "{err}");
         assert_eq!(with_env(&[("TXPIPE_INLINE_MAX_BYTES", "0")]).unwrap().inline_max_bytes, 0, "0: never");
         let err = with_env(&[("TXPIPE_PREFETCHH", "3")]).unwrap_err();
-        assert!(err.to_lowercase().contains("prefetchh"), "a misspelt setting is named: {err}");
+        assert!(err.contains("unknown setting TXPIPE_PREFETCHH"), "a misspelt setting is named: {err}");
+        let err = with_env(&[("TXPIPE_DELIVERY_LIMIT", "abc")]).unwrap_err();
+        assert!(err.starts_with("invalid setting TXPIPE_DELIVERY_LIMIT: "), "named as the user set it: {err}");
     }
 
     #[test]
