@@ -307,7 +307,7 @@ async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
             let keys = store.list().await?;
             if json {
                 let all: Vec<_> = keys.iter().map(txpipe_cli::keys::describe).collect();
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                println!("{}", serde_json::to_string(&all)?);
             } else {
                 for line in txpipe_cli::keys::table(&keys) {
                     println!("{line}");
@@ -337,7 +337,7 @@ async fn dlq_command(command: DlqCommand) -> anyhow::Result<()> {
             let filtered = filter.stage.is_some() || filter.file_id.is_some() || filter.reason.is_some();
             let items = dlq::list(&broker, &filter).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&items)?);
+                println!("{}", serde_json::to_string(&items)?);
             } else {
                 println!(
                     "{:>4}  {:<11}  {:<17}  {:<36}  {:<32}  {:>5}  REASON",

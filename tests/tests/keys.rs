@@ -255,6 +255,9 @@ async fn txpipe_keys_creates_lists_and_revokes_and_the_client_commands_send_the_
         assert!(ok, "{err}");
         assert!(out.contains("ci") && out.contains("ops") && out.contains("test-admin"), "{out}");
         assert!(!out.contains("txp_"), "never the secret: {out}");
+        if args.contains(&"--json") {
+            assert_eq!(out.trim_end().lines().count(), 1, "one JSON document on one line: {out}");
+        }
     }
 
     // the client commands send the key, from --api-key or TXPIPE_API_KEY
