@@ -176,6 +176,8 @@ pub enum AuthError {
     Missing,
     #[error("the API key is not known")]
     Unknown,
+    #[error("two different API keys were sent (x-api-key twice, or x-api-key and Authorization: Bearer): send one")]
+    Ambiguous,
     #[error("the API key has been revoked")]
     Revoked,
     #[error("service unavailable, try again later: checking the API key: {0}")]
@@ -199,14 +201,25 @@ impl IntoResponse for AuthError {
     }
 }
 
-/// The key a request presents: `x-api-key`, else `Authorization: Bearer`.
-pub fn presented(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(KEY_HEADER) {
-        return v.to_str().ok().map(str::trim).filter(|k| !k.is_empty());
+/// The key a request presents, in `x-api-key` or as `Authorization: Bearer` (other schemes
+/// are not keys). Sent more than once, the copies must agree: of two different keys, which one
+/// a client or a proxy meant cannot be known, so neither is taken.
+pub fn presented(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+    fn bearer(v: &HeaderValue) -> Option<&str> {
+        let (scheme, token) = v.to_str().ok()?.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
     }
-    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = auth.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|k| !k.is_empty())
+    // an x-api-key that is no text counts as an empty one
+    let mut given = headers
+        .get_all(KEY_HEADER)
+        .iter()
+        .map(|v| v.to_str().map(str::trim).unwrap_or(""))
+        .chain(headers.get_all(header::AUTHORIZATION).iter().filter_map(bearer));
+    let Some(first) = given.next() else { return Ok(None) };
+    if given.any(|other| other != first) {
+        return Err(AuthError::Ambiguous);
+    }
+    Ok(Some(first).filter(|k| !k.is_empty()))
 }
 
 /// Who the request comes from, by the key it presents (checked in storage on every request,
@@ -215,7 +228,7 @@ pub async fn authenticate(deps: &Deps, headers: &HeaderMap) -> Result<Caller, Au
     if deps.settings.auth == AuthMode::None {
         return Ok(Caller::anonymous());
     }
-    let key = presented(headers).ok_or(AuthError::Missing)?;
+    let key = presented(headers)?.ok_or(AuthError::Missing)?;
     let hash = hash_key(key);
     let record = deps
         .storage
@@ -248,14 +261,23 @@ mod tests {
 
     #[test]
     fn keys_are_presented_either_way() {
+        let key = |h: &HeaderMap| presented(h).map_err(|e| e.to_string()).map(|k| k.map(str::to_owned));
         let mut h = HeaderMap::new();
-        assert_eq!(presented(&h), None);
+        assert_eq!(key(&h), Ok(None));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer txp_abc"));
-        assert_eq!(presented(&h), Some("txp_abc"));
+        assert_eq!(key(&h), Ok(Some("txp_abc".into())));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwdw=="));
-        assert_eq!(presented(&h), None);
+        assert_eq!(key(&h), Ok(None));
         h.insert(KEY_HEADER, HeaderValue::from_static("txp_def"));
-        assert_eq!(presented(&h), Some("txp_def"));
+        assert_eq!(key(&h), Ok(Some("txp_def".into())), "another scheme's credentials are no key");
+        // the same key both ways is one key; two different keys are none
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer txp_def"));
+        assert_eq!(key(&h), Ok(Some("txp_def".into())));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer txp_other"));
+        assert!(key(&h).unwrap_err().contains("two different API keys"));
+        h.remove(header::AUTHORIZATION);
+        h.append(KEY_HEADER, HeaderValue::from_static("txp_bogus"));
+        assert!(key(&h).unwrap_err().contains("send one"));
     }
 
     #[test]

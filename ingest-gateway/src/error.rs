@@ -134,6 +134,24 @@ pub(crate) async fn with_request_id<F: std::future::Future>(id: Option<String>, 
     }
 }
 
+/// The most characters of an error message: messages quote what the client sent (a query
+/// value, an id), which must not make an answer as large as the request.
+const MAX_MESSAGE_CHARS: usize = 500;
+
+/// `message`, cut to [`MAX_MESSAGE_CHARS`].
+fn bounded(message: String) -> String {
+    cut(message, MAX_MESSAGE_CHARS)
+}
+
+/// `text`, cut to `max` characters with an ellipsis (what a client sent, quoted in an answer
+/// or a log line, stays small whatever it was).
+pub(crate) fn cut(text: String, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
 /// Stable codes for the framework's rejections, by status.
 fn rejection_code(status: StatusCode) -> &'static str {
     match status {
@@ -154,12 +172,13 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
         let id = request_id().unwrap_or_default();
+        let message = bounded(self.to_string());
         let body = if status.is_server_error() {
             // what failed, never why: the detail was logged under the request id
-            tracing::warn!(request_id = %id, error = %self, "answered with a server error");
-            json!({"error": code, "message": format!("{self} (request id {id})"), "request_id": id})
+            tracing::warn!(request_id = %id, error = %message, "answered with a server error");
+            json!({"error": code, "message": format!("{message} (request id {id})"), "request_id": id})
         } else {
-            json!({"error": code, "message": self.to_string()})
+            json!({"error": code, "message": message})
         };
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -262,5 +281,14 @@ mod tests {
         assert!(body["message"].as_str().unwrap().contains("TXPIPE_MAX_UPLOAD_BYTES"));
         let (_, body) = body_of(GatewayError::Rejected(StatusCode::METHOD_NOT_ALLOWED, "no".into())).await;
         assert_eq!(body["error"], "method_not_allowed");
+    }
+
+    #[tokio::test]
+    async fn a_message_quoting_a_huge_input_is_cut() {
+        let (_, body) =
+            body_of(GatewayError::BadRequest(format!("mode must be all or partial, not {}", "é".repeat(60_000)))).await;
+        let message = body["message"].as_str().unwrap();
+        assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS + 1, "{message}");
+        assert!(message.starts_with("mode must be") && message.ends_with('…'));
     }
 }

@@ -157,13 +157,18 @@ fn router_with(deps: Deps, verdicts: verdicts::Verdicts) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(|req: &axum::extract::Request| {
                     let id = req.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-                    tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+                    // a URI may be as long as hyper lets a request line be: the log keeps its start
+                    let uri = error::cut(req.uri().to_string(), LOGGED_URI_CHARS);
+                    tracing::info_span!("request", method = %req.method(), uri = %uri, request_id = %id)
                 })
                 .on_request(())
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .layer(axum::middleware::from_fn(error::request_scope))
 }
+
+/// The most characters of a request's URI in the access log.
+const LOGGED_URI_CHARS: usize = 1000;
 
 /// Serves the gateway on `listener` until `shutdown` resolves. Declares the queue uploads go
 /// to first, so an upload accepted before any validator runs still waits for one. While the

@@ -98,7 +98,12 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, GatewayError> {
             )
         })
     } else {
-        Err(GatewayError::UnsupportedMediaType(if given.is_empty() { "none".into() } else { given.into() }))
+        let shown = match headers.get(header::CONTENT_TYPE) {
+            None => "none".to_owned(),
+            Some(v) if v.to_str().is_err() => format!("{:?}", String::from_utf8_lossy(v.as_bytes())),
+            Some(_) => given.to_owned(),
+        };
+        Err(GatewayError::UnsupportedMediaType(shown))
     }
 }
 
