@@ -50,7 +50,10 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("the request body stopped arriving for {0:?}; the upload was dropped")]
+    #[error(
+        "the request body stopped arriving, or came slower than 1 KiB in {0:?} (TXPIPE_BODY_IDLE_TIMEOUT_MS); the \
+         upload was dropped"
+    )]
     BodyTimeout(std::time::Duration),
     #[error("too many uploads in progress; try again shortly")]
     Busy,

@@ -569,16 +569,22 @@ async fn receive(
     Ok(Received { size, sha256, content, slot })
 }
 
-/// `chunks` as a stream that fails once it passes `limit` bytes or goes `idle` (if given)
-/// without a chunk, noting which in `cut`.
+/// The least a body must send in each `TXPIPE_BODY_IDLE_TIMEOUT_MS` (34 bytes a second at the
+/// default 30 s): a byte now and then would otherwise hold an upload slot for ever.
+const MIN_BYTES_PER_IDLE_PERIOD: u64 = 1024;
+
+/// `chunks` as a stream that fails once it passes `limit` bytes, or goes `idle` (if given)
+/// without a chunk or sends less than [`MIN_BYTES_PER_IDLE_PERIOD`] in an `idle` period,
+/// noting which in `cut`.
 fn limited(
     chunks: impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + 'static,
     limit: u64,
     idle: Option<Duration>,
     cut: Arc<std::sync::Mutex<Cut>>,
 ) -> ByteStream {
-    let state = (chunks, 0u64, cut, false);
-    futures::stream::unfold(state, move |(mut chunks, mut seen, cut, done)| async move {
+    // bytes seen, and the current idle period's start and bytes
+    let state = (chunks, 0u64, (tokio::time::Instant::now(), 0u64), cut, false);
+    futures::stream::unfold(state, move |(mut chunks, mut seen, mut period, cut, done)| async move {
         if done {
             return None;
         }
@@ -596,15 +602,22 @@ fn limited(
             Ok(Some(Err(e))) => Err(e),
             Ok(Some(Ok(chunk))) => {
                 seen += chunk.len() as u64;
+                period.1 += chunk.len() as u64;
+                let slow = idle.filter(|idle| period.0.elapsed() >= *idle);
                 if seen > limit {
                     fail(Cut::TooLarge, format!("upload larger than {limit} bytes"))
+                } else if let Some(idle) = slow.filter(|_| period.1 < MIN_BYTES_PER_IDLE_PERIOD) {
+                    fail(Cut::Idle, format!("only {} body bytes in {idle:?}", period.1))
                 } else {
+                    if slow.is_some() {
+                        period = (tokio::time::Instant::now(), 0);
+                    }
                     Ok(chunk)
                 }
             }
         };
         let done = item.is_err();
-        Some((item, (chunks, seen, cut, done)))
+        Some((item, (chunks, seen, period, cut, done)))
     })
     .boxed()
 }

@@ -89,6 +89,32 @@ async fn stalled_uploads_are_cut_off_and_leave_nothing_while_others_are_accepted
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_in_is_cut_off_like_a_stalled_one() {
+    let idle = Duration::from_millis(600);
+    let fleet = TestFleet::spawn_with(|s| s.body_idle_timeout_ms = idle.as_millis() as u64).await;
+    let mut s = send_raw(&fleet, upload_head(&fleet, 100_000).as_bytes()).await;
+    // a byte every 50 ms: never idle, but far under 1 KiB a period
+    let started = Instant::now();
+    let mut answer = None;
+    while started.elapsed() < idle * 10 {
+        if s.write_all(b"x").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut buf = [0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            answer = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            break;
+        }
+    }
+    let answer = answer.expect("the gateway answered a trickling upload");
+    assert!(answer.contains(" 408 ") && answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() < idle * 4, "cut after about one period: {:?}", started.elapsed());
+    assert_eq!(fleet.object_count().await, 0, "nothing of it is kept");
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_house_is_refused_before_the_body_is_read() {
     let fleet = TestFleet::spawn_with(|s| s.max_uploads_in_flight = 1).await;
     let head = upload_head(&fleet, 1000);
