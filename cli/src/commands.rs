@@ -250,16 +250,28 @@ async fn upload_one(
         let result = gateway.upload(path, key, move |n| counter.inc(n)).await;
         bar.finish_and_clear();
         match &result {
-            Err(e @ ClientError::Refused { status: 429 | 503, retry_after: Some(s), .. })
-                if retries < UPLOAD_RETRIES && *s <= MAX_UPLOAD_RETRY_AFTER =>
-            {
-                retries += 1;
-                let wait = (*s).max(1);
-                output::warn(format!("{name}: {e}; trying again in {wait} s"));
-                tokio::time::sleep(Duration::from_secs(wait)).await;
-            }
+            Err(e) if retries < UPLOAD_RETRIES => match retry_wait(e) {
+                Some(wait) => {
+                    retries += 1;
+                    output::warn(format!("{name}: {e}; trying again in {wait} s"));
+                    tokio::time::sleep(Duration::from_secs(wait)).await;
+                }
+                None => return result,
+            },
             _ => return result,
         }
+    }
+}
+
+/// How long to wait before sending again a request refused as busy or rate-limited (429, 503)
+/// with a `Retry-After` short enough to wait for (the gateway kept nothing of it); None for
+/// any other answer.
+fn retry_wait(e: &ClientError) -> Option<u64> {
+    match e {
+        ClientError::Refused { status: 429 | 503, retry_after: Some(s), .. } if *s <= MAX_UPLOAD_RETRY_AFTER => {
+            Some((*s).max(1))
+        }
+        _ => None,
     }
 }
 
@@ -405,16 +417,17 @@ const PAGE_RETRIES: u32 = 5;
 async fn files_page(gateway: &Gateway, query: &[(&str, String)]) -> Result<Value, ClientError> {
     let mut retries = 0;
     loop {
-        match gateway.files(query).await {
-            Err(e @ ClientError::Refused { status: 429 | 503, retry_after: Some(s), .. })
-                if retries < PAGE_RETRIES && s <= MAX_UPLOAD_RETRY_AFTER =>
-            {
-                retries += 1;
-                let wait = s.max(1);
-                output::warn(format!("{e}; trying again in {wait} s"));
-                tokio::time::sleep(Duration::from_secs(wait)).await;
-            }
-            result => return result,
+        let result = gateway.files(query).await;
+        match &result {
+            Err(e) if retries < PAGE_RETRIES => match retry_wait(e) {
+                Some(wait) => {
+                    retries += 1;
+                    output::warn(format!("{e}; trying again in {wait} s"));
+                    tokio::time::sleep(Duration::from_secs(wait)).await;
+                }
+                None => return result,
+            },
+            _ => return result,
         }
     }
 }

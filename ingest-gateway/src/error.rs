@@ -141,17 +141,11 @@ pub(crate) async fn with_request_id<F: std::future::Future>(id: Option<String>, 
 /// value, an id), which must not make an answer as large as the request.
 const MAX_MESSAGE_CHARS: usize = 500;
 
-/// `message`, cut to [`MAX_MESSAGE_CHARS`].
+/// `message`, cut to [`MAX_MESSAGE_CHARS`] with an ellipsis.
 fn bounded(message: String) -> String {
-    cut(message, MAX_MESSAGE_CHARS)
-}
-
-/// `text`, cut to `max` characters with an ellipsis (what a client sent, quoted in an answer
-/// or a log line, stays small whatever it was).
-pub(crate) fn cut(text: String, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &text[..at]),
-        None => text,
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((at, _)) => format!("{}…", &message[..at]),
+        None => message,
     }
 }
 

@@ -157,9 +157,7 @@ fn router_with(deps: Deps, verdicts: verdicts::Verdicts) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(|req: &axum::extract::Request| {
                     let id = req.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-                    // a URI may be as long as hyper lets a request line be: the log keeps its start
-                    let uri = error::cut(req.uri().to_string(), LOGGED_URI_CHARS);
-                    tracing::info_span!("request", method = %req.method(), uri = %uri, request_id = %id)
+                    tracing::info_span!("request", method = %req.method(), uri = %LoggedUri(req.uri()), request_id = %id)
                 })
                 .on_request(())
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
@@ -169,6 +167,22 @@ fn router_with(deps: Deps, verdicts: verdicts::Verdicts) -> Router {
 
 /// The most characters of a request's URI in the access log.
 const LOGGED_URI_CHARS: usize = 1000;
+
+/// A request's URI for the access log: a URI may be as long as hyper lets a request line be,
+/// so a long one is cut to its first [`LOGGED_URI_CHARS`]. Written as the span is recorded,
+/// nothing copied before.
+struct LoggedUri<'a>(&'a axum::http::Uri);
+
+impl std::fmt::Display for LoggedUri<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pq = self.0.path_and_query().map_or("", |p| p.as_str());
+        // a URI is ASCII (hyper refuses anything else), so a byte index is a character's
+        match pq.get(..LOGGED_URI_CHARS).filter(|_| pq.len() > LOGGED_URI_CHARS) {
+            Some(start) => write!(f, "{start}…"),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
 
 /// Serves the gateway on `listener` until `shutdown` resolves. Declares the queue uploads go
 /// to first, so an upload accepted before any validator runs still waits for one. While the
@@ -271,4 +285,19 @@ async fn serve(
         tasks.abort_all();
     }
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_log_keeps_the_start_of_a_long_uri() {
+        let short: axum::http::Uri = "/files?status=completed".parse().unwrap();
+        assert_eq!(LoggedUri(&short).to_string(), "/files?status=completed");
+        let long: axum::http::Uri = format!("/upload?mode={}", "z".repeat(60_000)).parse().unwrap();
+        let logged = LoggedUri(&long).to_string();
+        assert_eq!(logged.chars().count(), LOGGED_URI_CHARS + 1, "the first characters and an ellipsis");
+        assert!(logged.starts_with("/upload?mode=zzz") && logged.ends_with('…'));
+    }
 }
